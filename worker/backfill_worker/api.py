@@ -1,0 +1,275 @@
+"""The ``Backfill`` API (group ``backfill.dev``, version ``v1alpha1``): the single source of truth.
+
+The same model validates a local manifest for the CLI, the object the in-cluster worker reads,
+and generates the CRD's ``openAPIV3Schema`` (``backfill crd``). Field names (camelCase in YAML)
+are the public contract.
+
+Trusted input: the values of ``spec.set`` and ``spec.where`` are SQL fragments written by the
+manifest's author and run with the database role's privileges. They are never concatenated with
+identifiers; identifiers (table, key and column names) are always quoted by
+``psycopg.sql.Identifier``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import timedelta
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .durations import DURATION_PATTERN, format_duration, parse_duration
+from .identifiers import QualifiedName, parse_qualified_name
+
+API_GROUP = "backfill.dev"
+API_VERSION = "v1alpha1"
+KIND = "Backfill"
+PLURAL = "backfills"
+SINGULAR = "backfill"
+SHORT_NAMES = ["bf"]
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
+]
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields rejected with their path."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the Backfill's own namespace."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Name of the Secret (same namespace as the Backfill)."""
+    key: str = Field(default="dsn", min_length=1, max_length=253)
+    """Key in the Secret whose value is a libpq connection string or URI."""
+
+
+class DatabaseSpec(_Model):
+    """Where the target PostgreSQL is. Locally the CLI takes ``--dsn`` or ``BACKFILL_DSN`` instead."""
+
+    dsn_secret_ref: SecretKeyRef | None = None
+    """Secret holding the connection string; injected into the worker as an env var, never copied."""
+
+
+class BatchSpec(_Model):
+    """How many rows each committed transaction covers, and the pace between batches."""
+
+    size: int = Field(default=1000, ge=1, le=1_000_000)
+    """Starting number of keys per batch."""
+    target_duration: Duration = Field(default=timedelta(milliseconds=200))
+    """Adapt the batch size so one batch takes about this long; 0 keeps the size fixed."""
+    min_size: int = Field(default=100, ge=1, le=1_000_000)
+    """Lower bound for the adaptive batch size."""
+    max_size: int = Field(default=50_000, ge=1, le=1_000_000)
+    """Upper bound for the adaptive batch size."""
+    pause: Duration = Field(default=timedelta(0))
+    """Sleep after each committed batch, leaving room for the application."""
+
+    @model_validator(mode="after")
+    def _bounds_are_ordered(self) -> "BatchSpec":
+        if self.min_size > self.max_size:
+            raise ValueError(f"minSize ({self.min_size}) must not exceed maxSize ({self.max_size})")
+        if not self.min_size <= self.size <= self.max_size:
+            raise ValueError(
+                f"size ({self.size}) must lie between minSize ({self.min_size}) and maxSize ({self.max_size})"
+            )
+        return self
+
+
+class LimitsSpec(_Model):
+    """Safety limits that keep the live application's latency intact."""
+
+    max_rows_per_second: int = Field(default=0, ge=0)
+    """Upper bound on updated rows per second; 0 means unlimited."""
+    lock_timeout: Duration = Field(default=timedelta(seconds=1))
+    """``lock_timeout`` of each batch transaction: the longest the backfill waits for a row lock."""
+    statement_timeout: Duration = Field(default=timedelta(seconds=30))
+    """``statement_timeout`` of each batch statement."""
+    max_replication_lag: Duration = Field(default=timedelta(seconds=10))
+    """Wait while any replica lags more than this (read from pg_stat_replication); 0 disables."""
+    max_retries: int = Field(default=10, ge=0, le=1000)
+    """Consecutive failed attempts of one batch before the run gives up."""
+
+
+class CheckpointMode(str, Enum):
+    TRANSACTIONAL = "transactional"
+    AT_LEAST_ONCE = "atLeastOnce"
+
+
+class CheckpointSpec(_Model):
+    """Where progress is remembered."""
+
+    schema_name: str = Field(default="backfill", alias="schema", min_length=1, max_length=63)
+    """Schema of the checkpoint table, created on first use."""
+    mode: CheckpointMode = CheckpointMode.TRANSACTIONAL
+    """``transactional``: checkpoint committed with each batch (exactly-once). ``atLeastOnce``: for
+    roles that may not create the checkpoint table; progress is kept outside the database, so a
+    crash can apply the last batch twice (only safe for idempotent ``set`` expressions)."""
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    key: str | None = None
+    operator: str | None = None
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = Field(default=None, alias="tolerationSeconds")
+
+
+class WorkerSpec(_Model):
+    """Pod settings of the worker Job the operator launches. Ignored by the local CLI."""
+
+    image: str | None = None
+    """Worker image; default: the operator's configured worker image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    service_account_name: str | None = None
+    """ServiceAccount of the worker pod; it needs get/watch on its Backfill and patch on its status."""
+    resources: dict[str, dict[str, str]] | None = None
+    """Container resources (``requests``/``limits``)."""
+    node_selector: dict[str, str] | None = None
+    tolerations: list[Toleration] | None = None
+    security_context: dict[str, Any] | None = None
+    """Container securityContext; default: non-root, read-only root filesystem, no privileges."""
+    pod_security_context: dict[str, Any] | None = None
+    backoff_limit: int = Field(default=6, ge=0, le=100)
+    """Pod restarts before the Job, and so the Backfill, is Failed."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+
+
+class BackfillSpec(_Model):
+    """What to change, where, and how gently."""
+
+    database: DatabaseSpec = Field(default_factory=DatabaseSpec)
+    table: str = Field(min_length=1, max_length=300)
+    """Target table, ``schema.table`` or ``table``; double-quote parts containing dots or quotes."""
+    key: list[str] | None = None
+    """Keyset columns; default: the table's primary key. Must be covered by a unique index."""
+    set: dict[str, str] = Field(min_length=1)
+    """Column -> SQL expression (trusted input, may reference the row's columns)."""
+    where: str | None = None
+    """SQL predicate selecting the rows that still need the change (trusted input)."""
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    parallelism: int = Field(default=1, ge=1, le=64)
+    """Number of key-range shards processed concurrently."""
+    suspend: bool = False
+    """Pause the run at the next batch boundary; set back to false to resume from the checkpoint."""
+    dry_run: bool = False
+    """Validate and plan only; write nothing."""
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    worker: WorkerSpec = Field(default_factory=WorkerSpec)
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("key")
+    @classmethod
+    def _key_columns_valid(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("key must name at least one column, or be omitted to use the primary key")
+        if any(not column for column in value):
+            raise ValueError("key column names must not be empty")
+        if len(set(value)) != len(value):
+            raise ValueError("key columns must be distinct")
+        return value
+
+    @field_validator("table")
+    @classmethod
+    def _table_parses(cls, value: str) -> str:
+        parse_qualified_name(value)
+        return value
+
+    @field_validator("set")
+    @classmethod
+    def _set_entries_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        for column, expression in value.items():
+            if not column:
+                raise ValueError("column names in set must not be empty")
+            if not expression.strip():
+                raise ValueError(f"expression for column {column!r} is empty: give an SQL expression, e.g. \"'inactive'\"")
+        return value
+
+    @field_validator("where")
+    @classmethod
+    def _where_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("where is blank: omit it to touch every row, or give an SQL predicate")
+        return value
+
+    @property
+    def qualified_table(self) -> QualifiedName:
+        return parse_qualified_name(self.table)
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the change; a checkpoint of another fingerprint is not resumed."""
+        essence = {
+            "table": self.table,
+            "key": self.key,
+            "set": self.set,
+            "where": self.where,
+            "parallelism": self.parallelism,
+        }
+        return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields that define *which* rows change and *how*: changing them mid-run would break
+# exactly-once, so they are immutable once a run has started.
+IMMUTABLE_SPEC_FIELDS = ("database", "table", "key", "set", "where", "parallelism", "checkpoint")
+
+
+class ObjectMeta(BaseModel):
+    """The parts of Kubernetes metadata the engine uses; everything else is kept as-is."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    namespace: str = Field(default="default", min_length=1, max_length=63)
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class Backfill(BaseModel):
+    """A ``Backfill`` manifest: ``kubectl apply``-able, and runnable locally with ``backfill run``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    api_version: Literal["backfill.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["Backfill"]
+    metadata: ObjectMeta
+    spec: BackfillSpec
+    # The status is written by the operator and the worker; manifests may carry it (kubectl get -o yaml).
+    status: dict[str, Any] | None = None
+
+    @property
+    def identity(self) -> str:
+        """Stable name of this backfill's checkpoint: ``namespace/name``."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"

@@ -1,0 +1,128 @@
+"""What the engine reports while it runs, and how callers steer it.
+
+The engine emits these immutable events to listeners (progress bar, logs, metrics, the
+Kubernetes status reporter); it never talks to those sinks itself. A listener must be quick and
+must not raise: the engine logs and ignores listener exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .api import BatchSpec, LimitsSpec
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    identity: str
+    shard: int
+    shard_count: int
+    resumed: bool
+    rows_updated: int
+    """Rows updated by earlier runs of this shard (from the checkpoint)."""
+    estimated_keys: int
+    """Estimated keys in this shard's range (for progress and ETA)."""
+    keys_done: int
+    """Estimated keys already behind the checkpoint."""
+
+
+@dataclass(frozen=True)
+class BatchCommitted:
+    identity: str
+    shard: int
+    batch_number: int
+    rows_updated: int
+    """Rows changed by this batch."""
+    keys_scanned: int
+    """Keys the batch's range covered (rows updated <= keys scanned when ``where`` filters)."""
+    batch_size: int
+    """Size the batch was planned with."""
+    next_batch_size: int
+    duration_seconds: float
+    """Time the write transaction was open (the longest any row lock was held)."""
+    last_key: tuple[str, ...]
+    total_rows_updated: int
+    total_batches: int
+
+
+@dataclass(frozen=True)
+class Throttled:
+    identity: str
+    shard: int
+    reason: str
+    """``pause``, ``maxRowsPerSecond`` or ``replicationLag``."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ReplicationLagObserved:
+    identity: str
+    shard: int
+    lag_seconds: float | None
+    """Largest replay lag over connected replicas; None when there are none."""
+
+
+@dataclass(frozen=True)
+class RetryScheduled:
+    identity: str
+    shard: int
+    error_kind: str
+    """``lockTimeout``, ``statementTimeout``, ``deadlock``, ``serialization`` or ``connection``."""
+    attempt: int
+    delay_seconds: float
+    next_batch_size: int
+    message: str
+    """The database's message, redacted."""
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    identity: str
+    shard: int
+    state: str
+    """``done``, ``paused`` or ``failed``."""
+    rows_updated: int
+    batches: int
+    remaining_matches: int | None = None
+    """Rows in the processed range that still match ``where`` (verification); None when not checked."""
+    error: str | None = None
+
+
+Event = RunStarted | BatchCommitted | Throttled | ReplicationLagObserved | RetryScheduled | RunFinished
+Listener = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The live-tunable part of a spec: may change between batches without restarting."""
+
+    batch: BatchSpec = field(default_factory=BatchSpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+
+
+class RunControl(Protocol):
+    """Asked by the engine between batches (never during one)."""
+
+    def stop_reason(self) -> str | None:
+        """Non-None to stop at the next batch boundary (e.g. ``signal``, ``suspended``)."""
+
+    def tuning(self) -> Tuning | None:
+        """The current tuning, or None to keep what the engine has."""
+
+
+class StaticControl:
+    """A control that never re-tunes; ``request_stop`` is safe to call from a signal handler."""
+
+    def __init__(self) -> None:
+        self._stop: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        self._stop = self._stop or reason
+
+    def stop_reason(self) -> str | None:
+        return self._stop
+
+    def tuning(self) -> Tuning | None:
+        return None

@@ -1,0 +1,66 @@
+"""Loading ``Backfill`` manifests from YAML, with errors that name the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .api import Backfill
+from .errors import ManifestError
+
+
+def field_path(location: tuple[int | str, ...]) -> str:
+    """``('spec', 'batch', 'size')`` -> ``spec.batch.size``; list indexes as ``[i]``."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "(manifest)"
+
+
+def describe_validation_error(error: ValidationError) -> list[str]:
+    """One ``path: message`` line per problem, without echoing the offending input values."""
+    lines = []
+    for problem in error.errors(include_url=False, include_input=False):
+        location = tuple(part for part in problem["loc"] if part not in ("function-after", "function-before"))
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field: remove it or check its spelling (see the manifest reference in README.md)"
+        elif problem["type"] == "missing":
+            message = "required field is missing"
+        message = message.removeprefix("Value error, ")
+        lines.append(f"{field_path(location)}: {message}")
+    return lines
+
+
+def parse_backfill(document: Any, *, source: str = "manifest") -> Backfill:
+    if not isinstance(document, dict):
+        raise ManifestError(source, ["(manifest): expected a YAML mapping with apiVersion, kind, metadata and spec"])
+    try:
+        return Backfill.model_validate(document)
+    except ValidationError as error:
+        raise ManifestError(source, describe_validation_error(error)) from None
+
+
+def load_backfill(path: str | Path) -> Backfill:
+    """Read the single ``Backfill`` document in ``path``."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ManifestError(source, [f"(file): cannot read: {error.strerror}"]) from None
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as error:
+        raise ManifestError(source, [f"(yaml): {error}"]) from None
+    backfills = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == "Backfill"]
+    if len(backfills) != 1:
+        if len(documents) == 1:
+            return parse_backfill(documents[0], source=source)
+        raise ManifestError(source, [f"(file): expected exactly one Backfill document, found {len(backfills)}"])
+    return parse_backfill(backfills[0], source=source)
