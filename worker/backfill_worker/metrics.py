@@ -1,0 +1,151 @@
+"""Prometheus metrics of a worker, fed by engine events; ``serve(port)`` exposes ``/metrics``.
+
+Every series carries ``namespace``, ``name`` (of the Backfill) and ``shard`` labels, taken from the
+event's identity (``namespace/name``), never from anything that could hold a secret.
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+| ``backfill_rows_updated_total`` | counter | | rows changed by committed batches (this process) |
+| ``backfill_keys_scanned_total`` | counter | | keys covered by committed batches |
+| ``backfill_batches_total`` | counter | | committed batches |
+| ``backfill_batch_duration_seconds`` | histogram | | time each batch's write transaction was open |
+| ``backfill_batch_size`` | gauge | | batch size the next batch is planned with |
+| ``backfill_throttled_seconds_total`` | counter | ``reason`` | time spent waiting: pause, maxRowsPerSecond, replicationLag |
+| ``backfill_replication_lag_seconds`` | gauge | | largest replica replay lag last seen (NaN: no replicas) |
+| ``backfill_retries_total`` | counter | ``kind`` | failed batch attempts by cause (lockTimeout, deadlock, ...) |
+| ``backfill_progress_ratio`` | gauge | | estimated fraction of the shard's keys done, 0..1 |
+| ``backfill_shard_state`` | gauge | ``state`` | 1 for the shard's current state (running, done, paused, failed) |
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from .events import (
+    BatchCommitted,
+    Event,
+    ReplicationLagObserved,
+    RetryScheduled,
+    RunFinished,
+    RunStarted,
+    Throttled,
+)
+
+LABELS = ("namespace", "name", "shard")
+SHARD_STATES = ("running", "paused", "done", "failed")
+# Batches aim at ~200 ms (spec.batch.targetDuration); buckets resolve 5 ms .. 30 s around it.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+log = logging.getLogger(__name__)
+
+
+class WorkerMetrics:
+    """The worker's metric families in their own registry (tests and several runs stay apart)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        if process_metrics:  # process_cpu_seconds_total, process_resident_memory_bytes, python_info
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self.rows_updated = Counter("backfill_rows_updated", "Rows changed by committed batches.", LABELS, registry=r)
+        self.keys_scanned = Counter("backfill_keys_scanned", "Keys covered by committed batches.", LABELS, registry=r)
+        self.batches = Counter("backfill_batches", "Committed batches.", LABELS, registry=r)
+        self.batch_duration = Histogram(
+            "backfill_batch_duration_seconds", "Time each batch's write transaction was open.",
+            LABELS, buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.batch_size = Gauge("backfill_batch_size", "Batch size the next batch is planned with.", LABELS, registry=r)
+        self.throttled = Counter(
+            "backfill_throttled_seconds", "Seconds spent throttled, by reason.", (*LABELS, "reason"), registry=r,
+        )
+        self.replication_lag = Gauge(
+            "backfill_replication_lag_seconds", "Largest replica replay lag last seen (NaN when no replicas).",
+            LABELS, registry=r,
+        )
+        self.retries = Counter("backfill_retries", "Failed batch attempts, by cause.", (*LABELS, "kind"), registry=r)
+        self.progress = Gauge("backfill_progress_ratio", "Estimated fraction of the shard's keys done.", LABELS, registry=r)
+        self.state = Gauge("backfill_shard_state", "1 for the shard's current state.", (*LABELS, "state"), registry=r)
+        self._estimated_keys: dict[tuple[str, str, str], int] = {}
+        self._keys_done: dict[tuple[str, str, str], int] = {}
+
+    def __call__(self, event: Event) -> None:
+        """Engine listener: never raises (a metrics bug must not stop a backfill)."""
+        try:
+            self._observe(event)
+        except Exception:
+            log.exception("metrics listener failed on %s", type(event).__name__)
+
+    def _observe(self, event: Event) -> None:
+        namespace, _, name = event.identity.rpartition("/")
+        labels = (namespace or "default", name, str(event.shard))
+        if isinstance(event, RunStarted):
+            self._estimated_keys[labels] = event.estimated_keys
+            self._keys_done[labels] = event.keys_done
+            self._set_progress(labels)
+            self._set_state(labels, "running")
+        elif isinstance(event, BatchCommitted):
+            self.rows_updated.labels(*labels).inc(event.rows_updated)
+            self.keys_scanned.labels(*labels).inc(event.keys_scanned)
+            self.batches.labels(*labels).inc()
+            self.batch_duration.labels(*labels).observe(event.duration_seconds)
+            self.batch_size.labels(*labels).set(event.next_batch_size)
+            self._keys_done[labels] = self._keys_done.get(labels, 0) + event.keys_scanned
+            self._set_progress(labels)
+        elif isinstance(event, Throttled):
+            self.throttled.labels(*labels, event.reason).inc(max(event.seconds, 0.0))
+        elif isinstance(event, ReplicationLagObserved):
+            lag = math.nan if event.lag_seconds is None else event.lag_seconds
+            self.replication_lag.labels(*labels).set(lag)
+        elif isinstance(event, RetryScheduled):
+            self.retries.labels(*labels, event.error_kind).inc()
+            self.batch_size.labels(*labels).set(event.next_batch_size)
+        elif isinstance(event, RunFinished):
+            self._set_state(labels, event.state)
+            if event.state == "done":
+                self.progress.labels(*labels).set(1.0)
+
+    def _set_progress(self, labels: tuple[str, str, str]) -> None:
+        estimated = self._estimated_keys.get(labels, 0)
+        if estimated > 0:
+            self.progress.labels(*labels).set(min(self._keys_done.get(labels, 0) / estimated, 1.0))
+
+    def _set_state(self, labels: tuple[str, str, str], current: str) -> None:
+        for state in SHARD_STATES:
+            self.state.labels(*labels, state).set(1.0 if state == current else 0.0)
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint; ``close()`` stops it (tests, clean shutdown)."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> MetricsServer:
+    """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread (port 0: any free one)."""
+    server, thread = start_http_server(port, addr=addr, registry=registry)
+    return MetricsServer(server, thread)
