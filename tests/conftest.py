@@ -12,10 +12,15 @@ from psycopg import sql
 from backfill_worker.localpg import LocalPostgres
 
 
+# Every DSN the suite hands out carries this password. A hook below fails any test whose
+# captured output, logs or failure report contains it: secrets must never leak anywhere.
+CANARY_PASSWORD = "canary-Pw-7f3a9Q"
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[LocalPostgres]:
-    """One throwaway server per test session (about 1 s to start)."""
-    server = LocalPostgres(settings={"max_connections": "200"})
+    """One throwaway server per test session (about 1 s to start), password-protected over TCP."""
+    server = LocalPostgres(settings={"max_connections": "200"}, password=CANARY_PASSWORD)
     server.start()
     try:
         yield server
@@ -34,3 +39,19 @@ def database(pg_server: LocalPostgres) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Turn any leak of the canary password into a test failure (stdout, stderr, logs, errors)."""
+    outcome = yield
+    report = outcome.get_result()
+    if item.get_closest_marker("allow_secret_output"):
+        return
+    texts = [content for name, content in report.sections if name.endswith(f" {report.when}")]
+    if report.longrepr is not None:
+        texts.append(str(report.longrepr))
+    leaked = [text for text in texts if CANARY_PASSWORD in text]
+    if leaked and report.outcome != "failed":
+        report.outcome = "failed"
+        report.longrepr = f"the database password leaked into test output ({report.when}): secrets must be redacted"

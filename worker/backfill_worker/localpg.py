@@ -91,6 +91,8 @@ class LocalPostgres:
     data_dir: Path | None = None
     port: int | None = None
     settings: Mapping[str, str] | None = None
+    password: str | None = None
+    """Superuser password; when set, TCP connections must authenticate (scram-sha-256)."""
 
     def __post_init__(self) -> None:
         self.bindir = find_bindir()
@@ -124,9 +126,17 @@ class LocalPostgres:
             self._chown(path)
         self.log_file.touch()
         self._chown(self.log_file)
+        auth = ["--auth=trust"]
+        if self.password:
+            # Real password checks over TCP, so tests can see wrong-password errors and so that
+            # every DSN carries a secret that must never leak. The socket stays trusted.
+            pwfile = self.data_dir.parent / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            self._chown(pwfile)
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
         self._run(
             str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER,
-            "--auth=trust", "--encoding=UTF8", "--no-sync",
+            *auth, "--encoding=UTF8", "--no-sync",
         )
 
     def _server_options(self) -> str:
@@ -187,6 +197,9 @@ class LocalPostgres:
     # -- connection strings -----------------------------------------------------------------
 
     def dsn(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
+        """A keyword DSN; the superuser's carries the server's password."""
+        if password is None and user == SUPERUSER:
+            password = self.password
         dsn = f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"
         return dsn + (f" password={password}" if password else "")
 
