@@ -45,6 +45,8 @@ class BatchCommitted:
     last_key: tuple[str, ...]
     total_rows_updated: int
     total_batches: int
+    throttle_reason: str = ""
+    """The throttle that delayed this batch (``""`` when none): ``status.progress.throttleReason``."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,610 @@
+"""The backfill loop: validate, lock, plan shards, then keyset-batched committed UPDATEs.
+
+Per batch: (1) outside any transaction, walk the key index ``size`` keys past the last
+checkpoint to find the batch's upper bound; (2) one short transaction: ``SET LOCAL`` timeouts,
+one set-based ``UPDATE ... WHERE key > lo AND key <= hi AND (where)``, the checkpoint row,
+``COMMIT``. Row locks are held only for (2). Decisions (SQL text, batch size, waits, progress)
+live in pure modules; this module does the I/O and the ordering.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import psycopg
+from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
+
+from . import locking, retry, sharding, statements, throttle, validation
+from .api import Backfill, CheckpointMode
+from .batching import BatchSizer
+from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
+from .connection import connect, database_errors, first_line, open_connection
+from .errors import (
+    AlreadyRunning,
+    BackfillError,
+    CheckpointMismatch,
+    RetriesExhausted,
+    ValidationFailed,
+)
+from .events import (
+    BatchCommitted,
+    Event,
+    Listener,
+    ReplicationLagObserved,
+    RetryScheduled,
+    RunControl,
+    RunFinished,
+    RunStarted,
+    StaticControl,
+    Throttled,
+    Tuning,
+)
+from .secrets import redact, register_dsn, secrets_of
+from .statements import Target
+
+log = logging.getLogger(__name__)
+
+SLEEP_SLICE_SECONDS = 0.05
+"""Waits are sliced so a stop request is honoured within this time."""
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    shard: int
+    state: str
+    """``done``, ``paused`` or ``failed``."""
+    rows_updated: int
+    batches: int
+    remaining_matches: int | None
+    duration: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RunReport:
+    shards: tuple[ShardReport, ...]
+    duration: float
+
+    @property
+    def state(self) -> str:
+        states = {s.state for s in self.shards}
+        if FAILED in states:
+            return FAILED
+        if PAUSED in states:
+            return PAUSED
+        return DONE
+
+    @property
+    def rows_updated(self) -> int:
+        return sum(s.rows_updated for s in self.shards)
+
+    @property
+    def batches(self) -> int:
+        return sum(s.batches for s in self.shards)
+
+    @property
+    def remaining_matches(self) -> int | None:
+        counts = [s.remaining_matches for s in self.shards]
+        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+
+class _StopRequested(Exception):
+    """Raised out of a back-off wait when the control asks to stop."""
+
+
+@dataclass
+class _Emitter:
+    listeners: Sequence[Listener]
+
+    def __call__(self, event: Event) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken sink must not break the backfill
+                log.exception("backfill listener %r failed on %s", listener, type(event).__name__)
+
+
+@dataclass
+class _Shard:
+    """Everything one shard's runner needs; one connection, used by one thread only."""
+
+    backfill: Backfill
+    dsn: str
+    target: Target
+    checkpoint: ShardCheckpoint
+    conn: psycopg.Connection | None
+    control: RunControl
+    emit: _Emitter
+    table: CheckpointTable | None
+    """None in atLeastOnce mode (then ``store`` keeps progress)."""
+    store: ProgressStore | None
+    tuning: Tuning
+    sizer: BatchSizer = field(init=False)
+    throttle_reason: str = ""
+    consecutive_timeouts: int = 0
+
+    def __post_init__(self) -> None:
+        batch = self.tuning.batch
+        self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
+
+    @property
+    def identity(self) -> str:
+        return self.backfill.identity
+
+    @property
+    def shard(self) -> int:
+        return self.checkpoint.shard
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> ShardReport:
+        started = time.monotonic()
+        cp = self.checkpoint
+        self.emit(
+            RunStarted(
+                self.identity, cp.shard, cp.shard_count, resumed=cp.last_key is not None,
+                rows_updated=cp.rows_updated, estimated_keys=cp.estimated_keys, keys_done=cp.keys_done,
+            )
+        )
+        try:
+            state = self._loop()
+        except _StopRequested:
+            state = PAUSED
+        except BackfillError as error:
+            self._finish(FAILED, None, str(error))
+            raise
+        except psycopg.Error as error:  # not transient (constraint violation, division by zero...)
+            failure = BackfillError(
+                f"shard {self.shard}: the batch after key {list(self.checkpoint.resume_after or ())} failed: "
+                f"{self._redact(first_line(error))}; nothing of that batch was committed"
+            )
+            self._finish(FAILED, None, str(failure))
+            raise failure from None
+        if state == PAUSED:
+            self._persist_state(PAUSED)
+            remaining = None
+        else:
+            remaining = self._verify()
+        self._finish(state, remaining, None)
+        cp = self.checkpoint
+        return ShardReport(cp.shard, state, cp.rows_updated, cp.batches, remaining, time.monotonic() - started)
+
+    def _finish(self, state: str, remaining: int | None, error: str | None) -> None:
+        cp = self.checkpoint
+        self.emit(RunFinished(self.identity, cp.shard, state, cp.rows_updated, cp.batches, remaining, error))
+
+    def _loop(self) -> str:
+        if self.checkpoint.state == DONE:
+            return DONE
+        if self.checkpoint.empty:
+            self.checkpoint = replace(self.checkpoint, state=DONE)
+            self._persist_state(DONE)
+            return DONE
+        next_lag_check = 0.0
+        while True:
+            if self.control.stop_reason():
+                return PAUSED
+            self._retune()
+            if self.tuning.limits.max_replication_lag.total_seconds() > 0 and time.monotonic() >= next_lag_check:
+                self._wait_for_replicas()
+                next_lag_check = time.monotonic() + throttle.LAG_POLL_SECONDS
+            batch_started = time.monotonic()
+            event = self._batch_with_retries()
+            self.emit(event)
+            self.throttle_reason = ""
+            if self.checkpoint.state == DONE:
+                return DONE
+            limits, batch = self.tuning.limits, self.tuning.batch
+            wait = throttle.after_batch(
+                event.rows_updated,
+                time.monotonic() - batch_started,
+                batch.pause.total_seconds(),
+                throttle.per_runner_rate(limits.max_rows_per_second, self.checkpoint.shard_count),
+            )
+            if wait is not None:
+                self._throttle(wait)
+
+    def _retune(self) -> None:
+        tuning = self.control.tuning()
+        if tuning is None or tuning == self.tuning:
+            return
+        old, new = self.tuning.batch, tuning.batch
+        self.sizer = self.sizer.retune(
+            min_size=new.min_size, max_size=new.max_size, target_seconds=new.target_duration.total_seconds(),
+            size=new.size if new.size != old.size else None,
+        )
+        self.tuning = tuning
+
+    def _throttle(self, wait: throttle.Wait) -> None:
+        self.throttle_reason = wait.reason
+        self.emit(Throttled(self.identity, self.shard, wait.reason, wait.seconds))
+        self._sleep(wait.seconds)
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.control.stop_reason():
+                raise _StopRequested
+            time.sleep(min(SLEEP_SLICE_SECONDS, left))
+
+    def _wait_for_replicas(self) -> None:
+        while True:
+            lag = self._with_retries(lambda: throttle.read_replication_lag(self._connection()))
+            self.emit(ReplicationLagObserved(self.identity, self.shard, lag))
+            wait = throttle.lag_wait(lag, self.tuning.limits.max_replication_lag.total_seconds())
+            if wait is None:
+                return
+            self._throttle(wait)
+
+    # -- one batch --------------------------------------------------------------------------
+
+    def _batch_with_retries(self) -> BatchCommitted:
+        event = self._with_retries(self._batch)
+        self.consecutive_timeouts = 0
+        return event
+
+    def _with_retries(self, attempt: Callable[[], object]) -> object:  # type: ignore[type-var]
+        retrying = Retrying(
+            stop=stop_after_attempt(self.tuning.limits.max_retries + 1),
+            wait=retry.BACKOFF,
+            retry=retry_if_exception(self._retryable),
+            before_sleep=self._before_retry,
+            sleep=self._sleep,
+        )
+        try:
+            return retrying(attempt)
+        except RetryError as error:
+            last = error.last_attempt.exception()
+            kind = retry.classify(last) if last else None
+            raise RetriesExhausted(
+                f"shard {self.shard}: the batch after key {list(self.checkpoint.resume_after or ())} failed "
+                f"{error.last_attempt.attempt_number} times in a row ({kind.kind if kind else 'error'}: "
+                f"{self._redact(first_line(last)) if last else '?'}); raise spec.limits.maxRetries or "
+                "lockTimeout/statementTimeout, or run when the table is less busy. The run resumes from the checkpoint"
+            ) from None
+
+    def _retryable(self, error: BaseException) -> bool:
+        closed = self.conn is None or self.conn.closed
+        return retry.classify(error, closed) is not None
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        assert error is not None
+        closed = self.conn is None or self.conn.closed
+        transient = retry.classify(error, closed)
+        assert transient is not None
+        if transient.timeout:
+            self.consecutive_timeouts += 1
+            if transient.kind == retry.STATEMENT_TIMEOUT or self.consecutive_timeouts >= 2:
+                self.sizer = self.sizer.halve()
+        if transient.reconnect:
+            self._drop_connection()
+        delay = state.next_action.sleep if state.next_action else 0.0
+        self.emit(
+            RetryScheduled(
+                self.identity, self.shard, transient.kind, state.attempt_number, delay, self.sizer.size,
+                self._redact(first_line(error)),
+            )
+        )
+        log.warning("shard %s: %s, retry %s in %.2fs", self.shard, transient.kind, state.attempt_number, delay)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, secrets_of(self.dsn))
+
+    def _connection(self) -> psycopg.Connection:
+        """The shard's connection; after a loss: reconnect, re-take the lock, re-read the checkpoint."""
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        conn = open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}")
+        if not locking.try_lock(conn, self.identity, self.shard):
+            conn.close()
+            raise AlreadyRunning(
+                f"shard {self.shard} of {self.identity}: another runner took over while this one was reconnecting; stopping"
+            )
+        self.conn = conn
+        if self.table is not None:
+            # A COMMIT whose acknowledgement was lost may or may not have happened: the table knows.
+            reloaded = next((c for c in self.table.load(conn, self.identity) if c.shard == self.shard), None)
+            if reloaded is not None:
+                self.checkpoint = reloaded
+        return conn
+
+    def _drop_connection(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # already broken
+                pass
+        self.conn = None
+
+    def _batch(self) -> BatchCommitted:
+        conn = self._connection()
+        cp = self.checkpoint
+        lower, run_upper = cp.resume_after, cp.upper_key
+        assert run_upper is not None
+        size = self.sizer.size
+        has_lower = lower is not None
+        row = conn.execute(
+            statements.probe_upper_bound(self.target, has_lower=has_lower),
+            statements.range_params(lower, run_upper) + [size - 1],
+        ).fetchone()
+        upper: Key = tuple(row) if row else run_upper
+        if row is not None:
+            keys = size
+        else:
+            counted = conn.execute(
+                statements.count_keys(self.target, has_lower=has_lower), statements.range_params(lower, run_upper)
+            ).fetchone()
+            keys = int(counted[0]) if counted else 0
+        last = upper == run_upper
+        limits = self.tuning.limits
+        started = time.monotonic()
+        with conn.transaction():
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                [_ms(limits.lock_timeout.total_seconds()), _ms(limits.statement_timeout.total_seconds())],
+            )
+            rows = conn.execute(
+                statements.update_batch(self.target, has_lower=has_lower), statements.range_params(lower, upper)
+            ).rowcount
+            if self.table is not None:
+                conn.execute(
+                    self.table.record_batch_statement(),
+                    [list(upper), rows, keys, DONE if last else "running", self.identity, self.shard],
+                )
+        duration = time.monotonic() - started
+        self.checkpoint = cp.after_batch(upper, rows, keys, last)
+        if self.store is not None:
+            self.store.save(self.shard, self.checkpoint)
+        self.sizer = self.sizer.observe(keys, duration)
+        return BatchCommitted(
+            identity=self.identity,
+            shard=self.shard,
+            batch_number=self.checkpoint.batches,
+            rows_updated=rows,
+            keys_scanned=keys,
+            batch_size=size,
+            next_batch_size=self.sizer.size,
+            duration_seconds=duration,
+            last_key=upper,
+            total_rows_updated=self.checkpoint.rows_updated,
+            total_batches=self.checkpoint.batches,
+            throttle_reason=self.throttle_reason,
+        )
+
+    # -- end of shard -----------------------------------------------------------------------
+
+    def _persist_state(self, state: str) -> None:
+        self.checkpoint = replace(self.checkpoint, state=state)
+        if self.store is not None:
+            self.store.save(self.shard, self.checkpoint)
+        if self.table is not None and self.conn is not None and not self.conn.closed:
+            try:
+                self.table.set_state(self.conn, self.identity, self.shard, state)
+            except psycopg.Error as error:  # the batch data is safe either way; only the label is stale
+                log.warning("shard %s: could not record state %s: %s", self.shard, state, self._redact(first_line(error)))
+
+    def _verify(self) -> int | None:
+        """Rows of the shard's range still matching ``where`` (None without ``where``)."""
+        cp = self.checkpoint
+        if self.target.where is None or cp.upper_key is None or cp.empty:
+            return None if self.target.where is None else 0
+        statement = statements.count_remaining(self.target, has_lower=cp.lower_key is not None)
+
+        def count() -> int:
+            conn = self._connection()
+            with conn.transaction():
+                conn.execute("SELECT set_config('statement_timeout', '0', true)")
+                row = conn.execute(statement, statements.range_params(cp.lower_key, cp.upper_key)).fetchone()
+            return int(row[0]) if row else 0
+
+        return self._with_retries(count)  # type: ignore[return-value]
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(0, round(seconds * 1000))}ms"
+
+
+# -- setup: validation, locks, checkpoints ----------------------------------------------------
+
+
+def _validate(conn: psycopg.Connection, backfill: Backfill, dsn: str) -> Target:
+    target = validation.resolve_target(conn, backfill.spec)
+    validation.check_permissions(conn, target)
+    validation.check_fragments(conn, target, secrets_of(dsn))
+    return target
+
+
+def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int]:
+    count = backfill.spec.parallelism
+    selected = list(range(count)) if shards is None else list(dict.fromkeys(shards))
+    for shard in selected:
+        if not 0 <= shard < count:
+            raise ValidationFailed("shard", f"shard {shard} does not exist: spec.parallelism is {count} (shards 0..{count - 1})")
+    return selected
+
+
+def _check_fingerprints(backfill: Backfill, found: Sequence[ShardCheckpoint]) -> None:
+    expected = backfill.spec.fingerprint()
+    for cp in found:
+        if cp.fingerprint != expected:
+            raise CheckpointMismatch(
+                f"{backfill.identity} has a checkpoint from a different spec (table, key, set, where or parallelism "
+                f"changed: fingerprint {cp.fingerprint} != {expected}). Restore the original spec to resume, or run "
+                "`backfill reset FILE` to forget the checkpoint and start over"
+            )
+
+
+def _transactional_checkpoints(
+    conn: psycopg.Connection, table: CheckpointTable, backfill: Backfill, target: Target
+) -> dict[int, ShardCheckpoint]:
+    table.ensure(conn)
+    found = table.load(conn, backfill.identity)
+    _check_fingerprints(backfill, found)
+    if len(found) < backfill.spec.parallelism:
+        with conn.transaction():
+            locking.lock_planning(conn, backfill.identity)  # concurrent shard workers: first planner wins
+            planned = sharding.plan_shards(
+                conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(),
+                shard_count=backfill.spec.parallelism,
+            )
+            table.insert_plan(conn, planned)
+        found = table.load(conn, backfill.identity)
+        _check_fingerprints(backfill, found)
+    return {cp.shard: cp for cp in found}
+
+
+def _stored_checkpoints(
+    conn: psycopg.Connection, store: ProgressStore, backfill: Backfill, target: Target
+) -> dict[int, ShardCheckpoint]:
+    count = backfill.spec.parallelism
+    found = {i: cp for i in range(count) if (cp := store.load(i)) is not None}
+    _check_fingerprints(backfill, list(found.values()))
+    if len(found) < count:
+        planned = sharding.plan_shards(
+            conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(), shard_count=count
+        )
+        for cp in planned:
+            if cp.shard not in found:
+                store.save(cp.shard, cp)
+                found[cp.shard] = cp
+    return found
+
+
+def _lock_shards(dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection) -> dict[int, psycopg.Connection]:
+    """One locked connection per shard (the first reuses ``first``); AlreadyRunning if any is taken."""
+    conns: dict[int, psycopg.Connection] = {}
+    try:
+        for index, shard in enumerate(shards):
+            conn = first if index == 0 else connect(dsn, f"backfill {backfill.identity} shard {shard}")
+            conns[shard] = conn
+            if not locking.try_lock(conn, backfill.identity, shard):
+                raise AlreadyRunning(
+                    f"{backfill.identity} shard {shard} is already being run by another process "
+                    "(advisory lock held); nothing was changed. Wait for it, or stop it first"
+                )
+    except BaseException:
+        for conn in conns.values():
+            if conn is not first:
+                conn.close()
+        raise
+    return conns
+
+
+def run_backfill(
+    backfill: Backfill,
+    dsn: str,
+    *,
+    shards: Sequence[int] | None = None,
+    listeners: Sequence[Listener] = (),
+    control: RunControl | None = None,
+    at_least_once_store: ProgressStore | None = None,
+) -> RunReport:
+    """Run the given shards (default all) until done, paused by ``control``, or failed.
+
+    Validates everything before the first write. Several shards run concurrently, one thread
+    and one connection each. Raises ``errors.*`` with redacted messages; a failing shard's
+    error is raised after the other shards finished (``error.report`` holds the RunReport).
+    """
+    register_dsn(dsn)
+    started = time.monotonic()
+    control = control or StaticControl()
+    emit = _Emitter(listeners)
+    selected = _shard_numbers(backfill, shards)
+    spec = backfill.spec
+    at_least_once = spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE
+    if at_least_once and at_least_once_store is None:
+        raise ValidationFailed(
+            "spec.checkpoint.mode", "atLeastOnce keeps progress outside the database, but no progress store was given"
+        )
+    main = connect(dsn, f"backfill {backfill.identity}")
+    conns: dict[int, psycopg.Connection] = {}
+    try:
+        with database_errors(dsn):
+            target = _validate(main, backfill, dsn)
+            conns = _lock_shards(dsn, backfill, selected, main)
+            table = None if at_least_once else CheckpointTable(spec.checkpoint.schema_name)
+            if table is not None:
+                checkpoints = _transactional_checkpoints(main, table, backfill, target)
+            else:
+                assert at_least_once_store is not None
+                checkpoints = _stored_checkpoints(main, at_least_once_store, backfill, target)
+        tuning = Tuning(batch=spec.batch, limits=spec.limits)
+        runners = [
+            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, table,
+                   at_least_once_store if at_least_once else None, tuning)
+            for s in selected
+        ]
+        reports, errors = _run_all(runners, dsn)
+    finally:
+        for shard, conn in conns.items():
+            if conn is not main:
+                conn.close()
+        main.close()
+    report = RunReport(tuple(sorted(reports, key=lambda r: r.shard)), time.monotonic() - started)
+    if errors:
+        error = errors[0]
+        error.report = report  # type: ignore[attr-defined]
+        raise error
+    return report
+
+
+def _run_all(runners: list[_Shard], dsn: str) -> tuple[list[ShardReport], list[BackfillError]]:
+    reports: list[ShardReport] = []
+    errors: list[BackfillError] = []
+    lock = threading.Lock()
+
+    def run_one(runner: _Shard) -> None:
+        started = time.monotonic()
+        try:
+            with database_errors(dsn):
+                report = runner.run()
+        except BackfillError as error:
+            cp = runner.checkpoint
+            report = ShardReport(cp.shard, FAILED, cp.rows_updated, cp.batches, None, time.monotonic() - started, str(error))
+            with lock:
+                errors.append(error)
+        with lock:
+            reports.append(report)
+
+    if len(runners) == 1:
+        run_one(runners[0])  # in the caller's thread: signals and tracebacks stay simple
+    else:
+        with ThreadPoolExecutor(max_workers=len(runners), thread_name_prefix="backfill-shard") as pool:
+            list(pool.map(run_one, runners))
+    return reports, errors
+
+
+# -- checkpoint inspection for `backfill status` / `backfill reset` ----------------------------
+
+
+def read_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | None = None) -> list[ShardCheckpoint]:
+    """The recorded progress of every shard (empty when the backfill never ran)."""
+    if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE and store is not None:
+        return [cp for i in range(backfill.spec.parallelism) if (cp := store.load(i)) is not None]
+    with connect(dsn, f"backfill {backfill.identity} status") as conn, database_errors(dsn):
+        return CheckpointTable(backfill.spec.checkpoint.schema_name).load(conn, backfill.identity)
+
+
+def reset_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | None = None) -> int:
+    """Forget the checkpoint (refused while a runner holds a shard's lock); returns rows removed."""
+    with connect(dsn, f"backfill {backfill.identity} reset") as conn, database_errors(dsn):
+        shards = list(range(backfill.spec.parallelism))
+        held = [s for s in shards if not locking.try_lock(conn, backfill.identity, s)]
+        try:
+            if held:
+                raise AlreadyRunning(
+                    f"{backfill.identity} is running (shards {held} locked): stop it before resetting its checkpoint"
+                )
+            if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE and store is not None and hasattr(store, "clear"):
+                return int(store.clear())
+            return CheckpointTable(backfill.spec.checkpoint.schema_name).delete(conn, backfill.identity)
+        finally:
+            for s in shards:
+                if s not in held:
+                    locking.unlock(conn, backfill.identity, s)

@@ -1,0 +1,140 @@
+"""Catalog lookups: the target table, its columns and the unique indexes that can drive keysets.
+
+Read-only queries against ``pg_catalog``; names are compared as exact strings (the manifest's
+``identifiers`` module already folded unquoted names to lower case), never interpolated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from .identifiers import QualifiedName
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    not_null: bool
+    generated: bool
+
+
+@dataclass(frozen=True)
+class UniqueIndex:
+    name: str
+    columns: tuple[str, ...]
+    primary: bool
+    usable: bool
+    """Valid, btree, not partial, plain columns only, ascending: fit to walk a keyset."""
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    oid: int
+    schema: str
+    name: str
+    kind: str
+    """``pg_class.relkind``: ``r`` table, ``p`` partitioned table, ``v`` view, ..."""
+    columns: dict[str, Column]
+    unique_indexes: tuple[UniqueIndex, ...]
+    estimated_rows: int
+    """``pg_class.reltuples`` (-1 when never analyzed; summed over partitions)."""
+
+
+_KIND_NAMES = {
+    "v": "a view",
+    "m": "a materialized view",
+    "f": "a foreign table",
+    "S": "a sequence",
+    "i": "an index",
+    "I": "a partitioned index",
+    "c": "a composite type",
+    "t": "a TOAST table",
+}
+
+
+def kind_name(kind: str) -> str:
+    return _KIND_NAMES.get(kind, f"a relation of kind {kind!r}")
+
+
+def find_table(conn: psycopg.Connection, name: QualifiedName) -> TableInfo | None:
+    """Resolve ``name`` like PostgreSQL would (the search path when unqualified)."""
+    if name.schema is None:
+        row = conn.execute(
+            """
+            SELECT c.oid, n.nspname, c.relname, c.relkind
+            FROM unnest(current_schemas(false)) WITH ORDINALITY AS s(nspname, position)
+            JOIN pg_namespace n ON n.nspname = s.nspname
+            JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %s
+            ORDER BY s.position LIMIT 1
+            """,
+            [name.name],
+        ).fetchone()
+    else:
+        row = conn.execute(
+            """
+            SELECT c.oid, n.nspname, c.relname, c.relkind
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = %s AND c.relname = %s
+            """,
+            [name.schema, name.name],
+        ).fetchone()
+    if row is None:
+        return None
+    oid, schema, relname, kind = row
+    return TableInfo(
+        oid=oid,
+        schema=schema,
+        name=relname,
+        kind=kind,
+        columns=_columns(conn, oid),
+        unique_indexes=_unique_indexes(conn, oid),
+        estimated_rows=_estimated_rows(conn, oid),
+    )
+
+
+def _columns(conn: psycopg.Connection, oid: int) -> dict[str, Column]:
+    rows = conn.execute(
+        """
+        SELECT attname, format_type(atttypid, atttypmod), attnotnull, attgenerated <> ''
+        FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum
+        """,
+        [oid],
+    ).fetchall()
+    return {name: Column(name, type_, not_null, generated) for name, type_, not_null, generated in rows}
+
+
+def _unique_indexes(conn: psycopg.Connection, oid: int) -> tuple[UniqueIndex, ...]:
+    rows = conn.execute(
+        """
+        SELECT ic.relname, i.indisprimary,
+               array(SELECT a.attname FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, ord)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord),
+               i.indisvalid AND i.indisready AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL
+                 AND am.amname = 'btree' AND 0 <> ALL (i.indkey[0:i.indnkeyatts - 1])
+                 AND (SELECT coalesce(bool_and(o = 0), true) FROM unnest(i.indoption::int2[]) AS o)
+        FROM pg_index i
+        JOIN pg_class ic ON ic.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = ic.relam
+        WHERE i.indrelid = %s AND i.indisunique
+        ORDER BY i.indisprimary DESC, ic.relname
+        """,
+        [oid],
+    ).fetchall()
+    return tuple(UniqueIndex(name, tuple(columns), primary, usable) for name, primary, columns, usable in rows)
+
+
+def _estimated_rows(conn: psycopg.Connection, oid: int) -> int:
+    row = conn.execute(
+        """
+        SELECT CASE WHEN c.relkind = 'p'
+                    THEN (SELECT coalesce(sum(greatest(p.reltuples, 0)), -1)::bigint
+                          FROM pg_inherits h JOIN pg_class p ON p.oid = h.inhrelid WHERE h.inhparent = c.oid)
+                    ELSE c.reltuples::bigint END
+        FROM pg_class c WHERE c.oid = %s
+        """,
+        [oid],
+    ).fetchone()
+    return int(row[0]) if row else -1

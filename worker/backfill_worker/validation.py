@@ -1,0 +1,157 @@
+"""Everything checked before the first write: a bad spec changes zero rows.
+
+Each failure is a :class:`ValidationFailed` naming the spec field to fix. The SQL fragments are
+compiled with ``EXPLAIN`` / ``LIMIT 0`` inside a transaction that is always rolled back.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from . import statements
+from .api import BackfillSpec
+from .errors import ValidationFailed
+from .introspect import TableInfo, UniqueIndex, find_table, kind_name
+from .secrets import redact
+from .statements import Target
+
+VALIDATION_STATEMENT_TIMEOUT = "30s"
+
+
+def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
+    """Table, key and columns from the catalog; raises ValidationFailed naming the field."""
+    table = find_table(conn, spec.qualified_table)
+    if table is None:
+        where = "in the search path" if spec.qualified_table.schema is None else "in that schema"
+        raise ValidationFailed(
+            "spec.table", f"table {spec.table!r} not found {where}: check the name (quote mixed-case names, e.g. '\"MyTable\"')"
+        )
+    if table.kind not in ("r", "p"):
+        raise ValidationFailed("spec.table", f"{table.schema}.{table.name} is {kind_name(table.kind)}, not a table")
+    index = _key_index(table, spec.key)
+    key = index.columns
+    for column in key:
+        if not table.columns[column].not_null:
+            raise ValidationFailed(
+                "spec.key",
+                f"key column {column!r} is nullable: rows with NULL keys would be skipped; add NOT NULL or choose another key",
+            )
+    for column in spec.set:
+        if column not in table.columns:
+            raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
+        if column in key:
+            raise ValidationFailed(
+                f"spec.set.{column}", f"column {column!r} is part of the key {list(key)}: the key must not change during a backfill"
+            )
+        if table.columns[column].generated:
+            raise ValidationFailed(f"spec.set.{column}", f"column {column!r} is a generated column and cannot be set")
+    return Target(
+        schema=table.schema,
+        table=table.name,
+        key=key,
+        key_index=index.name,
+        set=tuple(spec.set.items()),
+        where=spec.where,
+        key_types=tuple(table.columns[c].type for c in key),
+    )
+
+
+def _key_index(table: TableInfo, key: list[str] | None) -> UniqueIndex:
+    usable = [index for index in table.unique_indexes if index.usable]
+    if key is None:
+        primary = next((index for index in table.unique_indexes if index.primary), None)
+        if primary is None:
+            raise ValidationFailed(
+                "spec.key", f"{table.schema}.{table.name} has no primary key: set spec.key to columns covered by a unique index"
+            )
+        if not primary.usable:
+            raise ValidationFailed(
+                "spec.key", f"the primary key {primary.name} cannot drive a keyset walk: set spec.key to another unique index's columns"
+            )
+        return primary
+    for column in key:
+        if column not in table.columns:
+            raise ValidationFailed("spec.key", f"key column {column!r} does not exist in {table.schema}.{table.name}")
+    for index in usable:
+        if set(index.columns) == set(key):
+            return index
+    raise ValidationFailed(
+        "spec.key",
+        f"no unique index covers exactly {key} (a key must be unique: rows would be skipped or repeated); "
+        "use the primary key or create a unique index on these columns",
+    )
+
+
+def check_permissions(conn: psycopg.Connection, target: Target) -> None:
+    """UPDATE/SELECT privileges and a writable (non-replica, non-read-only) session."""
+    read_only, in_recovery = conn.execute("SELECT current_setting('transaction_read_only') = 'on', pg_is_in_recovery()").fetchone()  # type: ignore[misc]
+    if in_recovery:
+        raise ValidationFailed("spec.database", "the server is a read-only replica: point the DSN at the primary")
+    if read_only:
+        raise ValidationFailed("spec.database", "the session is read-only (default_transaction_read_only): use a writable role or database")
+    table = target.table_identifier.as_string(conn)
+    can_select = conn.execute("SELECT has_table_privilege(%s, 'SELECT')", [table]).fetchone()[0]  # type: ignore[index]
+    if not can_select:
+        raise ValidationFailed("spec.table", f"the role lacks SELECT on {target.display_table}: GRANT SELECT, UPDATE to it")
+    for column, _ in target.set:
+        allowed = conn.execute("SELECT has_column_privilege(%s, %s, 'UPDATE')", [table, column]).fetchone()[0]  # type: ignore[index]
+        if not allowed:
+            raise ValidationFailed(f"spec.set.{column}", f"the role lacks UPDATE on {target.display_table}({column}): GRANT UPDATE to it")
+
+
+def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[str]) -> None:
+    """Compile every ``set`` expression and the ``where`` predicate, alone and in the real statements.
+
+    Both the parenthesised and the bare form must compile, so a fragment cannot escape its
+    parentheses (``x) OR (y``, ``'a', other = 'b'``).
+    """
+    # NULL key bounds: the statements are only planned (EXPLAIN), so any typed-by-context value will do.
+    one_key: list[str | None] = [None] * len(target.key)
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT set_config('statement_timeout', %s, true)", [VALIDATION_STATEMENT_TIMEOUT])
+        for column, expression in target.set:
+            field = f"spec.set.{column}"
+            for wrapped in (True, False):
+                cursor = _compile(conn, statements.select_expression(target, expression, wrapped=wrapped), [0], field, dsn_secrets)
+                if not wrapped and len(cursor.description or ()) != 1:
+                    raise ValidationFailed(field, "the expression must be a single value (it yields several columns)")
+                _compile(conn, statements.update_one_column(target, column, expression, wrapped=wrapped), one_key, field, dsn_secrets)
+        if target.where is not None:
+            for wrapped in (True, False):
+                _compile(conn, statements.select_where(target, target.where, wrapped=wrapped), [0], "spec.where", dsn_secrets)
+        # The real statements, as the engine will issue them.
+        for has_lower in (False, True):
+            bounds = statements.range_params(one_key if has_lower else None, one_key)
+            _compile(conn, statements.explain(statements.update_batch(target, has_lower=has_lower)), bounds, "spec", dsn_secrets)
+            _compile(conn, statements.explain(statements.probe_upper_bound(target, has_lower=has_lower)), [*bounds, 0], "spec", dsn_secrets)
+
+
+def _compile(
+    conn: psycopg.Connection, statement: sql.Composed, params: list[object], field: str, dsn_secrets: list[str]
+) -> psycopg.Cursor:
+    """Run ``statement`` inside a savepoint; attribute a failure to ``field``.
+
+    Parameters are always passed, so psycopg uses the extended protocol and a fragment holding
+    ``;`` cannot smuggle in a second statement.
+    """
+    try:
+        with conn.transaction():
+            return conn.execute(statement, params)
+    except psycopg.errors.QueryCanceled:
+        raise ValidationFailed(field, "compiling the statement timed out") from None
+    except psycopg.Error as error:
+        message = redact(_first_line(error), dsn_secrets)
+        if "multiple commands" in message:
+            message = "must be a single SQL expression without ';'"
+        elif isinstance(error, psycopg.errors.InvalidTextRepresentation) and field == "spec":
+            message = f"{message} (the key values are compared as text; check spec.key)"
+        raise ValidationFailed(field, message) from None
+
+
+def _first_line(error: psycopg.Error) -> str:
+    diag = error.diag
+    text = diag.message_primary or str(error)
+    if diag.message_hint:
+        text += f" (hint: {diag.message_hint})"
+    return text.splitlines()[0] if text else type(error).__name__
