@@ -1,0 +1,197 @@
+"""Worker Jobs: rendering (one Job per shard) and reading their state back (PURE).
+
+One plain Job per shard rather than an Indexed Job, so that it works on Kubernetes 1.20 (Indexed
+Jobs arrived in 1.21). Names are deterministic (``<name>-s<shard>-r<run>``) so a restarted
+operator finds, rather than duplicates, what it created. The DSN reaches the pod only through a
+``secretKeyRef``: the Job never contains it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from backfill_worker.api import API_GROUP, API_VERSION, KIND, BackfillSpec
+
+MAX_NAME = 63  # a label value and a DNS label: the Job name is copied into the Pod's job-name label
+LABEL_NAME = "backfill.dev/name"
+LABEL_SHARD = "backfill.dev/shard"
+LABEL_RUN = "backfill.dev/run"
+MANAGED_BY = "backfill-operator"
+DSN_ENV = "BACKFILL_DSN"
+RUN_ENV = "BACKFILL_RUN"
+METRICS_PORT = 9090
+
+JobState = Literal["pending", "running", "succeeded", "failed"]
+
+DEFAULT_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+DEFAULT_POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@dataclass(frozen=True)
+class WorkerDefaults:
+    """Operator-wide settings used where ``spec.worker`` says nothing."""
+
+    image: str = "ghcr.io/backfill-dev/backfill-operator:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    service_account_name: str | None = "backfill-worker"
+    resources: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+    )
+    termination_grace_seconds: int = 60
+    """Time for the worker to finish (or roll back) its current batch on SIGTERM."""
+
+
+def fit_name(base: str, suffix: str = "", limit: int = MAX_NAME) -> str:
+    """``base + suffix`` within ``limit`` characters; when too long, truncate and add a hash of ``base``."""
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{base[:keep].rstrip('-.')}-{digest}{suffix}"
+
+
+def job_name(backfill_name: str, shard: int, run: int) -> str:
+    return fit_name(backfill_name, f"-s{shard}-r{run}")
+
+
+def selector_labels(backfill_name: str) -> dict[str, str]:
+    return {LABEL_NAME: fit_name(backfill_name), "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def job_labels(backfill_name: str, shard: int, run: int) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "backfill-worker",
+        "app.kubernetes.io/instance": fit_name(backfill_name),
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/part-of": "backfill-operator",
+        **selector_labels(backfill_name),
+        LABEL_SHARD: str(shard),
+        LABEL_RUN: str(run),
+    }
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def render_job(
+    *,
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: BackfillSpec,
+    shard: int,
+    run: int,
+    defaults: WorkerDefaults = WorkerDefaults(),
+) -> dict[str, Any]:
+    """The ``batch/v1`` Job for one shard of one run."""
+    worker = spec.worker
+    ref = spec.database.dsn_secret_ref
+    if ref is None:
+        raise ValueError("spec.database.dsnSecretRef is required in a cluster: name the Secret holding the DSN")
+    labels = job_labels(name, shard, run)
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": worker.image or defaults.image,
+        "imagePullPolicy": worker.image_pull_policy or defaults.image_pull_policy,
+        "command": ["backfill"],
+        "args": ["worker", "--namespace", namespace, "--name", name, "--shard", str(shard)],
+        "env": [
+            {"name": DSN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}},
+            {"name": RUN_ENV, "value": str(run)},
+        ],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        "resources": worker.resources if worker.resources is not None else dict(defaults.resources),
+        "securityContext": worker.security_context or DEFAULT_CONTAINER_SECURITY_CONTEXT,
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": defaults.termination_grace_seconds,
+        "securityContext": worker.pod_security_context or DEFAULT_POD_SECURITY_CONTEXT,
+        "containers": [container],
+    }
+    service_account = worker.service_account_name or defaults.service_account_name
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if worker.node_selector:
+        pod_spec["nodeSelector"] = dict(worker.node_selector)
+    if worker.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in worker.tolerations]
+    job_spec: dict[str, Any] = {
+        "backoffLimit": worker.backoff_limit,
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if worker.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = worker.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name, shard, run),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {"backfill.dev/spec-fingerprint": spec.fingerprint()},
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": job_spec,
+    }
+
+
+def _label_int(job: Mapping[str, Any], label: str) -> int | None:
+    value = (job.get("metadata", {}).get("labels") or {}).get(label)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def job_shard(job: Mapping[str, Any]) -> int | None:
+    return _label_int(job, LABEL_SHARD)
+
+
+def job_run(job: Mapping[str, Any]) -> int | None:
+    return _label_int(job, LABEL_RUN)
+
+
+def owned_by(job: Mapping[str, Any], uid: str) -> bool:
+    refs = job.get("metadata", {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def job_state(job: Mapping[str, Any]) -> JobState:
+    status = job.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("status") == "True" and condition.get("type") == "Complete":
+            return "succeeded"
+        if condition.get("status") == "True" and condition.get("type") == "Failed":
+            return "failed"
+    if status.get("active"):
+        return "running"
+    return "pending"
+
+
+def job_failure_message(job: Mapping[str, Any]) -> str:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip(": ")
+    return "the worker Job failed"

@@ -1,0 +1,99 @@
+"""Status computation: progress aggregated over shards, and the conditions of a phase (PURE)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from backfill_worker.durations import format_duration
+
+from .conditions import READY, RECONCILING, STALLED, Condition
+
+PHASES = ("Pending", "Running", "Paused", "Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Why the operator cannot make the Backfill converge (kstatus ``Stalled=True``)."""
+
+    reason: str
+    message: str
+
+
+def format_eta(seconds: float | None) -> str:
+    """``"1m30s"``; ``""`` when unknown. Rounded to whole seconds: a human reads it."""
+    if seconds is None or seconds < 0:
+        return ""
+    return format_duration(timedelta(seconds=round(seconds)))
+
+
+def _number(value: Any, default: float = 0.0) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def aggregate_progress(shards: Mapping[str, Mapping[str, Any]], parallelism: int, *, succeeded: bool = False) -> dict[str, Any]:
+    """``status.progress`` from ``status.shards``: sums, a key-weighted percent, the slowest ETA.
+
+    Shards that have not reported yet count as 0 % done. The batch size shown is the largest
+    current one (the biggest transaction in flight).
+    """
+    reports = [shards.get(str(i)) or {} for i in range(parallelism)]
+    active = [r for r in reports if r.get("state") == "running"]
+    estimated = [_number(r.get("estimatedKeys"), -1) for r in reports]
+    if all(e > 0 for e in estimated):
+        done_keys = sum(
+            e if r.get("state") == "done" else min(e, _number(r.get("keysDone"))) for r, e in zip(reports, estimated)
+        )
+        percent = 100.0 * done_keys / sum(estimated)
+    else:
+        percent = sum(100.0 if r.get("state") == "done" else _number(r.get("percent")) for r in reports) / parallelism
+    etas = [_number(r.get("etaSeconds"), -1) for r in reports if r.get("state") != "done"]
+    eta = "" if any(e < 0 for e in etas) or not etas else format_eta(max(etas))
+    if succeeded:
+        percent, eta = 100.0, ""
+    throttle = next((str(r["throttleReason"]) for r in active if r.get("throttleReason")), "")
+    return {
+        "rowsUpdated": int(sum(_number(r.get("rowsUpdated")) for r in reports)),
+        "batches": int(sum(_number(r.get("batches")) for r in reports)),
+        "percent": max(0, min(100, int(percent))),
+        "rowsPerSecond": round(sum(_number(r.get("rowsPerSecond")) for r in active), 1),
+        "eta": eta,
+        "batchSize": int(max((_number(r.get("batchSize")) for r in reports), default=0)),
+        "throttleReason": throttle,
+    }
+
+
+def phase_conditions(phase: str, message: str, stall: Stall | None) -> list[Condition]:
+    """The kstatus triple for a phase; a stall (if any) takes ``Stalled`` and ``Ready``'s reason."""
+    if stall is not None:
+        return [
+            Condition(READY, "False", stall.reason, stall.message),
+            Condition(RECONCILING, "False", stall.reason, "waiting for the spec or the cluster to be fixed"),
+            Condition(STALLED, "True", stall.reason, stall.message),
+        ]
+    if phase == "Succeeded":
+        return [
+            Condition(READY, "True", "Succeeded", message),
+            Condition(RECONCILING, "False", "Succeeded", "done"),
+            Condition(STALLED, "False", "Succeeded", "done"),
+        ]
+    if phase == "Paused":
+        return [
+            Condition(READY, "False", "Suspended", message),
+            Condition(RECONCILING, "False", "Suspended", "spec.suspend is true"),
+            Condition(STALLED, "False", "Suspended", "spec.suspend is true"),
+        ]
+    if phase == "Failed":  # a stall always accompanies Failed; kept for completeness
+        return [
+            Condition(READY, "False", "Failed", message),
+            Condition(RECONCILING, "False", "Failed", message),
+            Condition(STALLED, "True", "Failed", message),
+        ]
+    reason = "Progressing" if phase == "Running" else "Pending"
+    return [
+        Condition(READY, "False", reason, message),
+        Condition(RECONCILING, "True", reason, message),
+        Condition(STALLED, "False", reason, message),
+    ]
