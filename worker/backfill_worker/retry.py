@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential, wait_random
 
 LOCK_TIMEOUT = "lockTimeout"
 STATEMENT_TIMEOUT = "statementTimeout"
@@ -23,7 +23,7 @@ _BY_SQLSTATE = {
     "57P03": CONNECTION,  # cannot_connect_now
 }
 
-BACKOFF = wait_exponential_jitter(initial=0.1, max=10.0, exp_base=2, jitter=0.1)
+BACKOFF = wait_exponential(multiplier=0.1, max=10.0, exp_base=2) + wait_random(0, 0.1)
 """Delay before attempt n+1: 0.1 s, 0.2 s, 0.4 s ... capped at 10 s, plus up to 0.1 s jitter."""
 
 

@@ -1,0 +1,293 @@
+"""The ``backfill`` command line: run, plan, status, reset and demo a Backfill manifest locally.
+
+Exit codes: 0 done or paused, 1 failed, 2 invalid manifest / validation, 3 already running,
+4 connection failed (see ``errors.py``). Nothing printed ever contains the DSN or password:
+errors are ``BackfillError`` messages (redacted at the source) or redacted here.
+
+Other commands (``crd``, ``worker``, ``operator``) register themselves at the end of this file;
+process-wide setup (logging, metrics) happens in :func:`configure`, called by the callback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .api import Backfill, CheckpointMode
+from .checkpoint import JsonFileStore, ShardCheckpoint
+from .engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
+from .errors import BackfillError, ConnectionFailed
+from .events import Listener, StaticControl
+from .manifest import load_backfill
+from .planner import Plan, plan_backfill
+from .progress import format_eta
+from .secrets import REDACTOR, redact
+
+app = typer.Typer(
+    name="backfill",
+    help="Run large PostgreSQL data backfills as keyset-batched, committed, throttled, restart-safe UPDATEs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+DsnOption = Annotated[
+    Optional[str],
+    typer.Option("--dsn", envvar="BACKFILL_DSN", show_envvar=True, show_default=False,
+                 help="libpq connection string or URI of the target database (never printed)."),
+]
+FileArgument = Annotated[Path, typer.Argument(help="Backfill manifest (YAML), the same you would kubectl apply.")]
+StateDirOption = Annotated[
+    Path, typer.Option("--state-dir", help="Where checkpoint.mode: atLeastOnce keeps progress (a JSON file per backfill).")
+]
+
+
+def configure(*, verbose: bool = False) -> None:
+    """The one place process-wide output is set up (logging now; metrics/log format hook in here)."""
+    from .logs import configure_logging  # noqa: PLC0415  (structlog import only when a command runs)
+
+    # Logs go to stderr; the progress bar and summaries to stdout. Warnings only, unless -v.
+    configure_logging("text", "INFO" if verbose else "WARNING")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log engine events (stderr).")] = False) -> None:
+    configure(verbose=verbose)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def fail(error: BaseException) -> NoReturn:
+    """Print ``error`` without secrets and exit with its documented code."""
+    if isinstance(error, BackfillError):
+        message, code = str(error), error.exit_code
+    else:
+        message, code = f"unexpected {type(error).__name__}: {error}", 1
+    err.print(f"[bold red]error:[/] {redact(message, REDACTOR._secrets)}", markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (BackfillError, Exception) as error:  # noqa: BLE001  (everything leaves redacted)
+        fail(error)
+
+
+def _require_dsn(dsn: str | None) -> str:
+    if not dsn:
+        fail(ConnectionFailed("no database given: pass --dsn or set the BACKFILL_DSN environment variable"))
+    return dsn
+
+
+def _store(backfill: Backfill, state_dir: Path) -> JsonFileStore | None:
+    if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE:
+        return JsonFileStore(state_dir, backfill.identity)
+    return None
+
+
+@contextmanager
+def stop_on_signals(control: StaticControl, announce: Callable[[str], None]) -> Iterator[None]:
+    """SIGTERM/SIGINT: finish the current batch, commit, stop (state ``paused``). A second one aborts."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if control.stop_reason():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        control.request_stop("signal")
+        announce(f"{signal.Signals(signum).name}: stopping after the current batch (again to abort)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def print_report(report: RunReport, console: Console) -> None:
+    table = Table(title=f"Backfill {report.state}", show_edge=False)
+    for column in ("shard", "state", "rows updated", "batches", "still matching where", "seconds"):
+        table.add_column(column, justify="right" if column not in ("state",) else "left")
+    for s in report.shards:
+        remaining = "-" if s.remaining_matches is None else f"{s.remaining_matches:,}"
+        table.add_row(str(s.shard), s.state, f"{s.rows_updated:,}", f"{s.batches:,}", remaining, f"{s.duration:.1f}")
+    console.print(table)
+    rate = report.rows_updated / report.duration if report.duration > 0 else 0.0
+    console.print(
+        f"state={report.state} rows_updated={report.rows_updated} batches={report.batches} "
+        f"remaining_matches={'-' if report.remaining_matches is None else report.remaining_matches} "
+        f"seconds={report.duration:.2f} rows_per_second={rate:.0f}"
+    )
+
+
+def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
+             store: JsonFileStore | None, description: str) -> RunReport:
+    from .cli_progress import JsonProgress, ProgressBar  # noqa: PLC0415
+
+    control = StaticControl()
+    listeners: list[Listener] = []
+    announce = lambda text: err.print(f"[yellow]{text}[/]")  # noqa: E731
+    with stop_on_signals(control, announce):
+        if json_progress:
+            listeners.append(JsonProgress(sys.stdout))
+            return run_backfill(backfill, dsn, shards=shards, listeners=listeners, control=control, at_least_once_store=store)
+        with ProgressBar(out, description) as bar:
+            listeners.append(bar)
+            return run_backfill(backfill, dsn, shards=shards, listeners=listeners, control=control, at_least_once_store=store)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    file: FileArgument,
+    dsn: DsnOption = None,
+    shard: Annotated[Optional[list[int]], typer.Option("--shard", help="Run only this shard (repeatable).")] = None,
+    state_dir: StateDirOption = Path(".backfill-state"),
+    json_progress: Annotated[bool, typer.Option("--json-progress", help="One JSON line per engine event instead of a progress bar.")] = False,
+) -> None:
+    """Run the backfill to completion (resumable: rerun after a stop or crash continues)."""
+    with user_errors():
+        backfill = load_backfill(file)
+        report = _execute(backfill, _require_dsn(dsn), shards=shard, json_progress=json_progress,
+                          store=_store(backfill, state_dir), description=backfill.identity)
+        if not json_progress:
+            print_report(report, out)
+        if report.state == "paused":
+            err.print("paused: rerun the same command to continue from the checkpoint")
+        raise typer.Exit(1 if report.state == "failed" else 0)
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    console.print(f"[bold]Backfill[/] {plan.identity} on {plan.table}")
+    key = ", ".join(f"{c} {t}" for c, t in zip(plan.key, plan.key_types)) if plan.key_types else ", ".join(plan.key)
+    console.print(f"key: ({key}) via unique index {plan.key_index}")
+    console.print(f"estimated keys: {plan.estimated_keys:,}   estimated rows to change: {plan.estimated_rows_to_change:,}   shards: {plan.parallelism}")
+    for name, text in plan.statements.items():
+        console.print(f"\n[bold]{name} statement[/] (per batch):")
+        console.print(text, markup=False, soft_wrap=True)
+    console.print("\n[bold]plan check[/] (the key index must serve every batch statement):")
+    for check in plan.index_checks:
+        verdict = "[green]ok[/]" if check.uses_index else "[red]NOT USING THE KEY INDEX[/]"
+        console.print(f"  {check.statement:<7} {'generic' if check.generic else 'custom ':<8} {verdict}  {'; '.join(check.scans)}")
+    if plan.sample is not None:
+        s = plan.sample
+        console.print(
+            f"\nsample batch (rolled back): {s.keys:,} keys, {s.rows:,} rows changed, {s.seconds * 1000:.1f} ms"
+        )
+    if plan.projected_seconds is not None:
+        console.print(f"projected duration at batch size {plan.sample.batch_size if plan.sample else '-'}: ~{format_eta(plan.projected_seconds) or '0s'} (before adaptive sizing)")
+    console.print(f"plan_ok={'true' if plan.index_ok else 'false'}")
+
+
+@app.command()
+def plan(file: FileArgument, dsn: DsnOption = None) -> None:
+    """Dry run: key, estimates, the exact SQL, the index check and a timed, rolled-back sample batch."""
+    with user_errors():
+        backfill = load_backfill(file)
+        result = plan_backfill(backfill, _require_dsn(dsn))
+        print_plan(result, out)
+        raise typer.Exit(0 if result.index_ok else 1)
+
+
+def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], console: Console) -> None:
+    if not checkpoints:
+        console.print(f"{backfill.identity}: no checkpoint (never ran, or reset)")
+        return
+    table = Table(title=f"{backfill.identity} checkpoint", show_edge=False)
+    for column in ("shard", "state", "rows updated", "batches", "keys done", "last key", "range", "updated"):
+        table.add_column(column)
+    for cp in checkpoints:
+        lower = "start" if cp.lower_key is None else ",".join(cp.lower_key)
+        upper = "-" if cp.upper_key is None else ",".join(cp.upper_key)
+        table.add_row(
+            str(cp.shard), cp.state, f"{cp.rows_updated:,}", f"{cp.batches:,}",
+            f"{cp.keys_done:,}/{cp.estimated_keys:,}", "-" if cp.last_key is None else ",".join(cp.last_key),
+            f"({lower}, {upper}]", cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
+        )
+    console.print(table)
+    if checkpoints[0].fingerprint != backfill.spec.fingerprint():
+        console.print("[red]the checkpoint belongs to a different spec: `backfill reset` to start over[/]")
+
+
+@app.command()
+def status(file: FileArgument, dsn: DsnOption = None, state_dir: StateDirOption = Path(".backfill-state")) -> None:
+    """Show the checkpoint of every shard."""
+    with user_errors():
+        backfill = load_backfill(file)
+        store = _store(backfill, state_dir)
+        checkpoints = read_checkpoints(backfill, _require_dsn(dsn) if store is None else (dsn or ""), store=store)
+        print_checkpoints(backfill, checkpoints, out)
+
+
+@app.command()
+def reset(file: FileArgument, dsn: DsnOption = None, state_dir: StateDirOption = Path(".backfill-state")) -> None:
+    """Forget the checkpoint, so the next run starts from the first key (rows already changed stay changed)."""
+    with user_errors():
+        backfill = load_backfill(file)
+        removed = reset_checkpoints(backfill, _require_dsn(dsn), store=_store(backfill, state_dir))
+        out.print(f"{backfill.identity}: removed {removed} checkpoint row(s)")
+
+
+@app.command()
+def demo(
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Rows in the demo customers table.")] = 1_000_000,
+    json_progress: Annotated[bool, typer.Option("--json-progress")] = False,
+) -> None:
+    """Start a throwaway PostgreSQL, create the customers table, run the example backfill, verify, stop."""
+    import yaml  # noqa: PLC0415
+
+    from .demo import DEMO_MANIFEST, changed_rows, demo_backfill, matching_rows, seed_customers  # noqa: PLC0415
+    from .localpg import LocalPostgres  # noqa: PLC0415
+
+    with user_errors():
+        out.print("[bold]Starting a throwaway PostgreSQL[/] ...")
+        with LocalPostgres() as server:
+            import psycopg  # noqa: PLC0415
+
+            dsn = server.dsn()
+            started = time.monotonic()
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                seed_customers(conn, rows)
+                before = matching_rows(conn)
+            out.print(f"Created public.customers with {rows:,} rows in {time.monotonic() - started:.1f} s; "
+                      f"{before:,} match the backfill's where.")
+            out.print("\n[bold]Manifest[/]:")
+            out.print(yaml.safe_dump(DEMO_MANIFEST, sort_keys=False), markup=False)
+            backfill = demo_backfill()
+            report = _execute(backfill, dsn, shards=None, json_progress=json_progress, store=None,
+                              description="customers-inactive")
+            print_report(report, out)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                changed, after = changed_rows(conn), matching_rows(conn)
+            ok = report.state == "done" and changed == before and after == 0
+            out.print(
+                f"verification: {changed:,} rows now 'inactive' (expected {before:,}), {after:,} still matching: "
+                + ("[green]OK[/]" if ok else "[red]MISMATCH[/]")
+            )
+            if report.state == "paused":
+                raise typer.Exit(0)
+            raise typer.Exit(0 if ok else 1)
+
+
+# -- commands contributed by other modules (crd, worker, operator) register below ---------------

@@ -1,0 +1,216 @@
+"""Dry run: what a backfill would do, without changing anything (``backfill plan``, ``spec.dryRun``).
+
+Resolves the key, estimates the rows to change, renders the exact statements, checks that both
+the custom and the generic plan of each batch statement walk the key index, and times one
+sample batch inside a transaction that is rolled back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import sharding, statements, validation
+from .api import Backfill
+from .connection import connect, database_errors
+from .secrets import register_dsn, secrets_of
+from .statements import Style, Target
+
+INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+PREPARED_NAME = "backfill_plan_check"
+
+
+@dataclass(frozen=True)
+class IndexCheck:
+    statement: str
+    """``probe`` or ``update``."""
+    generic: bool
+    """True: the generic plan (what a prepared statement may switch to); False: the custom plan."""
+    uses_index: bool
+    scans: tuple[str, ...]
+    """Scan nodes on the target table, e.g. ``Index Only Scan using customers_pkey``."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    batch_size: int
+    keys: int
+    rows: int
+    seconds: float
+    """Probe plus write transaction of one batch (rolled back)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    identity: str
+    table: str
+    key: tuple[str, ...]
+    key_types: tuple[str, ...]
+    key_index: str
+    estimated_keys: int
+    estimated_rows_to_change: int
+    parallelism: int
+    statements: dict[str, str]
+    index_checks: tuple[IndexCheck, ...]
+    sample: Sample | None
+    projected_seconds: float | None
+
+    @property
+    def index_ok(self) -> bool:
+        return all(check.uses_index for check in self.index_checks)
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from _nodes(child)
+
+
+def table_scans(explain_json: Sequence[dict[str, Any]], table: str) -> list[dict[str, Any]]:
+    """Scan nodes of ``EXPLAIN (FORMAT JSON)`` output that read ``table`` (or any index of it)."""
+    scans = []
+    for node in _nodes(explain_json[0]["Plan"]):
+        node_type = node.get("Node Type", "")
+        if node_type.endswith("Scan") and node_type not in ("Subquery Scan", "Function Scan", "Values Scan", "CTE Scan"):
+            if node.get("Relation Name") in (table, None) or node_type == "Bitmap Index Scan":
+                scans.append(node)
+    return scans
+
+
+def uses_key_index(explain_json: Sequence[dict[str, Any]], table: str, index: str) -> bool:
+    """Every read of the table goes through ``index`` (no sequential scan anywhere)."""
+    scans = table_scans(explain_json, table)
+    reads = [s for s in scans if s["Node Type"] != "Bitmap Heap Scan"]
+    return bool(reads) and all(s["Node Type"] in INDEX_NODES and s.get("Index Name") == index for s in reads)
+
+
+def describe_scan(node: dict[str, Any]) -> str:
+    index = node.get("Index Name")
+    return f"{node['Node Type']} using {index}" if index else f"{node['Node Type']} on {node.get('Relation Name', '?')}"
+
+
+def projected_seconds(estimated_keys: int, sample: Sample | None, pause_seconds: float, parallelism: int) -> float | None:
+    if sample is None or sample.keys <= 0:
+        return None
+    batches = estimated_keys / sample.keys
+    return batches * (sample.seconds + pause_seconds) / max(1, parallelism)
+
+
+# -- database work ------------------------------------------------------------------------------
+
+
+def _explain(conn: psycopg.Connection, statement: sql.Composable, params: list[Any]) -> list[dict[str, Any]]:
+    row = conn.execute(statements.explain(statement, json=True), params).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _explain_generic(conn: psycopg.Connection, statement: sql.Composable, params: list[Any]) -> list[dict[str, Any]]:
+    """The generic plan (``plan_cache_mode = force_generic_plan``) of a prepared ``statement``.
+
+    ``statement`` uses ``$n`` placeholders and was validated before (one statement only).
+    """
+    conn.execute(sql.SQL("PREPARE {} AS {}").format(sql.Identifier(PREPARED_NAME), statement))
+    try:
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        arguments = sql.SQL(", ").join(sql.Literal(p) for p in params)
+        row = conn.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}({})").format(sql.Identifier(PREPARED_NAME), arguments)
+        ).fetchone()
+        assert row is not None
+        return row[0]
+    finally:
+        conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(PREPARED_NAME)))
+
+
+def check_index_use(
+    conn: psycopg.Connection, target: Target, lower: Sequence[str], run_upper: Sequence[str], size: int
+) -> list[IndexCheck]:
+    """Custom and generic plans of the probe and the UPDATE of a real batch after ``lower``."""
+    checks = []
+    probe_params = [*statements.range_params(lower, run_upper), size - 1]
+    row = conn.execute(statements.probe_upper_bound(target, has_lower=True), probe_params).fetchone()
+    batch_upper = tuple(row) if row else tuple(run_upper)
+    cases = (
+        ("probe", statements.probe_upper_bound, probe_params),
+        ("update", statements.update_batch, statements.range_params(lower, batch_upper)),
+    )
+    with conn.transaction(force_rollback=True):
+        for name, build, params in cases:
+            for generic in (False, True):
+                if generic:
+                    plan = _explain_generic(conn, build(target, has_lower=True, style=Style.DOLLAR), params)
+                else:
+                    plan = _explain(conn, build(target, has_lower=True), params)
+                scans = table_scans(plan, target.table)
+                checks.append(
+                    IndexCheck(name, generic, uses_key_index(plan, target.table, target.key_index), tuple(describe_scan(s) for s in scans))
+                )
+    return checks
+
+
+def _estimated_rows_to_change(conn: psycopg.Connection, target: Target, upper: Sequence[str]) -> int:
+    plan = _explain(conn, statements.update_batch(target, has_lower=False), statements.range_params(None, upper))
+    top = plan[0]["Plan"]
+    child = top["Plans"][0] if top.get("Node Type") == "ModifyTable" and top.get("Plans") else top
+    return int(child.get("Plan Rows", 0))
+
+
+def _sample_batch(conn: psycopg.Connection, target: Target, backfill: Backfill, upper: Sequence[str]) -> Sample:
+    size = backfill.spec.batch.size
+    limits = backfill.spec.limits
+    started = time.monotonic()
+    with conn.transaction(force_rollback=True):
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+            [f"{int(limits.lock_timeout.total_seconds() * 1000)}ms", f"{int(limits.statement_timeout.total_seconds() * 1000)}ms"],
+        )
+        row = conn.execute(statements.probe_upper_bound(target, has_lower=False), [*upper, size - 1]).fetchone()
+        batch_upper = tuple(row) if row else tuple(upper)
+        if row is None:
+            counted = conn.execute(statements.count_keys(target, has_lower=False), list(batch_upper)).fetchone()
+            keys = int(counted[0]) if counted else 0
+        else:
+            keys = size
+        rows = conn.execute(statements.update_batch(target, has_lower=False), list(batch_upper)).rowcount
+        seconds = time.monotonic() - started
+    return Sample(size, keys, rows, seconds)
+
+
+def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
+    """Validate and plan without changing any row (the sample batch is rolled back)."""
+    register_dsn(dsn)
+    with connect(dsn, f"backfill {backfill.identity} plan") as conn, database_errors(dsn):
+        target = validation.resolve_target(conn, backfill.spec)
+        validation.check_permissions(conn, target)
+        validation.check_fragments(conn, target, secrets_of(dsn))
+        rendered = {
+            "probe": statements.probe_upper_bound(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
+            "update": statements.update_batch(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
+        }
+        low = sharding.edge(conn, target, last=False)
+        high = sharding.edge(conn, target, last=True)
+        if low is None or high is None:
+            return Plan(
+                backfill.identity, target.display_table, target.key, target.key_types, target.key_index, 0, 0,
+                backfill.spec.parallelism, rendered, (), None, 0.0,
+            )
+        estimated_keys = sharding.estimate_keys(conn, target)
+        checks = check_index_use(conn, target, low, high, backfill.spec.batch.size)
+        to_change = estimated_keys if target.where is None else _estimated_rows_to_change(conn, target, high)
+        sample = _sample_batch(conn, target, backfill, high)
+        projected = projected_seconds(
+            estimated_keys, sample, backfill.spec.batch.pause.total_seconds(), backfill.spec.parallelism
+        )
+        return Plan(
+            backfill.identity, target.display_table, target.key, target.key_types, target.key_index,
+            estimated_keys, to_change, backfill.spec.parallelism, rendered, tuple(checks), sample, projected,
+        )
