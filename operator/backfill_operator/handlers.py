@@ -1,0 +1,224 @@
+"""The thin I/O layer: kopf triggers -> observe -> ``reconcile.reconcile`` -> apply the plan.
+
+kopf provides the watch (``on.event``) and nothing else: no finalizers, no annotations of its
+own, so deleting a Backfill never waits for the operator and owner references garbage-collect
+its Jobs. A resync loop re-runs every known Backfill every few seconds to follow Jobs and fold
+shard reports into ``status.progress`` (status changes are invisible to kopf's diff handlers, and
+level-triggered polling survives missed events). One lock per Backfill serialises the watch
+handler and the resync loop, so two passes never race to create a Job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from backfill_worker.api import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec
+from backfill_worker.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
+
+from . import jobs as jobs_mod
+from .metrics import OperatorMetrics
+from .reconcile import EventSpec, Observed, Plan, SecretCheck, reconcile, status_patch
+
+log = logging.getLogger("backfill.operator")
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    def __init__(
+        self,
+        api: KubeApi,
+        *,
+        defaults: jobs_mod.WorkerDefaults = jobs_mod.WorkerDefaults(),
+        metrics: OperatorMetrics | None = None,
+    ) -> None:
+        self.api = api
+        self.defaults = defaults
+        self.metrics = metrics or OperatorMetrics()
+        self.known: dict[str, dict[str, Any]] = {}
+        """uid -> latest body seen, for the resync loop."""
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # -- triggers ---------------------------------------------------------------------------
+
+    def observe_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        uid = str(body.get("metadata", {}).get("uid") or "")
+        if not uid:
+            return
+        if event_type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
+            self.known.pop(uid, None)  # its Jobs go with it (owner references)
+            return
+        self.known[uid] = dict(body)
+        self.reconcile_one(body)
+
+    def resync(self) -> None:
+        for body in list(self.known.values()):
+            self.reconcile_one(body)
+        self.metrics.set_phases((b.get("status") or {}).get("phase") for b in self.known.values())
+
+    # -- one pass ---------------------------------------------------------------------------
+
+    def _lock(self, uid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def reconcile_one(self, body: Mapping[str, Any]) -> Plan | None:
+        meta = body.get("metadata", {})
+        uid, name, namespace = str(meta.get("uid")), str(meta.get("name")), str(meta.get("namespace"))
+        with self._lock(uid):
+            try:
+                # Re-read: the body of a queued event may be older than what the last pass wrote.
+                fresh = self.api.get(backfill_path(namespace, name))
+                if str(fresh.get("metadata", {}).get("uid")) != uid:
+                    return None
+                plan = self._reconcile(fresh)
+            except KubeApiError as error:
+                if error.status == 404:
+                    self.known.pop(uid, None)
+                    return None
+                self.metrics.reconciles.labels("error").inc()
+                self.metrics.errors.labels("api").inc()
+                log.warning("reconcile of %s/%s failed: %s", namespace, name, error)
+                return None
+            except Exception:
+                self.metrics.reconciles.labels("error").inc()
+                self.metrics.errors.labels("unexpected").inc()
+                log.exception("reconcile of %s/%s failed unexpectedly", namespace, name)
+                return None
+            self.metrics.reconciles.labels("ok").inc()
+            return plan
+
+    def _reconcile(self, body: dict[str, Any]) -> Plan:
+        meta = body.get("metadata", {})
+        name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+        jobs = self.api.list(jobs_path(namespace), jobs_mod.selector_labels(name))
+        observed = Observed(
+            name=name, namespace=namespace, uid=uid, generation=meta.get("generation"),
+            raw_spec=body.get("spec") or {}, annotations=meta.get("annotations") or {},
+            status=body.get("status") or {}, jobs=jobs, now=utcnow(),
+        )
+        plan = reconcile(observed, self.defaults)
+        if plan.needs_secret:
+            plan = reconcile(replace(observed, secret=self.check_secret(namespace, body.get("spec") or {})), self.defaults)
+        if plan.annotations:
+            # Before any Job exists: workers read the applied spec from here.
+            self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}})
+        for job in plan.create_jobs:
+            self._create_job(namespace, uid, job)
+        for job_name in plan.delete_jobs:
+            try:
+                self.api.delete(jobs_path(namespace, job_name))
+            except KubeApiError as error:
+                if error.status != 404:
+                    raise
+        patch = status_patch(body.get("status") or {}, plan.status)
+        if patch:
+            updated = self.api.merge_patch(backfill_path(namespace, name, status=True), {"status": patch})
+            self.known[uid] = updated
+        for event in plan.events:
+            self.post_event(body, event)
+        return plan
+
+    def _create_job(self, namespace: str, uid: str, job: dict[str, Any]) -> None:
+        job_name = job["metadata"]["name"]
+        try:
+            self.api.create(jobs_path(namespace), job)
+            self.metrics.jobs_created.inc()
+            log.info("created Job %s/%s", namespace, job_name)
+        except KubeApiError as error:
+            if error.status != 409:
+                raise
+            # Created by an earlier pass whose status write was lost (e.g. an operator restart):
+            # adopt it, never duplicate it. Someone else's Job of that name is a hard error.
+            existing = self.api.get(jobs_path(namespace, job_name))
+            if not jobs_mod.owned_by(existing, uid):
+                raise KubeApiError(409, "AlreadyExists", f"Job {job_name} exists and is not owned by this Backfill") from None
+            log.info("adopted existing Job %s/%s", namespace, job_name)
+
+    def check_secret(self, namespace: str, raw_spec: Mapping[str, Any]) -> SecretCheck:
+        """Does the DSN Secret exist and hold the key? Only existence is checked: the value is never read out."""
+        try:
+            ref = BackfillSpec.model_validate(dict(raw_spec)).database.dsn_secret_ref
+        except Exception:
+            return SecretCheck(False, "InvalidSpec", "spec is invalid")
+        if ref is None:
+            return SecretCheck(
+                False, "SecretRefMissing",
+                "spec.database.dsnSecretRef is required in a cluster: name a Secret in this namespace holding the DSN",
+            )
+        try:
+            secret = self.api.get(core_path(namespace, "secrets", ref.name))
+        except KubeApiError as error:
+            if error.status == 404:
+                return SecretCheck(
+                    False, "SecretNotFound",
+                    f"Secret {namespace}/{ref.name} (spec.database.dsnSecretRef.name) not found: create it, e.g. "
+                    f"kubectl -n {namespace} create secret generic {ref.name} --from-literal={ref.key}=postgresql://...",
+                )
+            if error.status == 403:
+                return SecretCheck(False, "SecretForbidden", f"the operator may not read Secret {namespace}/{ref.name}: check its RBAC")
+            raise
+        if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
+            return SecretCheck(
+                False, "SecretKeyNotFound",
+                f"Secret {namespace}/{ref.name} has no key {ref.key!r} (spec.database.dsnSecretRef.key): add it or fix the key",
+            )
+        return SecretCheck(True)
+
+    def post_event(self, body: Mapping[str, Any], event: EventSpec) -> None:
+        meta = body.get("metadata", {})
+        now = utcnow()
+        try:
+            self.api.create(core_path(meta["namespace"], "events"), {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{jobs_mod.fit_name(meta['name'], limit=200)}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+                "involvedObject": {
+                    "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
+                    "namespace": meta["namespace"], "uid": meta.get("uid"),
+                },
+                "reason": event.reason,
+                "message": event.message[:1024],
+                "type": event.type,
+                "source": {"component": "backfill-operator"},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            })
+        except KubeApiError as error:  # an Event is best effort; the status holds the truth
+            log.warning("could not post event %s: %s", event.reason, error)
+
+
+def register(registry: kopf.OperatorRegistry, controller: Controller, *, resync_seconds: float = 3.0) -> None:
+    """Wire the controller into a kopf registry (one per operator instance: tests run several)."""
+
+    @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
+    def backfill_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        controller.observe_event(type, dict(body))
+
+    @kopf.on.startup(registry=registry)
+    async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(resync_seconds)
+                await asyncio.get_running_loop().run_in_executor(None, controller.resync)
+
+        memo["resync"] = asyncio.create_task(loop())
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("resync")
+        if task is not None:
+            task.cancel()

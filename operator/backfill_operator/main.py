@@ -1,0 +1,106 @@
+"""``backfill operator``: run the kopf controller programmatically.
+
+Standalone mode (no kopf peering): the operator is meant to run as ONE replica, deployed with
+``strategy: Recreate`` so that an upgrade never overlaps two instances. Two instances would not
+corrupt data anyway (Job names are deterministic, a second create gets 409 and adopts; the
+engine's advisory lock lets one worker per shard run), but they would write status twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from backfill_worker.kubeapi import KubeApi
+from backfill_worker.metrics import MetricsServer, serve
+
+from .handlers import Controller, register
+from .jobs import WorkerDefaults
+from .metrics import OperatorMetrics
+
+log = logging.getLogger("backfill.operator")
+
+
+def connection_info(api: KubeApi) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same configuration our own client uses (one source)."""
+    c = api.configuration
+    token = (c.api_key or {}).get("authorization") or (c.api_key or {}).get("BearerToken")
+    if token and token.lower().startswith("bearer "):
+        token = token[7:]
+    return kopf.ConnectionInfo(
+        server=c.host,
+        ca_path=c.ssl_ca_cert or None,
+        insecure=not c.verify_ssl if c.host.startswith("https") else None,
+        certificate_path=c.cert_file or None,
+        private_key_path=c.key_file or None,
+        token=token or None,
+    )
+
+
+@dataclass
+class OperatorConfig:
+    namespace: str | None = None
+    """Watch only this namespace; None: all namespaces."""
+    liveness: str | None = None
+    """kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``."""
+    metrics_port: int | None = 9090
+    kubeconfig: str | None = None
+    server: str | None = None
+    """An unauthenticated API URL (tests against kmock)."""
+    resync_seconds: float = 3.0
+    defaults: WorkerDefaults = field(default_factory=WorkerDefaults)
+
+
+def build(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Controller]:
+    api = KubeApi.from_environment(config.kubeconfig, server=config.server)
+    registry = kopf.OperatorRegistry()
+    controller = Controller(api, defaults=config.defaults, metrics=OperatorMetrics())
+    register(registry, controller, resync_seconds=config.resync_seconds)
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(api)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False  # our Events are explicit; kopf's would echo exception texts
+        if config.namespace:
+            # One exact namespace: nothing to scan for. Namespaced RBAC may not list namespaces
+            # (and the CRD must be installed before the operator starts; the Helm chart does).
+            settings.scanning.disabled = True
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+
+    return registry, controller
+
+
+def run_operator(
+    config: OperatorConfig,
+    *,
+    stop_flag: threading.Event | None = None,
+    ready_flag: threading.Event | None = None,
+) -> None:
+    """Block until ``stop_flag`` is set (or SIGTERM/SIGINT when run in the main thread)."""
+    registry, controller = build(config)
+    metrics_server: MetricsServer | None = None
+    if config.metrics_port is not None:
+        metrics_server = serve(config.metrics_port, controller.metrics.registry)
+    try:
+        asyncio.run(kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=config.namespace is None,
+            namespaces=[config.namespace] if config.namespace else (),
+            liveness_endpoint=config.liveness,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        ))
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        controller.api.close()

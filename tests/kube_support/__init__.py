@@ -1,0 +1,1 @@
+"""Test support for talking to a Kubernetes API over real HTTP (kmock, or a real kube-apiserver)."""
