@@ -154,6 +154,16 @@ def configure_logging(
     )
 
 
+def bind_fields(**fields: Any) -> None:
+    """Add fields to every following line of this process (e.g. once the backfill is known)."""
+    _STATIC_FIELDS.update({k: v for k, v in fields.items() if v is not None})
+
+
+def bind_backfill(identity: str, shard: int | None = None) -> None:
+    """Put ``namespace``/``name`` (from ``namespace/name``) and the shard on every line."""
+    bind_fields(**_identity_fields(identity), shard=shard)
+
+
 def get_logger(name: str = "backfill") -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
 

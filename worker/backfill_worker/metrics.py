@@ -149,3 +149,23 @@ def serve(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> Metr
     """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread (port 0: any free one)."""
     server, thread = start_http_server(port, addr=addr, registry=registry)
     return MetricsServer(server, thread)
+
+
+# -- process-wide worker metrics (the CLI's ``--metrics-port``) ----------------------------------
+
+_PROCESS: WorkerMetrics | None = None
+_SERVER: MetricsServer | None = None
+
+
+def start_process_metrics(port: int, addr: str = "0.0.0.0") -> WorkerMetrics:
+    """Serve this process's worker metrics on ``port`` (once; later calls return the same)."""
+    global _PROCESS, _SERVER
+    if _PROCESS is None:
+        _PROCESS = WorkerMetrics()
+        _SERVER = serve(port, _PROCESS.registry, addr=addr)
+    return _PROCESS
+
+
+def process_listener() -> WorkerMetrics | None:
+    """The engine listener to add to a run when ``--metrics-port`` was given, else None."""
+    return _PROCESS
