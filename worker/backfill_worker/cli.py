@@ -55,17 +55,32 @@ StateDirOption = Annotated[
 ]
 
 
-def configure(*, verbose: bool = False) -> None:
-    """The one place process-wide output is set up (logging now; metrics/log format hook in here)."""
-    from .logs import configure_logging  # noqa: PLC0415  (structlog import only when a command runs)
+def configure(*, verbose: bool = False, log_format: str = "text", log_level: str | None = None,
+              metrics_port: int | None = None) -> None:
+    """The one place process-wide output is set up: logging and the worker's /metrics endpoint."""
+    from .logs import LOG_FORMATS, configure_logging  # noqa: PLC0415  (structlog import only when a command runs)
 
+    if log_format not in LOG_FORMATS:
+        raise typer.BadParameter(f"use one of: {', '.join(LOG_FORMATS)}", param_hint="--log-format")
     # Logs go to stderr; the progress bar and summaries to stdout. Warnings only, unless -v.
-    configure_logging("text", "INFO" if verbose else "WARNING")
+    configure_logging(log_format, log_level or ("INFO" if verbose else "WARNING"))  # type: ignore[arg-type]
+    if metrics_port is not None:
+        from .metrics import start_process_metrics  # noqa: PLC0415
+
+        start_process_metrics(metrics_port)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log engine events (stderr).")] = False) -> None:
-    configure(verbose=verbose)
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log engine events (stderr).")] = False,
+    log_format: Annotated[str, typer.Option("--log-format", envvar="BACKFILL_LOG_FORMAT",
+                                            help="Log lines as 'text' or 'json' (one object per line).")] = "text",
+    log_level: Annotated[Optional[str], typer.Option("--log-level", envvar="BACKFILL_LOG_LEVEL",
+                                                     help="DEBUG, INFO, WARNING or ERROR (default: WARNING, INFO with -v).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", envvar="BACKFILL_METRICS_PORT", min=0, max=65535,
+                                                        help="Serve engine metrics for Prometheus on this port (/metrics).")] = None,
+) -> None:
+    configure(verbose=verbose, log_format=log_format, log_level=log_level, metrics_port=metrics_port)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -143,8 +158,14 @@ def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_pro
              store: JsonFileStore | None, description: str) -> RunReport:
     from .cli_progress import JsonProgress, ProgressBar  # noqa: PLC0415
 
+    from .logs import LogListener, bind_backfill  # noqa: PLC0415
+    from .metrics import process_listener  # noqa: PLC0415
+
     control = StaticControl()
-    listeners: list[Listener] = []
+    bind_backfill(backfill.identity)
+    listeners: list[Listener] = [LogListener()]
+    if (metrics := process_listener()) is not None:
+        listeners.append(metrics)
     announce = lambda text: err.print(f"[yellow]{text}[/]")  # noqa: E731
     with stop_on_signals(control, announce):
         if json_progress:
