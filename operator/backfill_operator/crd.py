@@ -118,6 +118,10 @@ def _shard_status_schema() -> dict[str, Any]:
             "throttleReason": string, "lastError": string, "lastErrorReason": string,
             "remainingMatches": integer, "estimatedKeys": integer, "keysDone": integer,
             "run": integer, "updatedAt": string,
+            "checkpoint": {
+                "type": "string",
+                "description": "checkpoint.mode atLeastOnce only: the shard's progress record as JSON (kept here, not in the database).",
+            },
         },
     }
 

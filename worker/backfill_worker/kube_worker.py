@@ -1,0 +1,326 @@
+"""``backfill worker``: one shard of a Backfill, in-cluster.
+
+Reads its Backfill from the API (the change itself from the operator's ``applied-spec``
+annotation, so an edited immutable field never changes a running backfill), runs the engine on
+its shard, and:
+
+* steers the engine through a :class:`KubeControl` that polls the spec every ~2 s:
+  ``spec.suspend`` stops at the next batch boundary, ``spec.batch``/``spec.limits`` re-tune live;
+* mirrors progress into ``status.shards.<shard>`` (and ``status.progress`` when it is the only
+  shard) through a :class:`StatusReporter`: at most one merge patch per interval, plus a final one.
+
+The database checkpoint stays the source of truth; the status is its mirror. In
+``checkpoint.mode: atLeastOnce`` the status *is* the progress store (:class:`StatusProgressStore`).
+Exit codes: 0 done or paused (suspend, SIGTERM), otherwise the error's documented code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from backfill_operator.specdiff import decode_applied, effective_spec
+from backfill_operator.status import aggregate_progress
+
+from .api import API_GROUP, API_VERSION, KIND, Backfill, BatchSpec, CheckpointMode, LimitsSpec
+from .checkpoint import ShardCheckpoint
+from .engine import run_backfill
+from .errors import BackfillError, ManifestError
+from .events import Event, RunFinished, Tuning
+from .kubeapi import KubeApi, KubeApiError, backfill_path
+from .manifest import parse_backfill
+from .progress import ShardProgress
+from .secrets import redact, secrets_of
+
+log = logging.getLogger("backfill.worker")
+
+POLL_SECONDS = 2.0
+PATCH_INTERVAL_SECONDS = 2.0
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_backfill(api: KubeApi, namespace: str, name: str) -> tuple[Backfill, dict[str, Any]]:
+    """The Backfill as the worker must run it, and the raw object it came from."""
+    obj = api.get(backfill_path(namespace, name))
+    meta = obj.get("metadata") or {}
+    spec = effective_spec(obj.get("spec") or {}, decode_applied(meta.get("annotations")))
+    document = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta},
+        "spec": spec,
+    }
+    return parse_backfill(document, source=f"Backfill {namespace}/{name}"), obj
+
+
+class KubeControl:
+    """The engine's ``RunControl``, fed by a thread that polls the Backfill's spec."""
+
+    def __init__(self, api: KubeApi, namespace: str, name: str, uid: str | None, *, poll_seconds: float = POLL_SECONDS):
+        self._api, self._namespace, self._name, self._uid = api, namespace, name, uid
+        self._poll = poll_seconds
+        self._stop_reason: str | None = None
+        self._tuning: Tuning | None = None
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backfill-spec-poller", daemon=True)
+
+    def start(self) -> "KubeControl":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    def tuning(self) -> Tuning | None:
+        return self._tuning
+
+    def observe(self, obj: Mapping[str, Any]) -> None:
+        """Fold one read of the Backfill into the control (pure apart from the two fields)."""
+        if self._uid and (obj.get("metadata") or {}).get("uid") not in (None, self._uid):
+            self.request_stop("deleted")  # a new object of the same name: not ours to continue
+            return
+        spec = obj.get("spec") or {}
+        if spec.get("suspend") is True:
+            self.request_stop("suspended")
+        try:
+            self._tuning = Tuning(
+                batch=BatchSpec.model_validate(spec.get("batch") or {}),
+                limits=LimitsSpec.model_validate(spec.get("limits") or {}),
+            )
+        except ValidationError as error:  # keep the last good tuning; the operator reports the spec
+            log.warning("ignoring invalid live tuning of %s/%s: %s", self._namespace, self._name, error.error_count())
+
+    def _run(self) -> None:
+        while not self._closed.wait(self._poll):
+            try:
+                self.observe(self._api.get(backfill_path(self._namespace, self._name)))
+            except KubeApiError as error:
+                if error.status == 404:
+                    self.request_stop("deleted")
+                else:
+                    log.warning("could not read Backfill %s/%s: %s", self._namespace, self._name, error)
+            except Exception as error:  # network trouble: keep running, try again next poll
+                log.warning("could not read Backfill %s/%s: %s", self._namespace, self._name, type(error).__name__)
+
+
+def shard_status(progress: ShardProgress, *, run: int | None, error_reason: str = "", secrets: list[str] = ()) -> dict[str, Any]:
+    """``status.shards.<i>`` from the folded events (PURE). ``None`` values delete the key (merge patch)."""
+    eta = progress.eta_seconds
+    status: dict[str, Any] = {
+        "state": progress.state,
+        "lastKey": list(progress.last_key) if progress.last_key else None,
+        "rowsUpdated": progress.rows_updated,
+        "batches": progress.batches,
+        "batchSize": progress.batch_size,
+        "rowsPerSecond": round(progress.rate.rows_per_second(), 1) if progress.state == "running" else 0.0,
+        "percent": progress.percent,
+        "etaSeconds": round(eta, 1) if eta is not None else None,
+        "estimatedKeys": progress.estimated_keys,
+        "keysDone": progress.keys_done,
+        "throttleReason": progress.throttle_reason,
+        "lastError": redact(progress.error, secrets) if progress.error else "",
+        "lastErrorReason": error_reason,
+        "remainingMatches": progress.remaining_matches,
+        "updatedAt": _now(),
+    }
+    if run is not None:
+        status["run"] = run
+    return status
+
+
+class StatusReporter:
+    """Engine listener mirroring one shard into the Backfill's status, at a bounded rate.
+
+    The listener only updates memory (the engine must not wait on the API); a thread sends at
+    most one merge patch per ``interval`` when something changed; ``close()`` sends the last one.
+    """
+
+    def __init__(
+        self,
+        api: KubeApi,
+        namespace: str,
+        name: str,
+        shard: int,
+        *,
+        parallelism: int,
+        run: int | None,
+        secrets: list[str],
+        interval: float = PATCH_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._api, self._namespace, self._name, self._shard = api, namespace, name, shard
+        self._parallelism, self._run, self._secrets = parallelism, run, secrets
+        self._interval, self._clock = interval, clock
+        self.progress = ShardProgress(shard)
+        self._error_reason = ""
+        self._dirty = False
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="backfill-status-reporter", daemon=True)
+        self.patches_sent = 0
+
+    def start(self) -> "StatusReporter":
+        self._thread.start()
+        return self
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            self.progress.apply(event, self._clock())
+            self._dirty = True
+
+    def fail(self, error: BackfillError) -> None:
+        with self._lock:
+            self.progress.state = "failed"
+            self.progress.error = str(error)
+            self._error_reason = error.reason
+            self._dirty = True
+
+    def _loop(self) -> None:
+        while not self._closed.wait(self._interval):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._dirty:
+                return
+            shard = shard_status(self.progress, run=self._run, error_reason=self._error_reason, secrets=self._secrets)
+            self._dirty = False
+        patch: dict[str, Any] = {"shards": {str(self._shard): shard}}
+        if self._parallelism == 1:
+            patch["progress"] = aggregate_progress({str(self._shard): shard}, 1, succeeded=shard["state"] == "done")
+        try:
+            self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), {"status": patch})
+            self.patches_sent += 1
+        except Exception as error:  # the next flush carries the newest state anyway
+            with self._lock:
+                self._dirty = True
+            log.warning("could not patch status of %s/%s: %s", self._namespace, self._name, type(error).__name__)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=10)
+        self.flush()
+
+
+class StatusProgressStore:
+    """``ProgressStore`` for ``checkpoint.mode: atLeastOnce``: ``status.shards.<i>.checkpoint``.
+
+    Saved synchronously after each committed batch (that is what bounds the replay to one batch).
+    Stored as one JSON string: replaced atomically, and merge-patch ``null``s cannot drop its keys.
+    """
+
+    def __init__(self, api: KubeApi, namespace: str, name: str) -> None:
+        self._api, self._namespace, self._name = api, namespace, name
+
+    def load(self, shard: int) -> ShardCheckpoint | None:
+        obj = self._api.get(backfill_path(self._namespace, self._name))
+        data = (((obj.get("status") or {}).get("shards") or {}).get(str(shard)) or {}).get("checkpoint")
+        return ShardCheckpoint.from_json(json.loads(data)) if data else None
+
+    def save(self, shard: int, state: ShardCheckpoint) -> None:
+        body = {"status": {"shards": {str(shard): {"checkpoint": json.dumps(state.to_json(), sort_keys=True)}}}}
+        self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), body)
+
+
+@contextmanager
+def stop_on_signals(control: KubeControl) -> Iterator[None]:
+    """SIGTERM (pod deletion, node drain, Backfill deletion) -> finish the batch, commit, exit 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        control.request_stop("signal")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_worker(
+    api: KubeApi,
+    namespace: str,
+    name: str,
+    shard: int,
+    dsn: str,
+    *,
+    run: int | None = None,
+    listeners: tuple[Callable[[Event], None], ...] = (),
+    poll_seconds: float = POLL_SECONDS,
+    patch_interval: float = PATCH_INTERVAL_SECONDS,
+) -> int:
+    """Run one shard; returns the process exit code."""
+    secrets = secrets_of(dsn)
+    try:
+        backfill, obj = load_backfill(api, namespace, name)
+    except ManifestError as error:
+        _report_failure(api, namespace, name, shard, run, error, secrets)
+        return error.exit_code
+    spec = backfill.spec
+    if not 0 <= shard < spec.parallelism:
+        error = ManifestError(f"Backfill {namespace}/{name}", [f"--shard {shard}: spec.parallelism is {spec.parallelism}"])
+        _report_failure(api, namespace, name, shard, run, error, secrets)
+        return error.exit_code
+    control = KubeControl(api, namespace, name, obj.get("metadata", {}).get("uid"), poll_seconds=poll_seconds)
+    control.observe(obj)
+    reporter = StatusReporter(
+        api, namespace, name, shard, parallelism=spec.parallelism, run=run, secrets=secrets, interval=patch_interval,
+    ).start()
+    store = StatusProgressStore(api, namespace, name) if spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE else None
+    control.start()
+    try:
+        with stop_on_signals(control):
+            if spec.dry_run:
+                return _dry_run(backfill, dsn, reporter)
+            report = run_backfill(
+                backfill, dsn, shards=[shard], listeners=(reporter, *listeners), control=control, at_least_once_store=store,
+            )
+        log.info("shard %d of %s/%s finished: %s, %d rows", shard, namespace, name, report.state, report.rows_updated)
+        return 0
+    except BackfillError as error:
+        reporter.fail(error)
+        log.error("shard %d of %s/%s failed: %s", shard, namespace, name, redact(str(error), secrets))
+        return error.exit_code
+    finally:
+        control.close()
+        reporter.close()
+
+
+def _dry_run(backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
+    """``spec.dryRun``: validate and plan (a rolled-back sample batch); change nothing; report done."""
+    from .planner import plan_backfill  # noqa: PLC0415
+
+    plan = plan_backfill(backfill, dsn)
+    reporter(RunFinished(backfill.identity, reporter.progress.shard, "done", 0, 0, remaining_matches=plan.estimated_rows_to_change))
+    log.info("dry run of %s: about %d rows would change", backfill.identity, plan.estimated_rows_to_change)
+    return 0
+
+
+def _report_failure(api: KubeApi, namespace: str, name: str, shard: int, run: int | None, error: BackfillError, secrets: list[str]) -> None:
+    progress = ShardProgress(shard, state="failed", error=str(error))
+    try:
+        api.merge_patch(backfill_path(namespace, name, status=True), {"status": {"shards": {
+            str(shard): shard_status(progress, run=run, error_reason=error.reason, secrets=secrets)}}})
+    except Exception as patch_error:
+        log.warning("could not report the failure of %s/%s: %s", namespace, name, type(patch_error).__name__)
