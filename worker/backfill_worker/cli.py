@@ -27,7 +27,7 @@ from rich.table import Table
 from .api import Backfill, CheckpointMode
 from .checkpoint import JsonFileStore, ShardCheckpoint
 from .engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
-from .errors import BackfillError, ConnectionFailed
+from .errors import BackfillError, ValidationFailed
 from .events import Listener, StaticControl
 from .manifest import load_backfill
 from .planner import Plan, plan_backfill
@@ -108,7 +108,7 @@ def user_errors() -> Iterator[None]:
 
 def _require_dsn(dsn: str | None) -> str:
     if not dsn:
-        fail(ConnectionFailed("no database given: pass --dsn or set the BACKFILL_DSN environment variable"))
+        fail(ValidationFailed("--dsn", "no database given: pass --dsn or set the BACKFILL_DSN environment variable"))
     return dsn
 
 
@@ -209,7 +209,12 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(text, markup=False, soft_wrap=True)
     console.print("\n[bold]plan check[/] (the key index must serve every batch statement):")
     for check in plan.index_checks:
-        verdict = "[green]ok[/]" if check.uses_index else "[red]NOT USING THE KEY INDEX[/]"
+        if check.uses_index:
+            verdict = "[green]ok[/]"
+        elif check.ok:
+            verdict = "[green]ok[/] (one batch covers the whole table: a scan of it is right)"
+        else:
+            verdict = "[red]NOT USING THE KEY INDEX[/]"
         console.print(f"  {check.statement:<7} {'generic' if check.generic else 'custom ':<8} {verdict}  {'; '.join(check.scans)}")
     if plan.sample is not None:
         s = plan.sample

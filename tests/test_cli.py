@@ -1,0 +1,159 @@
+"""The ``backfill`` CLI: exit codes, output, and no secret in anything it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from backfill_worker.cli import app
+
+runner = CliRunner()
+BACKFILL = str(Path(sys.executable).parent / "backfill")
+
+
+def manifest(tmp_path: Path, name: str = "cli", **spec: Any) -> str:
+    document = {"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": name, "namespace": "t"}, "spec": spec}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return str(path)
+
+
+def password_of(dsn: str) -> str:
+    return str(psycopg.conninfo.conninfo_to_dict(dsn)["password"])
+
+
+@pytest.fixture
+def table(database: str) -> str:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0, flag bool NOT NULL)")
+        conn.execute("INSERT INTO t (id, flag) SELECT i, i % 2 = 0 FROM generate_series(1, 500) i")
+    return database
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
+    return runner.invoke(app, list(args), env=env, catch_exceptions=False)
+
+
+def test_run_status_reset_round_trip(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"v": "v + 1"}, where="flag", batch={"size": 50, "minSize": 10})
+    result = invoke("run", path, "--dsn", table)
+    assert result.exit_code == 0, result.output
+    assert "state=done rows_updated=250" in result.output
+    assert password_of(table) not in result.output
+    with psycopg.connect(table, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM t WHERE v = 1").fetchone() == (250,)
+    status = invoke("status", path, env={"BACKFILL_DSN": table})
+    assert status.exit_code == 0 and "done" in status.output and "250" in status.output
+    reset = invoke("reset", path, "--dsn", table)
+    assert reset.exit_code == 0 and "removed 1 checkpoint row" in reset.output
+    assert "no checkpoint" in invoke("status", path, "--dsn", table).output
+
+
+def test_json_progress_lines(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"v": "1"}, batch={"size": 100, "maxSize": 100, "minSize": 100})
+    result = invoke("run", path, "--dsn", table, "--json-progress")
+    assert result.exit_code == 0
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    kinds = [r["event"] for r in records]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "RunFinished" and kinds.count("BatchCommitted") == 5
+    assert records[-1]["percent"] == 100 and records[-1]["state"] == "done"
+
+
+def test_invalid_manifest_exits_2_naming_the_field(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"v": "1"}, batch={"sise": 10})
+    result = invoke("run", path, "--dsn", table)
+    assert result.exit_code == 2
+    assert "spec.batch.sise" in result.output
+
+
+def test_validation_failure_exits_2_and_changes_nothing(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"nosuch": "1"})
+    result = invoke("run", path, "--dsn", table)
+    assert result.exit_code == 2
+    assert "spec.set.nosuch" in result.output and password_of(table) not in result.output
+
+
+def test_missing_dsn_exits_2(table: str, tmp_path: Path) -> None:
+    result = invoke("run", manifest(tmp_path, table="t", set={"v": "1"}), env={"BACKFILL_DSN": ""})
+    assert result.exit_code == 2 and "BACKFILL_DSN" in result.output
+
+
+def test_connection_failure_exits_4_without_the_password(tmp_path: Path) -> None:
+    secret = "s3cr3t-Pa55word"
+    dsn = f"postgresql://app:{secret}@127.0.0.1:1/shop"
+    result = invoke("run", manifest(tmp_path, table="t", set={"v": "1"}), "--dsn", dsn)
+    assert result.exit_code == 4
+    assert "app@127.0.0.1:1/shop" in result.output
+    assert secret not in result.output
+
+
+def test_wrong_password_exits_4_without_the_password(table: str, tmp_path: Path) -> None:
+    dsn = table.replace(password_of(table), "Wrong-Pw-123")
+    result = invoke("plan", manifest(tmp_path, table="t", set={"v": "1"}), "--dsn", dsn)
+    assert result.exit_code == 4
+    assert "Wrong-Pw-123" not in result.output and "authentication failed" in result.output
+
+
+def test_already_running_exits_3(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"v": "1"})
+    with psycopg.connect(table, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(hashtext('backfill:t/cli'), 0)")
+        result = invoke("run", path, "--dsn", table)
+    assert result.exit_code == 3 and "already being run" in result.output
+    with psycopg.connect(table, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM t WHERE v = 1").fetchone() == (0,)
+
+
+def test_plan_prints_sql_and_index_check(table: str, tmp_path: Path) -> None:
+    with psycopg.connect(table, autocommit=True) as conn:
+        conn.execute("INSERT INTO t (id, flag) SELECT i, i % 2 = 0 FROM generate_series(501, 20000) i")
+        conn.execute("VACUUM ANALYZE t")
+    result = invoke("plan", manifest(tmp_path, table="t", set={"v": "1"}, where="flag", batch={"size": 500}), "--dsn", table)
+    assert result.exit_code == 0, result.output
+    assert 'UPDATE "public"."t" SET "v" = (' in result.output
+    assert "t_pkey" in result.output and "plan_ok=true" in result.output and "NOT USING" not in result.output
+    assert "sample batch (rolled back)" in result.output
+    with psycopg.connect(table, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM t WHERE v = 1").fetchone() == (0,)
+
+
+def test_sigterm_pauses_and_rerun_finishes(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"v": "v + 1"}, batch={"size": 10, "minSize": 10, "maxSize": 10, "pause": "20ms"})
+    env = {**os.environ, "BACKFILL_DSN": table}
+    proc = subprocess.Popen([BACKFILL, "run", path, "--json-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if '"BatchCommitted"' in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    finished = json.loads(stdout.strip().splitlines()[-1])
+    assert finished["event"] == "RunFinished" and finished["state"] == "paused"
+    assert password_of(table) not in stdout + stderr
+    with psycopg.connect(table, autocommit=True) as conn:
+        changed = conn.execute("SELECT count(*) FROM t WHERE v = 1").fetchone()[0]  # type: ignore[index]
+    assert 0 < changed < 500 and changed == finished["rows_updated"]
+    rerun = subprocess.run([BACKFILL, "run", path], capture_output=True, text=True, env=env, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    with psycopg.connect(table, autocommit=True) as conn:
+        assert conn.execute("SELECT min(v), max(v) FROM t").fetchone() == (1, 1)
+
+
+def test_demo_small() -> None:
+    result = subprocess.run([BACKFILL, "demo", "--rows", "3000"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout.replace("\n", " ")
+    match = re.search(r"verification: ([\d,]+) rows now 'inactive' \(expected ([\d,]+)\), 0 still matching: OK", text)
+    assert match and match.group(1) == match.group(2) and 1400 < int(match.group(1).replace(",", "")) < 1600, text
