@@ -18,6 +18,8 @@ class EngineThread:
     document: dict
     dsn: str
     events: list[Event] = field(default_factory=list)
+    stamps: list[float] = field(default_factory=list)
+    """``time.monotonic()`` at which each event of ``events`` arrived."""
     report: RunReport | None = None
     error: BaseException | None = None
     control: StaticControl = field(default_factory=StaticControl)
@@ -29,6 +31,7 @@ class EngineThread:
     def _listen(self, event: Event) -> None:
         with self._lock:
             self.events.append(event)
+            self.stamps.append(time.monotonic())
 
     def _run(self) -> None:
         try:
@@ -60,6 +63,10 @@ class EngineThread:
     def of_type(self, kind: type) -> list:
         with self._lock:
             return [e for e in self.events if isinstance(e, kind)]
+
+    def timed(self, kind: type) -> list[tuple[float, Event]]:
+        with self._lock:
+            return [(t, e) for t, e in zip(self.stamps, self.events) if isinstance(e, kind)]
 
     def batches(self) -> list[BatchCommitted]:
         return self.of_type(BatchCommitted)
