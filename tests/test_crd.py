@@ -170,3 +170,13 @@ def test_bad_manifests_fail_with_the_field_path(path, value, error_path, message
     errors = list(validator().iter_errors(_with(path, value)))
     found = [(".".join(map(str, e.absolute_path)), e.message) for e in errors]
     assert any(p == error_path and message in m for p, m in found), found
+
+
+def test_backfill_crd_command_prints_the_committed_file():
+    from typer.testing import CliRunner
+
+    from backfill_worker.cli import app
+
+    result = CliRunner().invoke(app, ["crd"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == CRD_FILE.read_text()

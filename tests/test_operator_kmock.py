@@ -82,7 +82,7 @@ async def cluster(kmock):
 
 
 def config(kmock) -> OperatorConfig:
-    return OperatorConfig(namespace=NS, server=str(kmock.url), metrics_port=None, resync_seconds=0.3)
+    return OperatorConfig(namespaces=(NS,), server=str(kmock.url), metrics_port=None, resync_seconds=0.3)
 
 
 async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(cluster):

@@ -6,13 +6,15 @@ CLI stays importable without anything Kubernetes-specific being loaded for ``run
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-LogFormatOption = Annotated[str, typer.Option("--log-format", envvar="BACKFILL_LOG_FORMAT", help="text or json.")]
+if TYPE_CHECKING:
+    from .jobs import WorkerDefaults
 KubeconfigOption = Annotated[
     Optional[str],
     typer.Option("--kubeconfig", envvar="KUBECONFIG", help="Outside a cluster: the kubeconfig to use (default: in-cluster)."),
@@ -30,43 +32,74 @@ def worker(
     namespace: Annotated[str, typer.Option("--namespace", help="Namespace of the Backfill.")],
     name: Annotated[str, typer.Option("--name", help="Name of the Backfill.")],
     shard: Annotated[int, typer.Option("--shard", min=0, help="Shard index this worker runs.")] = 0,
-    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Prometheus /metrics port; 0 disables.")] = 9090,
-    log_format: LogFormatOption = "json",
     kubeconfig: KubeconfigOption = None,
 ) -> None:
-    """Run one shard of a Backfill in-cluster (what the operator's Jobs run). DSN from $BACKFILL_DSN."""
+    """Run one shard of a Backfill in-cluster (what the operator's Jobs run). DSN from $BACKFILL_DSN.
+
+    Logging and /metrics come from the root options (the Job sets BACKFILL_LOG_FORMAT=json,
+    BACKFILL_LOG_LEVEL=INFO and BACKFILL_METRICS_PORT=9090).
+    """
     from backfill_worker.kube_worker import run_worker  # noqa: PLC0415
     from backfill_worker.kubeapi import KubeApi  # noqa: PLC0415
-    from backfill_worker.logs import LogListener, configure_logging  # noqa: PLC0415
-    from backfill_worker.metrics import WorkerMetrics, serve  # noqa: PLC0415
+    from backfill_worker.logs import LogListener, bind_backfill  # noqa: PLC0415
+    from backfill_worker.metrics import process_listener  # noqa: PLC0415
     from backfill_worker.secrets import register_dsn  # noqa: PLC0415
 
     from .jobs import DSN_ENV, RUN_ENV  # noqa: PLC0415
 
-    configure_logging(log_format if log_format in ("text", "json") else "json", "INFO",  # type: ignore[arg-type]
-                      fields={"namespace": namespace, "name": name, "shard": shard})
+    bind_backfill(f"{namespace}/{name}", shard)
     dsn = os.environ.get(DSN_ENV)
     if not dsn:
         typer.echo(f"error: ${DSN_ENV} is not set: the Job injects it from spec.database.dsnSecretRef", err=True)
         raise typer.Exit(4)
     register_dsn(dsn)
     run = int(os.environ[RUN_ENV]) if os.environ.get(RUN_ENV, "").isdigit() else None
-    metrics = WorkerMetrics()
-    server = serve(metrics_port, metrics.registry) if metrics_port else None
+    metrics = process_listener()
+    listeners = (LogListener(), *((metrics,) if metrics is not None else ()))
     api = KubeApi.from_environment(kubeconfig)
     try:
-        code = run_worker(api, namespace, name, shard, dsn, run=run, listeners=(metrics, LogListener()))
+        code = run_worker(api, namespace, name, shard, dsn, run=run, listeners=listeners)
     finally:
         api.close()
-        if server is not None:
-            server.close()
     raise typer.Exit(code)
 
 
+def _json_env(variable: str) -> dict[str, Any] | None:
+    raw = os.environ.get(variable)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise typer.BadParameter(f"${variable} is not valid JSON") from None
+    return value if isinstance(value, dict) and value else None
+
+
+def worker_defaults(service_account: str | None, image: str | None) -> "WorkerDefaults":
+    """Operator-wide worker defaults; the Helm chart passes them as BACKFILL_WORKER_* env vars."""
+    from .jobs import WorkerDefaults  # noqa: PLC0415
+
+    overrides: dict[str, Any] = {"service_account_name": service_account or None}
+    if image:
+        overrides["image"] = image
+    if policy := os.environ.get("BACKFILL_WORKER_IMAGE_PULL_POLICY"):
+        overrides["image_pull_policy"] = policy
+    for variable, field in (
+        ("BACKFILL_WORKER_RESOURCES", "resources"),
+        ("BACKFILL_WORKER_SECURITY_CONTEXT", "security_context"),
+        ("BACKFILL_WORKER_POD_SECURITY_CONTEXT", "pod_security_context"),
+    ):
+        if (value := _json_env(variable)) is not None:
+            overrides[field] = value
+    return WorkerDefaults(**overrides)
+
+
 def operator(
-    namespace: Annotated[Optional[str], typer.Option("--namespace", help="Watch only this namespace (default: all).")] = None,
+    namespace: Annotated[
+        Optional[list[str]], typer.Option("--namespace", help="Watch only these namespaces (repeatable; default: all).")
+    ] = None,
     liveness: Annotated[Optional[str], typer.Option("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.")] = None,
-    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Prometheus /metrics port; 0 disables.")] = 9090,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Operator Prometheus /metrics port; 0 disables.")] = 9090,
     worker_image: Annotated[
         Optional[str], typer.Option("--worker-image", envvar="BACKFILL_WORKER_IMAGE", help="Default worker image.")
     ] = None,
@@ -75,22 +108,18 @@ def operator(
                           help="Default ServiceAccount of worker pods ('' for the namespace default).")
     ] = "backfill-worker",
     resync_seconds: Annotated[float, typer.Option("--resync-seconds", min=0.2, help="How often Jobs and shard progress are folded into status.")] = 3.0,
-    log_format: LogFormatOption = "json",
     kubeconfig: KubeconfigOption = None,
 ) -> None:
     """Run the operator (kopf, standalone: deploy exactly one replica with strategy Recreate)."""
-    from backfill_worker.logs import configure_logging  # noqa: PLC0415
+    import logging  # noqa: PLC0415
 
-    from .jobs import WorkerDefaults  # noqa: PLC0415
     from .main import OperatorConfig, run_operator  # noqa: PLC0415
 
-    configure_logging(log_format if log_format in ("text", "json") else "json", "INFO")  # type: ignore[arg-type]
-    defaults = WorkerDefaults(service_account_name=worker_service_account or None)
-    if worker_image:
-        defaults = WorkerDefaults(image=worker_image, service_account_name=worker_service_account or None)
+    logging.getLogger("backfill.operator").setLevel(logging.INFO)
     run_operator(OperatorConfig(
-        namespace=namespace, liveness=liveness, metrics_port=metrics_port or None,
-        kubeconfig=kubeconfig, resync_seconds=resync_seconds, defaults=defaults,
+        namespaces=tuple(namespace or ()), liveness=liveness, metrics_port=metrics_port or None,
+        kubeconfig=kubeconfig, resync_seconds=resync_seconds,
+        defaults=worker_defaults(worker_service_account, worker_image),
     ))
 
 

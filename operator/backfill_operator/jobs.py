@@ -52,6 +52,8 @@ class WorkerDefaults:
     )
     termination_grace_seconds: int = 60
     """Time for the worker to finish (or roll back) its current batch on SIGTERM."""
+    security_context: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONTAINER_SECURITY_CONTEXT))
+    pod_security_context: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_POD_SECURITY_CONTEXT))
 
 
 def fit_name(base: str, suffix: str = "", limit: int = MAX_NAME) -> str:
@@ -119,15 +121,19 @@ def render_job(
         "env": [
             {"name": DSN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}},
             {"name": RUN_ENV, "value": str(run)},
+            # Read by the root `backfill` command: JSON logs at INFO, metrics on the metrics port.
+            {"name": "BACKFILL_LOG_FORMAT", "value": "json"},
+            {"name": "BACKFILL_LOG_LEVEL", "value": "INFO"},
+            {"name": "BACKFILL_METRICS_PORT", "value": str(METRICS_PORT)},
         ],
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": worker.resources if worker.resources is not None else dict(defaults.resources),
-        "securityContext": worker.security_context or DEFAULT_CONTAINER_SECURITY_CONTEXT,
+        "securityContext": worker.security_context or dict(defaults.security_context),
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": defaults.termination_grace_seconds,
-        "securityContext": worker.pod_security_context or DEFAULT_POD_SECURITY_CONTEXT,
+        "securityContext": worker.pod_security_context or dict(defaults.pod_security_context),
         "containers": [container],
     }
     service_account = worker.service_account_name or defaults.service_account_name

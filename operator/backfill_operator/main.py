@@ -44,8 +44,8 @@ def connection_info(api: KubeApi) -> kopf.ConnectionInfo:
 
 @dataclass
 class OperatorConfig:
-    namespace: str | None = None
-    """Watch only this namespace; None: all namespaces."""
+    namespaces: tuple[str, ...] = ()
+    """Watch only these namespaces; empty: all namespaces."""
     liveness: str | None = None
     """kopf's liveness endpoint, e.g. ``http://0.0.0.0:8080/healthz``."""
     metrics_port: int | None = 9090
@@ -69,8 +69,8 @@ def build(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Controller]:
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False  # our Events are explicit; kopf's would echo exception texts
-        if config.namespace:
-            # One exact namespace: nothing to scan for. Namespaced RBAC may not list namespaces
+        if config.namespaces:
+            # Exact namespace names: nothing to scan for. Namespaced RBAC may not list namespaces
             # (and the CRD must be installed before the operator starts; the Helm chart does).
             settings.scanning.disabled = True
         settings.watching.server_timeout = 300
@@ -94,8 +94,8 @@ def run_operator(
         asyncio.run(kopf.operator(
             registry=registry,
             standalone=True,
-            clusterwide=config.namespace is None,
-            namespaces=[config.namespace] if config.namespace else (),
+            clusterwide=not config.namespaces,
+            namespaces=list(config.namespaces),
             liveness_endpoint=config.liveness,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
