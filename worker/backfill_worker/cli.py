@@ -317,3 +317,7 @@ def demo(
 
 
 # -- commands contributed by other modules (crd, worker, operator) register below ---------------
+
+from backfill_operator.cli_commands import register as _register_kubernetes_commands  # noqa: E402
+
+_register_kubernetes_commands(app)  # backfill crd | worker | operator
