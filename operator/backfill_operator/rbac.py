@@ -1,0 +1,138 @@
+"""Least-privilege RBAC rules as data (PURE): the one source for ``deploy/`` and the tests.
+
+Operator: watch Backfills and write their status and the applied-spec annotation; create, read
+and delete worker Jobs; post Events; read Secrets only to check the DSN Secret exists with its
+key (the value is never read out). kopf itself needs to list/watch namespaces and CRDs when it
+runs cluster-wide (discovery of new namespaces and of the CRD).
+Worker: read its Backfill (spec polling) and patch its status (progress mirror).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backfill_worker.api import API_GROUP, PLURAL
+
+Rule = dict[str, list[str]]
+
+OPERATOR_RULES: list[Rule] = [
+    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+]
+"""Namespaced part: a Role per watched namespace, or a ClusterRole for all namespaces."""
+
+OPERATOR_CLUSTER_RULES: list[Rule] = [
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+"""Only for cluster-wide mode (kopf's namespace and CRD scanning)."""
+
+WORKER_RULES: list[Rule] = [
+    {"apiGroups": [API_GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [API_GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+]
+
+OPERATOR_NAME = "backfill-operator"
+WORKER_NAME = "backfill-worker"
+LABELS = {"app.kubernetes.io/name": "backfill-operator", "app.kubernetes.io/part-of": "backfill-operator"}
+
+
+def _meta(name: str, namespace: str | None = None, component: str = "operator") -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": {**LABELS, "app.kubernetes.io/component": component}}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+def operator_manifests(namespace: str, image: str) -> list[dict[str, Any]]:
+    """Cluster-wide operator: ServiceAccount, ClusterRole(+Binding), single-replica Deployment."""
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(OPERATOR_NAME, namespace)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": _meta(OPERATOR_NAME),
+         "rules": OPERATOR_RULES + OPERATOR_CLUSTER_RULES},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": _meta(OPERATOR_NAME),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": OPERATOR_NAME},
+         "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_NAME, "namespace": namespace}]},
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(OPERATOR_NAME, namespace),
+            "spec": {
+                # Standalone kopf (no peering): exactly one replica, and never two during a rollout.
+                "replicas": 1,
+                "strategy": {"type": "Recreate"},
+                "selector": {"matchLabels": {"app.kubernetes.io/name": "backfill-operator", "app.kubernetes.io/component": "operator"}},
+                "template": {
+                    "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "operator"}},
+                    "spec": {
+                        "serviceAccountName": OPERATOR_NAME,
+                        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [{
+                            "name": "operator",
+                            "image": image,
+                            "command": ["backfill"],
+                            "args": ["operator", "--liveness", "http://0.0.0.0:8080/healthz", "--metrics-port", "9090"],
+                            "env": [
+                                {"name": "BACKFILL_WORKER_IMAGE", "value": image},
+                                {"name": "BACKFILL_LOG_FORMAT", "value": "json"},
+                            ],
+                            "ports": [{"name": "healthz", "containerPort": 8080}, {"name": "metrics", "containerPort": 9090}],
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "healthz"}, "periodSeconds": 20, "timeoutSeconds": 5},
+                            "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                            },
+                        }],
+                    },
+                },
+            },
+        },
+    ]
+
+
+def worker_manifests(namespace: str) -> list[dict[str, Any]]:
+    """Per namespace that runs Backfills: the workers' ServiceAccount, Role and RoleBinding."""
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(WORKER_NAME, namespace, "worker")},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(WORKER_NAME, namespace, "worker"),
+         "rules": WORKER_RULES},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(WORKER_NAME, namespace, "worker"),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": WORKER_NAME},
+         "subjects": [{"kind": "ServiceAccount", "name": WORKER_NAME, "namespace": namespace}]},
+    ]
+
+
+DEFAULT_IMAGE = "ghcr.io/backfill-dev/backfill-operator:0.1.0"
+DEPLOY_FILES = {
+    "operator.yaml": lambda: operator_manifests("backfill-system", DEFAULT_IMAGE),
+    "worker-rbac.yaml": lambda: worker_manifests("default"),
+}
+
+
+def render(documents: list[dict[str, Any]], header: str) -> str:
+    import yaml  # noqa: PLC0415
+
+    return header + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
+
+
+def render_deploy_file(name: str) -> str:
+    header = (
+        f"# Generated from operator/backfill_operator/rbac.py (python -m backfill_operator.rbac deploy/). Do not edit.\n"
+        + ("# Namespace backfill-system must exist: kubectl create namespace backfill-system\n" if name == "operator.yaml"
+           else "# One copy per namespace that runs Backfills: change `namespace: default`.\n")
+    )
+    return render(DEPLOY_FILES[name](), header)
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "deploy")
+    for file_name in DEPLOY_FILES:
+        (target / file_name).write_text(render_deploy_file(file_name))
