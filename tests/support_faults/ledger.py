@@ -140,12 +140,10 @@ def check(
 
 def report(fault: str, *, faults_injected: int, runs: int, ledger: Ledger, **extra: object) -> None:
     """Print one machine-readable figures line (copied into the README's table)."""
-    figures = {
-        "fault": fault,
-        "faults_injected": faults_injected,
-        "runs": runs,
-        "rows_checked": ledger.rows_checked,
-        "lost_or_doubled": ledger.lost_or_doubled,
-        **extra,
-    }
-    print("FAULT-FIGURES " + json.dumps(figures, sort_keys=True), flush=True)
+    figures(fault, faults_injected=faults_injected, runs=runs, rows_checked=ledger.rows_checked,
+            lost_or_doubled=ledger.lost_or_doubled, **extra)
+
+
+def figures(fault: str, **values: object) -> None:
+    """The ``FAULT-FIGURES {json}`` line; ``pytest -s tests/faults`` shows them all."""
+    print("FAULT-FIGURES " + json.dumps({"fault": fault, **values}, sort_keys=True), flush=True)
