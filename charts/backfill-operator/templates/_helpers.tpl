@@ -57,41 +57,40 @@ app.kubernetes.io/part-of: backfill-operator
 {{- end -}}
 
 {{/*
-What the operator may do where it watches Backfills. Keep in sync with
-backfill_operator/rbac.py (tests/test_chart.py checks that every rule declared there is granted).
+RBAC rules: exactly those declared in backfill_operator/rbac.py (OPERATOR_RULES,
+OPERATOR_CLUSTER_RULES, WORKER_RULES); tests/test_chart.py checks they stay equal.
 */}}
+
+{{/* What the operator may do where it manages Backfills. */}}
 {{- define "backfill-operator.operatorRules" -}}
 - apiGroups: [backfill.dev]
   resources: [backfills]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [backfill.dev]
   resources: [backfills/status]
   verbs: [get, patch, update]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete, patch]
-- apiGroups: [""]
-  resources: [pods]
-  verbs: [get, list, watch]
-- apiGroups: [""]
-  resources: [secrets]
-  verbs: [get]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
 {{- end -}}
 
-{{/* What kopf needs cluster-wide even in namespaced mode: watching CRDs and namespaces. */}}
+{{/* Cluster-wide mode only: kopf scans namespaces and CRDs. */}}
 {{- define "backfill-operator.discoveryRules" -}}
-- apiGroups: [apiextensions.k8s.io]
-  resources: [customresourcedefinitions]
-  verbs: [get, list, watch]
 - apiGroups: [""]
   resources: [namespaces]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
 {{- end -}}
 
 {{/* What a worker pod may do in its own namespace: read its Backfill, report progress. */}}
@@ -102,7 +101,4 @@ backfill_operator/rbac.py (tests/test_chart.py checks that every rule declared t
 - apiGroups: [backfill.dev]
   resources: [backfills/status]
   verbs: [get, patch]
-- apiGroups: [""]
-  resources: [events]
-  verbs: [create, patch]
 {{- end -}}
