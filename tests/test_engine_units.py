@@ -121,6 +121,7 @@ def test_run_progress_aggregates_events() -> None:
     progress.apply(RunFinished("ns/a", 0, "done", 100, 1, 0), 2.0)
     progress.apply(RunFinished("ns/a", 1, "done", 40, 0, 0), 2.0)
     assert progress.percent == 100
+    assert progress.rows_per_second == pytest.approx(50.0)  # finished: 100 rows over this run's 2 s
 
 
 def test_retry_classification() -> None:

@@ -82,6 +82,9 @@ class ShardProgress:
     remaining_matches: int | None = None
     error: str | None = None
     rate: RateWindow = field(default_factory=RateWindow)
+    started_at: float | None = None
+    finished_at: float | None = None
+    rows_at_start: int = 0
 
     def apply(self, event: Event, now: float) -> None:
         if isinstance(event, RunStarted):
@@ -89,6 +92,7 @@ class ShardProgress:
             self.rows_updated = event.rows_updated
             self.keys_done = event.keys_done
             self.estimated_keys = event.estimated_keys
+            self.started_at, self.rows_at_start = now, event.rows_updated
             self.rate.add(now, 0, 0)
         elif isinstance(event, BatchCommitted):
             self.rows_updated = event.total_rows_updated
@@ -108,6 +112,15 @@ class ShardProgress:
             self.remaining_matches = event.remaining_matches
             self.error = event.error
             self.throttle_reason = ""
+            self.finished_at = now
+
+    @property
+    def rows_per_second(self) -> float:
+        """The recent rate while running; the average of this run once finished."""
+        if self.finished_at is None or self.started_at is None:
+            return self.rate.rows_per_second()
+        elapsed = self.finished_at - self.started_at
+        return (self.rows_updated - self.rows_at_start) / elapsed if elapsed > 0 else 0.0
 
     @property
     def percent(self) -> int:
@@ -149,7 +162,7 @@ class RunProgress:
 
     @property
     def rows_per_second(self) -> float:
-        return sum(s.rate.rows_per_second() for s in self.shards.values() if s.state == "running")
+        return sum(s.rows_per_second for s in self.shards.values())
 
     @property
     def percent(self) -> int:

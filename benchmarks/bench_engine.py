@@ -1,0 +1,234 @@
+"""Benchmark: the engine vs one big UPDATE vs the row-by-row loop, on 2,000,000 customers.
+
+Run manually (not part of pytest; takes a few minutes):
+
+    python benchmarks/bench_engine.py [--rows 2000000] [--repeats 3] [--row-by-row-ids 100000]
+
+Every run starts from the same state, like the reference measurements
+(``/work/shared/reference/pg-batch-baselines.md``): the run database is a physical copy of a
+``VACUUM FREEZE ANALYZE``d seed (``CREATE DATABASE ... TEMPLATE ... STRATEGY FILE_COPY``), then
+``pg_prewarm`` of table and primary key and a ``CHECKPOINT``. Server: fsync and
+synchronous_commit on, shared_buffers=1GB, max_wal_size=4GB. Configurations run round-robin,
+the medians are reported. Backfill: ``status = 'inactive'`` where ``last_login`` is older than
+365 days and ``status IS NULL`` (about half the rows).
+
+"Longest txn" is the longest time from a transaction's first statement to the end of its
+COMMIT, measured by the client: the longest any row lock was held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from backfill_worker.demo import seed_customers
+from backfill_worker.engine import run_backfill
+from backfill_worker.events import BatchCommitted, Event
+from backfill_worker.localpg import LocalPostgres
+from backfill_worker.manifest import parse_backfill
+
+# A fixed cutoff (set from the seed time in main()): with now() the rows near the cutoff would
+# drift into the where clause while the runs go on, and runs would not be comparable.
+CUTOFF = "now() - interval '365 days'"
+WHERE = ""
+CUTOFF_TS = ""
+
+
+def set_cutoff(timestamp: str) -> None:
+    global WHERE, CUTOFF_TS
+    CUTOFF_TS = timestamp
+    WHERE = f"last_login < timestamptz '{timestamp}' AND status IS NULL"
+SEED_DB, RUN_DB = "bench_seed", "bench_run"
+SETTINGS = {"fsync": "on", "synchronous_commit": "on", "shared_buffers": "1GB", "max_wal_size": "4GB"}
+
+
+@dataclass
+class Result:
+    name: str
+    rows: int
+    seconds: float
+    longest_txn: float
+    transactions: int
+    note: str = ""
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def fresh_run_db(server: LocalPostgres) -> str:
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(RUN_DB)))
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(sql.Identifier(RUN_DB), sql.Identifier(SEED_DB))
+        )
+    dsn = server.dsn(dbname=RUN_DB)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+        conn.execute("SELECT pg_prewarm('customers'), pg_prewarm('customers_pkey')")
+        conn.execute("CHECKPOINT")
+    return dsn
+
+
+def expected_rows(dsn: str, max_id: int | None = None) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        query = f"SELECT count(*) FROM customers WHERE {WHERE}" + (" AND id <= %s" if max_id else "")
+        row = conn.execute(query, [max_id] if max_id else None).fetchone()
+    return int(row[0]) if row else 0
+
+
+def changed_rows(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM customers WHERE status = 'inactive'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def run_engine(dsn: str, target_ms: int) -> Result:
+    backfill = parse_backfill({
+        "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "bench", "namespace": "bench"},
+        "spec": {
+            "table": "customers", "set": {"status": "'inactive'"}, "where": WHERE,
+            "batch": {"size": 5000, "minSize": 1000, "maxSize": 1_000_000, "targetDuration": f"{target_ms}ms"},
+            "limits": {"maxReplicationLag": "0"},
+        },
+    })
+    durations: list[float] = []
+    first_batch: list[float] = []
+    last_batch: list[float] = []
+
+    def listen(event: Event) -> None:
+        if isinstance(event, BatchCommitted):
+            now = time.perf_counter()
+            durations.append(event.duration_seconds)
+            if not first_batch:
+                first_batch.append(now - event.duration_seconds)
+            last_batch[:] = [now]
+
+    started = time.perf_counter()
+    report = run_backfill(backfill, dsn, listeners=[listen])
+    seconds = time.perf_counter() - started
+    assert report.state == "done" and report.remaining_matches == 0
+    batches = last_batch[0] - first_batch[0]
+    return Result(
+        f"engine, targetDuration {target_ms}ms", report.rows_updated, seconds, max(durations), len(durations),
+        f"batch phase {batches:.2f} s = {report.rows_updated / batches / 1000:.0f}k rows/s; "
+        f"median txn {statistics.median(durations) * 1000:.0f} ms, "
+        f"p99 {sorted(durations)[int(len(durations) * 0.99)] * 1000:.0f} ms, {sum(d > 0.05 for d in durations)} txns > 50 ms",
+    )
+
+
+def run_single_update(dsn: str) -> Result:
+    with psycopg.connect(dsn) as conn:
+        started = time.perf_counter()
+        rows = conn.execute(f"UPDATE customers SET status = 'inactive' WHERE {WHERE}").rowcount
+        conn.commit()
+        seconds = time.perf_counter() - started
+    return Result("one big UPDATE", rows, seconds, seconds, 1)
+
+
+def run_row_by_row(dsn: str, max_id: int) -> Result:
+    """The seed's loop (the reference's S2): read every row through a server-side cursor, test it
+    in Python, UPDATE each match by id, commit every 1000 updates."""
+    rows = 0
+    longest = 0.0
+    transactions = 0
+    with psycopg.connect(dsn) as reader, psycopg.connect(dsn) as writer:
+        cutoff = reader.execute("SELECT %s::timestamptz", [CUTOFF_TS]).fetchone()[0]  # type: ignore[index]
+        started = time.perf_counter()
+        txn_started = started
+        pending = 0
+        with reader.cursor(name="all_customers") as cursor:
+            cursor.itersize = 1000
+            cursor.execute("SELECT id, last_login, status FROM customers WHERE id <= %s ORDER BY id", [max_id])
+            for customer_id, last_login, status in cursor:
+                if last_login < cutoff and status is None:
+                    if pending == 0:
+                        txn_started = time.perf_counter()
+                    writer.execute("UPDATE customers SET status = 'inactive' WHERE id = %s", [customer_id])
+                    rows += 1
+                    pending += 1
+                    if pending == 1000:
+                        writer.commit()
+                        longest = max(longest, time.perf_counter() - txn_started)
+                        transactions += 1
+                        pending = 0
+        writer.commit()
+        if pending:
+            longest = max(longest, time.perf_counter() - txn_started)
+            transactions += 1
+        seconds = time.perf_counter() - started
+    return Result(f"row-by-row (seed loop), commit/1000, ids <= {max_id:,}", rows, seconds, longest, transactions)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--row-by-row-ids", type=int, default=100_000)
+    parser.add_argument("--target-ms", type=int, default=30)
+    args = parser.parse_args()
+
+    with LocalPostgres(settings=SETTINGS) as server:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SEED_DB)))
+        seed_dsn = server.dsn(dbname=SEED_DB)
+        started = time.perf_counter()
+        with psycopg.connect(seed_dsn, autocommit=True) as conn:
+            seed_customers(conn, args.rows)
+            conn.execute("VACUUM (FREEZE, ANALYZE) customers")
+            set_cutoff(str(conn.execute(f"SELECT ({CUTOFF})::text").fetchone()[0]))  # type: ignore[index]
+        print(f"seeded {args.rows:,} rows in {time.perf_counter() - started:.1f} s; where: {WHERE}", flush=True)
+
+        configs: list[tuple[str, Callable[[str], Result]]] = [
+            ("engine", lambda dsn: run_engine(dsn, args.target_ms)),
+            ("update", run_single_update),
+            ("rowbyrow", lambda dsn: run_row_by_row(dsn, args.row_by_row_ids)),
+        ]
+        results: dict[str, list[Result]] = {name: [] for name, _ in configs}
+        for repeat in range(args.repeats):
+            for name, run in configs:
+                dsn = fresh_run_db(server)
+                subset = args.row_by_row_ids if name == "rowbyrow" else None
+                expected = expected_rows(dsn, subset)
+                result = run(dsn)
+                assert result.rows == expected == changed_rows(dsn), (name, result.rows, expected)
+                results[name].append(result)
+                print(f"[{repeat + 1}/{args.repeats}] {result.name}: {result.rows:,} rows in {result.seconds:.2f} s "
+                      f"= {result.rows_per_second / 1000:.0f}k rows/s, longest txn {result.longest_txn * 1000:.0f} ms, "
+                      f"{result.transactions} txns {result.note}", flush=True)
+        print_table(results)
+
+
+def median_result(runs: list[Result]) -> Result:
+    return sorted(runs, key=lambda r: r.rows_per_second)[len(runs) // 2]
+
+
+def print_table(results: dict[str, list[Result]]) -> None:
+    update = median_result(results["update"])
+    rowbyrow = median_result(results["rowbyrow"])
+    print("\n| Strategy | Rows updated | Wall s | Rows/s | × one UPDATE | × row-by-row | Longest txn (max over runs) | Txns |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ("engine", "update", "rowbyrow"):
+        runs = results[name]
+        m = median_result(runs)
+        longest = max(r.longest_txn for r in runs)
+        print(
+            f"| {m.name} | {m.rows:,} | {m.seconds:.2f} | {m.rows_per_second / 1000:.0f}k | "
+            f"{m.rows_per_second / update.rows_per_second:.2f} | {m.rows_per_second / rowbyrow.rows_per_second:.1f} | "
+            f"{longest * 1000:.0f} ms | {m.transactions} |"
+        )
+    engine = median_result(results["engine"])
+    print(f"\nengine per-run rows/s: {[round(r.rows_per_second) for r in results['engine']]}; {engine.note}")
+    print(f"one UPDATE per-run rows/s: {[round(r.rows_per_second) for r in results['update']]}")
+    print(f"row-by-row per-run rows/s: {[round(r.rows_per_second) for r in results['rowbyrow']]}")
+
+
+if __name__ == "__main__":
+    main()
