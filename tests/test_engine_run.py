@@ -10,11 +10,13 @@ import psycopg
 import pytest
 
 from backfill_worker import statements
-from backfill_worker.api import Backfill
+from datetime import timedelta
+
+from backfill_worker.api import Backfill, BatchSpec
 from backfill_worker.checkpoint import JsonFileStore
 from backfill_worker.engine import read_checkpoints, reset_checkpoints, run_backfill
 from backfill_worker.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
-from backfill_worker.events import BatchCommitted, RetryScheduled, RunFinished, StaticControl, Throttled
+from backfill_worker.events import BatchCommitted, RetryScheduled, RunFinished, StaticControl, Throttled, Tuning
 from backfill_worker.manifest import parse_backfill
 from backfill_worker.planner import check_index_use, plan_backfill
 from backfill_worker.statements import Style
@@ -301,3 +303,59 @@ def test_plan_backfill_reports_and_changes_nothing(big_table: str) -> None:
     assert "UPDATE \"public\".\"customers\"" in plan.statements["update"]
     assert sql_rows(big_table, "SELECT count(*) FROM customers WHERE status IS NOT NULL") == [(0,)]
     assert sql_rows(big_table, "SELECT to_regclass('backfill.checkpoints') IS NULL") == [(True,)]
+
+
+class RetuningControl:
+    """Raises the fixed batch size after the second batch (what a live spec edit does in-cluster)."""
+
+    def __init__(self, tuning: Tuning) -> None:
+        self.batches = 0
+        self.next = tuning
+
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, BatchCommitted):
+            self.batches += 1
+
+    def stop_reason(self) -> str | None:
+        return None
+
+    def tuning(self) -> Tuning | None:
+        return self.next if self.batches >= 2 else None
+
+
+def test_live_tuning_changes_the_batch_size_between_batches(database: str) -> None:
+    setup_sql(database, "CREATE TABLE t (id int PRIMARY KEY, v int)", "INSERT INTO t SELECT generate_series(1, 100), 0")
+    backfill = make(table="t", set={"v": "1"}, batch=small_batches(10))
+    control = RetuningControl(Tuning(batch=BatchSpec(size=30, min_size=1, max_size=30, target_duration=timedelta(0))))
+    events: list[Any] = []
+    run_backfill(backfill, database, listeners=[control, events.append], control=control)
+    sizes = [e.keys_scanned for e in events if isinstance(e, BatchCommitted)]
+    assert sizes == [10, 10, 30, 30, 20]
+
+
+def test_statement_timeout_halves_the_batch_and_succeeds(database: str) -> None:
+    setup_sql(database, "CREATE TABLE t (id int PRIMARY KEY, v int)", "INSERT INTO t SELECT generate_series(1, 60), 0")
+    slow_set = "v + 1 + 0 * length(pg_sleep(0.002)::text)"  # 2 ms per row: 40 rows = 80 ms > 60 ms timeout
+    backfill = make(
+        table="t", set={"v": slow_set}, batch={"size": 40, "minSize": 5, "maxSize": 40, "targetDuration": "0"},
+        limits={"statementTimeout": "60ms", "maxRetries": 5},
+    )
+    events: list[Any] = []
+    report = run_backfill(backfill, database, listeners=[events.append])
+    retries = [e for e in events if isinstance(e, RetryScheduled)]
+    assert retries and retries[0].error_kind == "statementTimeout" and retries[0].next_batch_size == 20
+    assert report.state == "done"
+    assert sql_rows(database, "SELECT min(v), max(v) FROM t") == [(1, 1)]
+
+
+def test_checkpoint_row_deleted_mid_run_rolls_the_batch_back(database: str) -> None:
+    setup_sql(database, "CREATE TABLE t (id int PRIMARY KEY, v int)", "INSERT INTO t SELECT generate_series(1, 50), 0")
+    backfill = make(table="t", set={"v": "v + 1"}, batch=small_batches(10))
+
+    def delete_checkpoint(event: Any) -> None:
+        if isinstance(event, BatchCommitted) and event.total_batches == 2:
+            setup_sql(database, "DELETE FROM backfill.checkpoints")
+
+    with pytest.raises(CheckpointUnavailable, match="disappeared"):
+        run_backfill(backfill, database, listeners=[delete_checkpoint])
+    assert sql_rows(database, "SELECT count(*) FROM t WHERE v = 1") == [(20,)]

@@ -28,6 +28,7 @@ from .errors import (
     AlreadyRunning,
     BackfillError,
     CheckpointMismatch,
+    CheckpointUnavailable,
     RetriesExhausted,
     ValidationFailed,
 )
@@ -353,10 +354,15 @@ class _Shard:
                 statements.update_batch(self.target, has_lower=has_lower), statements.range_params(lower, upper)
             ).rowcount
             if self.table is not None:
-                conn.execute(
+                recorded = conn.execute(
                     self.table.record_batch_statement(),
                     [list(upper), rows, keys, DONE if last else "running", self.identity, self.shard],
-                )
+                ).rowcount
+                if recorded != 1:  # reset or deleted under us: committing would lose exactly-once
+                    raise CheckpointUnavailable(
+                        f"the checkpoint row of {self.identity} shard {self.shard} disappeared during the run "
+                        "(reset or deleted by hand); the batch was rolled back. Rerun to start from the current checkpoint"
+                    )
         duration = time.monotonic() - started
         self.checkpoint = cp.after_batch(upper, rows, keys, last)
         if self.store is not None:
