@@ -22,6 +22,7 @@ from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .api import Backfill, CheckpointMode
@@ -92,7 +93,8 @@ def fail(error: BaseException) -> NoReturn:
         message, code = str(error), error.exit_code
     else:
         message, code = f"unexpected {type(error).__name__}: {error}", 1
-    err.print(f"[bold red]error:[/] {redact(message, REDACTOR._secrets)}", markup=True, soft_wrap=True)
+    # escape(): messages quote user input ('[/b]', regex classes) that rich would eat or choke on.
+    err.print(f"[bold red]error:[/] {escape(redact(message, REDACTOR._secrets))}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
