@@ -1,0 +1,344 @@
+"""A catalogue of bad manifests and environments, run through the real ``backfill run`` CLI
+against a real PostgreSQL. Every row: the documented exit status, a message naming the field
+or cause, no traceback, no secret, and zero rows changed (checksum of every table before and
+after, and no checkpoint recorded). A second table lists hostile-looking identifiers (quotes,
+semicolons, dots, unicode) that must simply work.
+
+Exit statuses (``errors.py``): 1 failed run, 2 invalid manifest or spec, 3 already running,
+4 cannot connect.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+from typer.testing import CliRunner
+
+from backfill_worker.cli import app
+from backfill_worker.localpg import LocalPostgres
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: for support_faults
+from support_faults.secrets import CANARY_PASSWORD, assert_absent  # noqa: E402
+
+ROLE_PASSWORD = "role-Pw-51c0ffee"
+WRONG_PASSWORD = "wrong-Pw-0badc0de"
+SUFFIX = uuid.uuid4().hex[:8]
+READER, READ_ONLY, NO_CREATE = f"bf_reader_{SUFFIX}", f"bf_readonly_{SUFFIX}", f"bf_nocreate_{SUFFIX}"
+
+SCHEMA = """
+CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, counter int NOT NULL, note text,
+                    doubled int GENERATED ALWAYS AS (counter * 2) STORED, u text UNIQUE);
+INSERT INTO items (id, grp, counter, u) SELECT g, g % 10, 0, 'u' || g FROM generate_series(1, 300) g;
+CREATE TABLE nopk (id int NOT NULL, v int NOT NULL DEFAULT 0);
+INSERT INTO nopk (id) SELECT generate_series(1, 50);
+CREATE TABLE nonunique (id int NOT NULL, v int NOT NULL DEFAULT 0);
+CREATE INDEX nonunique_id ON nonunique (id);
+INSERT INTO nonunique (id) SELECT g % 10 FROM generate_series(1, 50) g;
+CREATE TABLE nullable_key (id int UNIQUE, v int NOT NULL DEFAULT 0);
+INSERT INTO nullable_key (id) SELECT generate_series(1, 50);
+CREATE TABLE partial_pk_only (id int NOT NULL, v int NOT NULL DEFAULT 0);
+CREATE UNIQUE INDEX partial_unique ON partial_pk_only (id) WHERE id > 10;
+INSERT INTO partial_pk_only (id) SELECT generate_series(1, 50);
+CREATE VIEW items_view AS SELECT * FROM items;
+CREATE TABLE mismatch (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+INSERT INTO mismatch (id) SELECT generate_series(1, 50);
+"""
+
+
+@dataclass(frozen=True, repr=False)
+class Env:
+    dsn: dict[str, str | None]
+    """Named DSNs: super, reader, readonly, nocreate, wrongpw, unreachable, nodb, none."""
+    secrets: list[str]
+
+    def __repr__(self) -> str:  # failure reports show fixtures' values: never the DSNs
+        return "Env(<DSNs hidden>)"
+
+
+@pytest.fixture(scope="module")
+def env(pg_server: LocalPostgres) -> Iterator[Env]:
+    name = f"catalogue_{SUFFIX}"
+    admin = pg_server.dsn()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        for role in (READER, READ_ONLY, NO_CREATE):
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(ROLE_PASSWORD)))
+    dsn = pg_server.dsn(dbname=name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        reader, read_only, no_create = (sql.Identifier(r) for r in (READER, READ_ONLY, NO_CREATE))
+        conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(reader))
+        conn.execute(sql.SQL("GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA public TO {}, {}").format(read_only, no_create))
+        conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(read_only))
+        # The mismatch case needs an existing checkpoint of another spec (its own schema, so the
+        # no-create role still finds no `backfill` schema).
+        conn.execute("CREATE SCHEMA mm_checkpoints")
+    free_port = _free_port()
+    dsns: dict[str, str | None] = {
+        "super": dsn,
+        "reader": pg_server.dsn(dbname=name, user=READER, password=ROLE_PASSWORD),
+        "readonly": pg_server.dsn(dbname=name, user=READ_ONLY, password=ROLE_PASSWORD),
+        "nocreate": pg_server.dsn(dbname=name, user=NO_CREATE, password=ROLE_PASSWORD),
+        "wrongpw": pg_server.dsn(dbname=name, password=WRONG_PASSWORD),
+        "unreachable": f"postgresql://postgres:{CANARY_PASSWORD}@127.0.0.1:{free_port}/{name}",
+        "nodb": pg_server.dsn(dbname=f"no_such_db_{SUFFIX}"),
+        "none": None,
+    }
+    try:
+        yield Env(dsns, [CANARY_PASSWORD, ROLE_PASSWORD, WRONG_PASSWORD, *(d for d in dsns.values() if d)])
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            for role in (READER, READ_ONLY, NO_CREATE):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def snapshot(dsn: str) -> dict[str, Any]:
+    """md5 of every user table's rows (in key order) plus every checkpoint row anywhere."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+        ).fetchall()
+        return {
+            name: conn.execute(
+                sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {} t").format(
+                    sql.SQL(name)  # from format('%I.%I'): already quoted identifiers
+                )
+            ).fetchone()
+            for (name,) in tables
+        }
+
+
+def base_manifest(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"table": "items", "set": {"counter": "counter + 1"}, "where": "grp < 5"}
+    body.update(spec)
+    return {"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill",
+            "metadata": {"name": "catalogue", "namespace": "bad"}, "spec": body}
+
+
+def without(document: dict[str, Any], *path: str) -> dict[str, Any]:
+    target = document
+    for part in path[:-1]:
+        target = target[part]
+    del target[path[-1]]
+    return document
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    expect_exit: int
+    expect: tuple[str, ...]
+    """Substrings the error output must contain: the field path or the cause, and the fix."""
+    document: dict[str, Any] | None = None
+    raw: str | None = None
+    """Manifest text used verbatim (for YAML-level errors)."""
+    dsn: str = "super"
+    args: tuple[str, ...] = ()
+    prepare: tuple[str, ...] = field(default=())
+    """Extra CLI runs (as the superuser) before the case, e.g. to leave a checkpoint behind."""
+
+
+M = base_manifest
+RUNTIME_CHECKPOINTS = "runtime_checkpoints"
+CATALOGUE: list[Case] = [
+    # -- schema violations: rejected before any connection ----------------------------------
+    Case("missing-table", 2, ("spec.table", "required field is missing"), without(M(), "spec", "table")),
+    Case("missing-set", 2, ("spec.set", "required field is missing"), without(M(), "spec", "set")),
+    Case("unknown-field", 2, ("spec.batch.sise", "unknown field"), M(batch={"sise": 10})),
+    Case("unknown-top-level-field", 2, ("spec.wher", "unknown field"), M(wher="grp < 5")),
+    Case("batch-size-zero", 2, ("spec.batch.size", "greater than or equal to 1"), M(batch={"size": 0})),
+    Case("min-over-max", 2, ("spec.batch", "minSize (500) must not exceed maxSize (100)"),
+         M(batch={"minSize": 500, "maxSize": 100, "size": 100})),
+    Case("bad-duration", 2, ("spec.limits.lockTimeout",), M(limits={"lockTimeout": "fast"})),
+    Case("negative-rate", 2, ("spec.limits.maxRowsPerSecond",), M(limits={"maxRowsPerSecond": -5})),
+    Case("empty-set", 2, ("spec.set",), M(set={})),
+    Case("blank-set-expression", 2, ("spec.set", "expression for column 'counter' is empty"), M(set={"counter": "  "})),
+    Case("blank-where", 2, ("spec.where", "blank"), M(where="   ")),
+    Case("parallelism-zero", 2, ("spec.parallelism",), M(parallelism=0)),
+    Case("duplicate-key-columns", 2, ("spec.key", "distinct"), M(key=["id", "id"])),
+    Case("table-three-parts", 2, ("spec.table", "3 parts"), M(table="a.b.c")),
+    Case("wrong-api-version", 2, ("apiVersion",), {**M(), "apiVersion": "backfill.dev/v1"}),
+    Case("bad-metadata-name", 2, ("metadata.name", "[a-z0-9]"), {**M(), "metadata": {"name": "Not_A_DNS_Name"}}),
+    Case("yaml-syntax-error", 2, ("(yaml)",), raw="apiVersion: backfill.dev/v1alpha1\nkind: Backfill\nspec: [unclosed\n"),
+    Case("not-a-mapping", 2, ("expected a YAML mapping",), raw="- just\n- a list\n"),
+    # -- the spec does not fit the database --------------------------------------------------
+    Case("unknown-table", 2, ("spec.table", "'no_such_table' not found"), M(table="no_such_table")),
+    Case("unknown-schema", 2, ("spec.table", "not found in that schema"), M(table="nope.items")),
+    # Messages quote user input verbatim: brackets must not be taken for terminal markup.
+    Case("table-name-looks-like-markup", 2, ("spec.table", '"[/b]"', "not found"), M(table='"[/b]"')),
+    Case("view-not-table", 2, ("spec.table", "view", "not a table"), M(table="items_view")),
+    Case("unknown-set-column", 2, ("spec.set.colour", "does not exist"), M(set={"colour": "'red'"})),
+    Case("unknown-key-column", 2, ("spec.key", "'nope' does not exist"), M(key=["nope"])),
+    Case("set-syntax-error", 2, ("spec.set.counter", "syntax error"), M(set={"counter": "(counter + 1"})),
+    Case("where-syntax-error", 2, ("spec.where", "syntax error"), M(where="grp <<< 5 AND")),
+    Case("where-unknown-column", 2, ("spec.where", "column \"colour\" does not exist"), M(where="colour = 'red'")),
+    Case("set-wrong-type", 2, ("spec.set.counter", "integer"), M(set={"counter": "'many'"})),
+    Case("set-wrong-type-expression", 2, ("spec.set.counter",), M(set={"counter": "now()"})),
+    Case("where-not-boolean", 2, ("spec.where", "boolean"), M(where="grp + 1")),
+    Case("set-semicolon-injection", 2, ("spec.set.counter", '";"'), M(set={"counter": "1; DROP TABLE items"})),
+    Case("where-semicolon-injection", 2, ("spec.where",), M(where="true; DELETE FROM items")),
+    Case("where-escapes-parentheses", 2, ("spec.where",), M(where="grp < 5) OR (true")),
+    Case("set-escapes-into-second-column", 2, ("spec.set.counter",), M(set={"counter": "1, note = 'pwned'"})),
+    Case("set-key-column", 2, ("spec.set.id", "part of the key"), M(set={"id": "id + 1000"})),
+    Case("set-generated-column", 2, ("spec.set.doubled", "generated column"), M(set={"doubled": "1"})),
+    Case("no-primary-key", 2, ("spec.key", "no primary key"), M(table="nopk", set={"v": "1"}, where=None)),
+    Case("non-unique-key", 2, ("spec.key", "no unique index covers exactly ['id']"), M(table="nonunique", key=["id"], set={"v": "1"}, where=None)),
+    Case("nullable-key", 2, ("spec.key", "nullable"), M(table="nullable_key", key=["id"], set={"v": "1"}, where=None)),
+    Case("partial-unique-index-key", 2, ("spec.key",), M(table="partial_pk_only", key=["id"], set={"v": "1"}, where=None)),
+    Case("shard-out-of-range", 2, ("shard 5 does not exist", "spec.parallelism is 1"), M(), args=("--shard", "5")),
+    Case("checkpoint-of-another-spec", 2, ("different spec", "backfill reset"),
+         M(table="mismatch", set={"v": "v + 2"}, where=None, checkpoint={"schema": "mm_checkpoints"}),
+         prepare=("mismatch-original",)),
+    # -- failures at run time: the first batch fails, nothing of it is committed ------------------
+    # (own checkpoint schema: a started run leaves its planned checkpoint row, with 0 rows.)
+    Case("division-by-zero-in-first-batch", 1, ("division by zero", "nothing of that batch was committed"),
+         M(set={"counter": "counter / (id - 1)"}, where=None, checkpoint={"schema": RUNTIME_CHECKPOINTS})),
+    Case("unique-violation-in-first-batch", 1, ("duplicate key value", "nothing of that batch was committed"),
+         M(set={"u": "'same'"}, where=None, checkpoint={"schema": RUNTIME_CHECKPOINTS})),
+    # -- environments --------------------------------------------------------------------------
+    Case("no-dsn", 2, ("no database given", "--dsn", "BACKFILL_DSN"), M(), dsn="none"),
+    Case("wrong-password", 4, ("cannot connect to postgres@127.0.0.1", "password authentication failed"), M(), dsn="wrongpw"),
+    Case("unreachable-host", 4, ("cannot connect to postgres@127.0.0.1",), M(), dsn="unreachable"),
+    Case("unknown-database", 4, ("cannot connect", "does not exist"), M(), dsn="nodb"),
+    Case("select-only-role", 2, ("spec.set.counter", "lacks UPDATE"), M(), dsn="reader"),
+    Case("default-transaction-read-only", 2, ("spec.database", "read-only"), M(), dsn="readonly"),
+    Case("role-cannot-create-checkpoint-table", 2, ("checkpoint table", "atLeastOnce"), M(), dsn="nocreate"),
+]
+
+PREPARE: dict[str, dict[str, Any]] = {
+    "mismatch-original": M(table="mismatch", set={"v": "v + 1"}, where=None, checkpoint={"schema": "mm_checkpoints"}),
+}
+
+runner = CliRunner()
+
+
+def invoke(path: Path, dsn: str | None, *args: str) -> Any:
+    return runner.invoke(app, ["run", str(path), *args], env={"BACKFILL_DSN": dsn, "COLUMNS": "200"}, catch_exceptions=False)
+
+
+def test_catalogue_is_large_enough() -> None:
+    assert len(CATALOGUE) >= 30
+    assert len({case.id for case in CATALOGUE}) == len(CATALOGUE)
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[case.id for case in CATALOGUE])
+def test_bad_input_fails_clearly_and_changes_nothing(case: Case, env: Env, tmp_path: Path) -> None:
+    for number, name in enumerate(case.prepare):
+        prepared = tmp_path / f"prepare{number}.yaml"
+        original = copy.deepcopy(PREPARE[name])
+        original["metadata"]["name"] = case.id
+        prepared.write_text(yaml.safe_dump(original))
+        assert invoke(prepared, env.dsn["super"]).exit_code == 0
+    path = tmp_path / "bad.yaml"
+    if case.raw is not None:
+        path.write_text(case.raw)
+    else:
+        document = copy.deepcopy(case.document)
+        if isinstance(document.get("metadata"), dict) and document["metadata"].get("name") == "catalogue":
+            document["metadata"]["name"] = case.id  # one identity per case: no case sees another's checkpoint
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+    before = snapshot(env.dsn["super"])
+
+    result = invoke(path, env.dsn[case.dsn], *case.args)
+
+    output = result.output
+    assert result.exit_code == case.expect_exit, output
+    for expected in case.expect:
+        assert expected in output, f"{expected!r} missing from: {output}"
+    assert "Traceback" not in output
+    assert_absent(env.secrets, {"cli output": output})
+    after = snapshot(env.dsn["super"])
+    if case.expect_exit == 1:
+        # The run started: its plan is recorded, but no batch committed.
+        runtime = f"{RUNTIME_CHECKPOINTS}.checkpoints"
+        with psycopg.connect(env.dsn["super"], autocommit=True) as conn:
+            recorded = conn.execute(
+                sql.SQL("SELECT rows_updated, batches, last_key FROM {} WHERE identity = %s").format(
+                    sql.Identifier(RUNTIME_CHECKPOINTS, "checkpoints")),
+                [f"bad/{case.id}"],
+            ).fetchall()
+        assert recorded == [(0, 0, None)]
+        before.pop(runtime, None), after.pop(runtime, None)
+    assert after == before, "rows or checkpoints changed"
+
+
+# -- identifiers that look hostile but are legal: these must WORK -------------------------------
+
+HOSTILE = [
+    # (schema, table, key column, set column)
+    ("public", 'we"ird', "id", "value"),
+    ("public", "semi;colon; DROP TABLE items", "id", "value"),
+    ("Mixed Case", "Tâble ünïcødé", "clé", "Größe"),
+    ("dot.schema", "dot.table", 'k"ey', "val;ue"),
+    ("public", "表格", "标识", "值 -- not a comment"),
+    ("emoji 🚀", "rows 🎯", "id 🔑", "v 💾"),
+]
+
+
+def quote_part(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@pytest.mark.parametrize("schema,table,key,column", HOSTILE, ids=[f"{t}" for _, t, _, _ in HOSTILE])
+def test_hostile_identifiers_work(database: str, tmp_path: Path, schema: str, table: str, key: str, column: str) -> None:
+    qualified = sql.Identifier(schema, table)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} ({} bigint PRIMARY KEY, {} int NOT NULL DEFAULT 0, flag bool NOT NULL)").format(
+                qualified, sql.Identifier(key), sql.Identifier(column)
+            )
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {} ({}, flag) SELECT g, g % 3 = 0 FROM generate_series(1, 900) g").format(
+                qualified, sql.Identifier(key)
+            )
+        )
+        items_before = conn.execute("SELECT to_regclass('public.items')").fetchone()
+    document = base_manifest(
+        table=f"{quote_part(schema)}.{quote_part(table)}",
+        key=[key],
+        set={column: f"{quote_part(column)} + 1"},
+        where=f"flag AND {quote_part(key)} > 0",
+        batch={"size": 100, "minSize": 10, "maxSize": 100},
+        checkpoint={"schema": f"ckpt {schema}; \"x\""},
+    )
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(document, allow_unicode=True), encoding="utf-8")
+
+    result = invoke(path, database)
+
+    assert result.exit_code == 0, result.output
+    assert "state=done rows_updated=300" in result.output
+    with psycopg.connect(database, autocommit=True) as conn:
+        counts = conn.execute(
+            sql.SQL("SELECT count(*) FILTER (WHERE {c} = 1 AND flag), count(*) FILTER (WHERE {c} = 0 AND NOT flag) FROM {t}").format(
+                c=sql.Identifier(column), t=qualified
+            )
+        ).fetchone()
+        assert counts == (300, 600)
+        # Nothing else was created or dropped by the odd names.
+        assert conn.execute("SELECT to_regclass('public.items')").fetchone() == items_before
+        checkpoints = conn.execute(
+            sql.SQL("SELECT state FROM {}").format(sql.Identifier(f"ckpt {schema}; \"x\"", "checkpoints"))
+        ).fetchall()
+        assert checkpoints == [("done",)]
