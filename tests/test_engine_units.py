@@ -163,3 +163,15 @@ def test_json_store_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def
     loaded = store.load(0)
     assert loaded == cp and loaded.resume_after == ("3", "b")
     assert store.clear() == 2 and store.load(0) is None
+
+
+def test_prefetched_bound_is_used_only_for_its_range_and_a_similar_size() -> None:
+    from backfill_worker.prefetch import Bound, usable
+
+    bound = Bound(("100",), 1000, ("1100",))
+    assert usable(bound, ("100",), 1000)
+    assert usable(bound, ("100",), 1400)  # adaptive growth may lag one batch
+    assert not usable(bound, ("100",), 3000)  # a live re-tuning may not
+    assert not usable(bound, ("100",), 500)  # nor a shrink after a slow batch
+    assert not usable(bound, ("99",), 1000)  # another range (e.g. the batch failed and is retried)
+    assert not usable(Bound(None, 10, None), ("1",), 10)

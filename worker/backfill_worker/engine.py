@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
 
-from . import locking, retry, sharding, statements, throttle, validation
+from . import locking, prefetch, retry, sharding, statements, throttle, validation
 from .api import Backfill, CheckpointMode
 from .batching import BatchSizer
 from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
@@ -128,6 +128,7 @@ class _Shard:
     sizer: BatchSizer = field(init=False)
     throttle_reason: str = ""
     consecutive_timeouts: int = 0
+    prefetcher: prefetch.BoundPrefetcher | None = None
 
     def __post_init__(self) -> None:
         batch = self.tuning.batch
@@ -152,6 +153,9 @@ class _Shard:
                 rows_updated=cp.rows_updated, estimated_keys=cp.estimated_keys, keys_done=cp.keys_done,
             )
         )
+        self.prefetcher = prefetch.BoundPrefetcher(
+            lambda: open_connection(self.dsn, f"backfill {self.identity} shard {self.shard} probe"), self.target
+        )
         try:
             state = self._loop()
         except _StopRequested:
@@ -166,6 +170,9 @@ class _Shard:
             )
             self._finish(FAILED, None, str(failure))
             raise failure from None
+        finally:
+            self.prefetcher.close()
+            self.prefetcher = None
         if state == PAUSED:
             self._persist_state(PAUSED)
             remaining = None
@@ -330,12 +337,13 @@ class _Shard:
         assert run_upper is not None
         size = self.sizer.size
         has_lower = lower is not None
-        row = conn.execute(
-            statements.probe_upper_bound(self.target, has_lower=has_lower),
-            statements.range_params(lower, run_upper) + [size - 1],
-        ).fetchone()
-        upper: Key = tuple(row) if row else run_upper
-        if row is not None:
+        prefetched = self.prefetcher.take(lower, size) if self.prefetcher is not None else None
+        if prefetched is not None:
+            size, found = prefetched.size, prefetched.upper
+        else:
+            found = prefetch.probe(conn, self.target, lower, run_upper, size)
+        upper: Key = found if found is not None else run_upper
+        if found is not None:
             keys = size
         else:
             counted = conn.execute(
@@ -343,6 +351,8 @@ class _Shard:
             ).fetchone()
             keys = int(counted[0]) if counted else 0
         last = upper == run_upper
+        if not last and self.prefetcher is not None:
+            self.prefetcher.start(upper, run_upper, self.sizer.size)  # overlaps with this batch's write
         limits = self.tuning.limits
         started = time.monotonic()
         with conn.transaction():
