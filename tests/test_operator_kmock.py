@@ -154,6 +154,7 @@ async def test_secret_suspend_resume_and_immutable_fields(cluster):
         await call(api.create, core_path(NS, "secrets"), secret())
         await eventually(lambda: api.get(jobs_path(NS, f"{name}-s0-r1")), "Job once the Secret exists")
         await call(api.merge_patch, jobs_path(NS, f"{name}-s0-r1"), {"status": {"active": 1}})
+        await call(api.merge_patch, backfill_path(NS, name, status=True), {"status": {"shards": {"0": {"state": "running", "run": 1}}}})
         await eventually(lambda: api.get(backfill_path(NS, name))["status"]["phase"] == "Running", "Running")
 
         # An immutable field changes: Stalled, the Job keeps running the original.

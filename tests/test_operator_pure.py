@@ -210,6 +210,7 @@ def test_existing_job_is_followed_not_duplicated():
     # the same picture again after an operator restart (status lost): still no new Job
     again = reconcile(observe(status={}, annotations=applied, jobs_=[job(0, 1, {"active": 1})]))
     assert not again.create_jobs and again.status["run"] == 1
+    assert again.status["phase"] == "Pending", "an active Job whose worker has not reported is not Running yet"
 
 
 def test_all_shards_done_is_succeeded_and_ready():
@@ -284,3 +285,12 @@ def test_status_patch_is_empty_when_nothing_changed():
     first = reconcile(observe(status=status, annotations=applied, jobs_=[job(0, 1, {"active": 1})]))
     second = reconcile(observe(status={**status, **first.status}, annotations=applied, jobs_=[job(0, 1, {"active": 1})]))
     assert status_patch({**status, **first.status}, second.status) == {} and not second.events
+
+
+def test_empty_strings_travel_as_deletions_and_compare_as_absent():
+    from backfill_operator.status import for_merge_patch
+
+    patch = {"message": "", "progress": {"eta": "", "rowsUpdated": 1}, "conditions": [{"type": "Ready", "message": ""}]}
+    assert for_merge_patch(patch) == {"message": None, "progress": {"eta": None, "rowsUpdated": 1}, "conditions": [{"type": "Ready"}]}
+    stored = {"progress": {"rowsUpdated": 1}, "conditions": [{"type": "Ready"}]}
+    assert status_patch(stored, {"progress": {"eta": "", "rowsUpdated": 1}, "conditions": [{"type": "Ready", "message": ""}]}) == {}

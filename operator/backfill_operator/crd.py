@@ -99,6 +99,11 @@ def spec_schema() -> dict[str, Any]:
         "description": schema["properties"]["key"].get("description", ""),
         "x-kubernetes-preserve-unknown-fields": True,
     }
+    for prop in schema["properties"].values():
+        # `default: {}` lets the API server fill the nested defaults of an omitted section
+        # (batch, limits, checkpoint, worker), so `kubectl get -o yaml` shows the effective settings.
+        if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
+            prop["default"] = {}
     schema["x-kubernetes-validations"] = _immutability_rules()
     return schema
 

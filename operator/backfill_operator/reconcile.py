@@ -28,7 +28,7 @@ from .specdiff import (
     encode_applied,
     immutable_view,
 )
-from .status import Stall, aggregate_progress, phase_conditions
+from .status import Stall, aggregate_progress, for_merge_patch, phase_conditions, stored_form
 
 # Worker error reasons that no retry can fix: fail at once instead of burning backoffLimit.
 PERMANENT_WORKER_REASONS = frozenset({"InvalidSpec", "ValidationFailed", "CheckpointMismatch", "CheckpointUnavailable"})
@@ -175,7 +175,9 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.W
                 elif state == "succeeded":
                     needs_job.append(shard)  # exited without finishing (e.g. SIGTERM on a node drain)
                 else:
-                    running = running or state == "running" or report.get("state") == "running"
+                    # Running means a worker reports work; an active Job may still be an
+                    # unscheduled Pod (image pull, no capacity), which is Pending to a human.
+                    running = running or report.get("state") == "running"
             if failures:
                 phase = "Failed"
                 failed_message = "; ".join(failures)
@@ -257,6 +259,7 @@ def status_patch(previous: Mapping[str, Any], desired: Mapping[str, Any]) -> dic
     """The merge patch turning ``previous`` into ``desired`` for the keys the operator owns.
 
     ``status.shards`` is the workers' and never touched here. Empty when nothing changed, so a
-    quiet Backfill costs no writes.
+    quiet Backfill costs no writes. Empty strings travel as deletions (see ``for_merge_patch``).
     """
-    return {key: value for key, value in desired.items() if previous.get(key) != value}
+    changed = {key: value for key, value in desired.items() if stored_form(previous.get(key)) != stored_form(value)}
+    return for_merge_patch(changed)

@@ -97,3 +97,34 @@ def phase_conditions(phase: str, message: str, stall: Stall | None) -> list[Cond
         Condition(RECONCILING, "True", reason, message),
         Condition(STALLED, "False", reason, message),
     ]
+
+
+def for_merge_patch(value: Any, *, in_list: bool = False) -> Any:
+    """The wire form of a status merge patch: an empty string means "absent".
+
+    Some API servers (seen on a 1.20 build) turn ``""`` inside a JSON merge patch into ``null``
+    and then reject it against the schema's ``type: string``. So an empty value is sent as
+    ``null`` (which deletes the key, as RFC 7386 says), or left out inside list items (where
+    ``null`` would be a value). Readers treat a missing field as empty.
+    """
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if item == "":
+                if not in_list:
+                    out[key] = None
+            else:
+                out[key] = for_merge_patch(item, in_list=in_list)
+        return out
+    if isinstance(value, list):
+        return [for_merge_patch(item, in_list=True) for item in value]
+    return value
+
+
+def stored_form(value: Any) -> Any:
+    """What the server keeps after such a patch: no empty strings, no nulls (for comparisons)."""
+    if isinstance(value, dict):
+        return {k: stored_form(v) for k, v in value.items() if v not in ("", None)}
+    if isinstance(value, list):
+        return [stored_form(v) for v in value]
+    return value

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from backfill_operator.specdiff import decode_applied, effective_spec
-from backfill_operator.status import aggregate_progress
+from backfill_operator.status import aggregate_progress, for_merge_patch
 
 from .api import API_GROUP, API_VERSION, KIND, Backfill, BatchSpec, CheckpointMode, LimitsSpec
 from .checkpoint import ShardCheckpoint
@@ -207,7 +207,7 @@ class StatusReporter:
         if self._parallelism == 1:
             patch["progress"] = aggregate_progress({str(self._shard): shard}, 1, succeeded=shard["state"] == "done")
         try:
-            self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), {"status": patch})
+            self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), {"status": for_merge_patch(patch)})
             self.patches_sent += 1
         except Exception as error:  # the next flush carries the newest state anyway
             with self._lock:
@@ -320,7 +320,7 @@ def _dry_run(backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
 def _report_failure(api: KubeApi, namespace: str, name: str, shard: int, run: int | None, error: BackfillError, secrets: list[str]) -> None:
     progress = ShardProgress(shard, state="failed", error=str(error))
     try:
-        api.merge_patch(backfill_path(namespace, name, status=True), {"status": {"shards": {
-            str(shard): shard_status(progress, run=run, error_reason=error.reason, secrets=secrets)}}})
+        shard_patch = shard_status(progress, run=run, error_reason=error.reason, secrets=secrets)
+        api.merge_patch(backfill_path(namespace, name, status=True), {"status": for_merge_patch({"shards": {str(shard): shard_patch}})})
     except Exception as patch_error:
         log.warning("could not report the failure of %s/%s: %s", namespace, name, type(patch_error).__name__)

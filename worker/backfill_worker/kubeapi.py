@@ -64,8 +64,9 @@ class KubeApi:
         *,
         content_type: str = "application/json",
         query: Mapping[str, str] | None = None,
+        accept: str = "application/json",
     ) -> dict[str, Any]:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers = {"Accept": accept, "Content-Type": content_type}
         _, url, headers, _, _ = self._client.param_serialize(
             method, path, query_params=list((query or {}).items()), header_params=headers,
             auth_settings=["BearerToken"],
