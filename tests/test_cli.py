@@ -157,3 +157,24 @@ def test_demo_small() -> None:
     text = result.stdout.replace("\n", " ")
     match = re.search(r"verification: ([\d,]+) rows now 'inactive' \(expected ([\d,]+)\), 0 still matching: OK", text)
     assert match and match.group(1) == match.group(2) and 1400 < int(match.group(1).replace(",", "")) < 1600, text
+
+
+def test_run_with_dry_run_plans_and_changes_nothing(table: str, tmp_path: Path) -> None:
+    result = invoke("run", manifest(tmp_path, table="t", set={"v": "1"}, dryRun=True), "--dsn", table)
+    assert result.exit_code == 0, result.output
+    assert "spec.dryRun is true" in result.output and "sample batch (rolled back)" in result.output
+    with psycopg.connect(table, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM t WHERE v = 1").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass('backfill.checkpoints')").fetchone() == (None,)
+
+
+def test_parallel_at_least_once_run_keeps_every_shard_in_the_state_file(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"v": "1"}, parallelism=3, checkpoint={"mode": "atLeastOnce"},
+                    batch={"size": 10, "minSize": 10, "maxSize": 10})
+    result = invoke("run", path, "--dsn", table, "--state-dir", str(tmp_path / "state"))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "state" / "t__cli.json").read_text())
+    assert sorted(saved) == ["0", "1", "2"] and all(s["state"] == "done" for s in saved.values())
+    assert sum(s["rows_updated"] for s in saved.values()) == 500
+    status = invoke("status", path, "--dsn", table, "--state-dir", str(tmp_path / "state"))
+    assert status.exit_code == 0 and status.output.count("done") - status.output.count("keys done") == 3

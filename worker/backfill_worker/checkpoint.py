@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,6 +100,7 @@ class JsonFileStore:
 
     def __init__(self, directory: str | Path, identity: str) -> None:
         self.path = Path(directory) / (identity.replace("/", "__") + ".json")
+        self._lock = threading.Lock()
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -111,14 +113,15 @@ class JsonFileStore:
         return ShardCheckpoint.from_json(data) if data else None
 
     def save(self, shard: int, state: ShardCheckpoint) -> None:
-        # Shards of one run write from several threads; each write re-reads the file.
-        data = self._read()
-        data[str(shard)] = state.to_json()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, self.path)
+        # Shards of one run save from several threads: read-modify-write under a lock.
+        with self._lock:
+            data = self._read()
+            data[str(shard)] = state.to_json()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=1)
+            os.replace(tmp, self.path)
 
     def clear(self) -> int:
         count = len(self._read())

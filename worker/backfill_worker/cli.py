@@ -192,6 +192,11 @@ def run(
     """Run the backfill to completion (resumable: rerun after a stop or crash continues)."""
     with user_errors():
         backfill = load_backfill(file)
+        if backfill.spec.dry_run:  # spec.dryRun: plan only, write nothing
+            result = plan_backfill(backfill, _require_dsn(dsn))
+            print_plan(result, out)
+            err.print("spec.dryRun is true: planned only, nothing was changed")
+            raise typer.Exit(0 if result.index_ok else 1)
         report = _execute(backfill, _require_dsn(dsn), shards=shard, json_progress=json_progress,
                           store=_store(backfill, state_dir), description=backfill.identity)
         if not json_progress:
