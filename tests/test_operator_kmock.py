@@ -181,3 +181,40 @@ async def test_secret_suspend_resume_and_immutable_fields(cluster):
     events = await call(api.list, core_path(NS, "events"))
     reasons = {e["reason"] for e in events}
     assert {"SecretNotFound", "ImmutableFieldChanged", "Resolved", "Paused", "JobDeleted"} <= reasons
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310  (loopback)
+        return response.read().decode()
+
+
+async def test_operator_metrics_and_liveness_are_served(cluster, caplog):
+    kmock, api = cluster
+    metrics_port, liveness_port = _free_port(), _free_port()
+    await call(api.create, core_path(NS, "secrets"), secret())
+    cfg = OperatorConfig(namespaces=(NS,), server=str(kmock.url), metrics_port=metrics_port, resync_seconds=0.3,
+                         liveness=f"http://127.0.0.1:{liveness_port}/healthz")
+    with operator_running(cfg):
+        await call(api.create, backfill_path(NS), backfill("metrics-demo"))
+        await eventually(lambda: api.get(jobs_path(NS, "metrics-demo-s0-r1")), "the worker Job")
+        text = await eventually(
+            lambda: (t := _scrape(f"http://127.0.0.1:{metrics_port}/metrics")) and 'backfill_operator_backfills{phase="Pending"} 1.0' in t and t,
+            "the phase gauge",
+        )
+        assert "backfill_operator_jobs_created_total 1.0" in text
+        ok = next(line for line in text.splitlines() if line.startswith('backfill_operator_reconciles_total{result="ok"}'))
+        assert float(ok.split()[-1]) >= 1
+        assert 'backfill_operator_reconcile_errors_total{kind="api"}' not in text or 'kind="api"} 0.0' in text
+        health = await call(_scrape, f"http://127.0.0.1:{liveness_port}/healthz")
+        assert health is not None
+    assert PASSWORD not in caplog.text and PASSWORD not in text

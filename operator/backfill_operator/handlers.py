@@ -65,6 +65,8 @@ class Controller:
 
     def resync(self) -> None:
         for body in list(self.known.values()):
+            if (body.get("status") or {}).get("phase") == "Succeeded":
+                continue  # terminal: nothing to follow; a watch event still reconciles it
             self.reconcile_one(body)
         self.metrics.set_phases((b.get("status") or {}).get("phase") for b in self.known.values())
 
