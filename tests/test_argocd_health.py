@@ -101,3 +101,25 @@ def test_the_argocd_cm_patch_embeds_exactly_the_tested_script():
     assert embedded.strip() == SCRIPT.read_text().strip()
     state, _ = health(backfill({"phase": "Succeeded", "observedGeneration": 3}), script=embedded)
     assert state == "Healthy"
+
+
+@pytest.mark.parametrize(("phase", "stall", "expected"), [
+    ("Pending", None, "Progressing"),
+    ("Running", None, "Progressing"),
+    ("Paused", None, "Suspended"),
+    ("Succeeded", None, "Healthy"),
+    ("Failed", ("RetriesExhausted", "shard 0: lock timeout 11 times"), "Degraded"),
+    ("Pending", ("SecretNotFound", "Secret shop/shop-db not found"), "Degraded"),
+    ("Running", ("ImmutableFieldChanged", "spec.where cannot change"), "Degraded"),
+])
+def test_conditions_as_the_operator_writes_them(phase, stall, expected):
+    """Status built by the operator's own condition code, not by hand."""
+    status_mod = pytest.importorskip("backfill_operator.status")
+    conditions_mod = pytest.importorskip("backfill_operator.conditions")
+    stall_obj = status_mod.Stall(*stall) if stall else None
+    message = stall[1] if stall else f"{phase.lower()} message"
+    conditions = conditions_mod.merge_conditions(
+        None, status_mod.phase_conditions(phase, message, stall_obj), now="2026-11-28T00:00:00Z", generation=3)
+    state, got = health(backfill({"phase": phase, "observedGeneration": 3, "message": message, "conditions": conditions}))
+    assert state == expected
+    assert message in got
