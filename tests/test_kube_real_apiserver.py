@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,16 @@ def create(api: KubeApi, doc: dict[str, Any]) -> dict[str, Any]:
     return api.create(path, doc)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_install_commands() -> str:
+    """The first ``sh`` block of the README's "Running in Kubernetes (operator)" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Running in Kubernetes (operator)", 1)[1].split("\n## ", 1)[0]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
 def token_for(api: KubeApi, namespace: str, service_account: str) -> str:
     """A TokenRequest token (works without the controller-manager, and on every version >= 1.20)."""
     body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}
@@ -82,11 +93,17 @@ def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, Path, Pat
         admin.create(CRDS, build_crd())
         eventually(lambda: any(c["type"] == "Established" and c["status"] == "True"
                                for c in admin.get(f"{CRDS}/{CRD_NAME}")["status"]["conditions"]), "CRD established")
-        for ns in (NS, OPERATOR_NS):
-            admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-        for doc in rbac.operator_manifests(OPERATOR_NS, "unused"):
-            if doc["kind"] != "Deployment":
+        # The README's install commands, verbatim, with kubectl (CRD apply over the API-created one).
+        admin_kubeconfig = plane.write_kubeconfig(home / "admin")
+        if shutil.which("kubectl"):
+            result = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_install_commands()], cwd=ROOT, capture_output=True,
+                                    text=True, env={**os.environ, "KUBECONFIG": str(admin_kubeconfig)}, timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+        else:  # the same objects, through the API
+            admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
+            for doc in rbac.operator_manifests(OPERATOR_NS, "unused")[:3]:
                 create(admin, doc)
+        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
         for doc in rbac.worker_manifests(NS):
             create(admin, doc)
         operator_kubeconfig = plane.write_kubeconfig(home / "operator", token_for(admin, OPERATOR_NS, rbac.OPERATOR_NAME))
