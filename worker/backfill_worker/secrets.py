@@ -20,6 +20,9 @@ def secrets_of(dsn: str) -> list[str]:
         password = conninfo_to_dict(dsn).get("password")
     except Exception:  # an unparsable DSN is still a secret as a whole
         password = None
+        # libpq's parse errors quote the word they choke on ('missing "=" after "<word>"'): with
+        # an unquoted password containing a space, that word is a piece of the password.
+        found += [word for word in dsn.split() if "=" not in word and "://" not in word]
     if password:
         found.append(str(password))
     return [value for value in found if value]
