@@ -11,6 +11,7 @@ Exit statuses (``errors.py``): 1 failed run, 2 invalid manifest or spec, 3 alrea
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import sys
 import uuid
@@ -342,3 +343,105 @@ def test_hostile_identifiers_work(database: str, tmp_path: Path, schema: str, ta
             sql.SQL("SELECT state FROM {}").format(sql.Identifier(f"ckpt {schema}; \"x\"", "checkpoints"))
         ).fetchall()
         assert checkpoints == [("done",)]
+
+
+# -- the operator path: bad references and specs reported as conditions -------------------------
+# The real operator against kmock (which, like an old API server, does no schema validation, so
+# the operator's own validation is what is tested), with the real worker started by the fake
+# kubelet for the cases that get as far as a Job. Each case is one Backfill of its own.
+
+import asyncio  # noqa: E402
+import base64  # noqa: E402
+
+from backfill_operator.main import OperatorConfig  # noqa: E402
+from backfill_worker.kubeapi import KubeApi, backfill_path, core_path  # noqa: E402
+from kube_support.emulator import ApiServerEmulator, declare_resources  # noqa: E402
+from support_faults.kubelet import FakeKubelet, write_kubeconfig  # noqa: E402
+from support_faults.operator_async import operator_running  # noqa: E402
+
+KNS = "catalogue"
+
+
+@dataclass(frozen=True)
+class KubeCase:
+    id: str
+    spec: dict[str, Any]
+    reason: str
+    """Expected reason of the Stalled condition."""
+    expect: tuple[str, ...]
+    """Substrings of status.message / the condition message naming the field or cause."""
+    job: bool = False
+    """Whether the case gets as far as a worker Job (worker-side failures)."""
+
+
+DB_REF = {"dsnSecretRef": {"name": "db", "key": "dsn"}}
+KUBE_CATALOGUE = [
+    KubeCase("secret-missing", {"database": {"dsnSecretRef": {"name": "absent"}}}, "SecretNotFound",
+             ("Secret catalogue/absent", "spec.database.dsnSecretRef.name", "kubectl -n catalogue create secret")),
+    KubeCase("secret-key-missing", {"database": {"dsnSecretRef": {"name": "db", "key": "url"}}}, "SecretKeyNotFound",
+             ("no key 'url'", "spec.database.dsnSecretRef.key")),
+    KubeCase("secret-ref-absent", {"database": {}}, "SecretRefMissing", ("spec.database.dsnSecretRef is required",)),
+    KubeCase("unknown-field", {"database": DB_REF, "batch": {"sise": 5}}, "InvalidSpec", ("spec.batch.sise", "unknown field")),
+    KubeCase("schema-violation", {"database": DB_REF, "batch": {"size": 0}}, "InvalidSpec", ("spec.batch.size",)),
+    KubeCase("where-invalid-worker", {"database": DB_REF, "where": "colour = 'red'"}, "ValidationFailed",
+             ("spec.where", "colour"), job=True),
+    KubeCase("wrong-password-worker", {"database": {"dsnSecretRef": {"name": "db-wrong"}}}, "ConnectionFailed",
+             ("password authentication failed",), job=True),
+]
+
+
+@pytest.mark.kmock(cls=ApiServerEmulator)
+@pytest.mark.timeout(180)
+async def test_operator_path_bad_input_is_a_condition_and_changes_nothing(kmock, env: Env, tmp_path: Path) -> None:
+    declare_resources(kmock)
+    api = KubeApi.from_environment(server=str(kmock.url))
+    to_thread = asyncio.to_thread
+    for name, dsn in (("db", env.dsn["super"]), ("db-wrong", env.dsn["wrongpw"])):
+        await to_thread(api.create, core_path(KNS, "secrets"), {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": KNS},
+            "data": {"dsn": base64.b64encode(str(dsn).encode()).decode()}})
+    before = await to_thread(snapshot, env.dsn["super"])
+    kubelet = FakeKubelet(api, KNS, write_kubeconfig(tmp_path, str(kmock.url)), tmp_path)
+    stop = asyncio.Event()
+    kubelet_task = asyncio.create_task(kubelet.run(stop))
+    config = OperatorConfig(namespaces=(KNS,), server=str(kmock.url), metrics_port=None, resync_seconds=0.3)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        async with operator_running(config):
+            for case in KUBE_CATALOGUE:
+                document = base_manifest(**case.spec)
+                document["metadata"] = {"name": case.id, "namespace": KNS}
+                await to_thread(api.create, backfill_path(KNS), document)
+            deadline = asyncio.get_running_loop().time() + 90
+            while len(results) < len(KUBE_CATALOGUE) and asyncio.get_running_loop().time() < deadline:
+                for case in KUBE_CATALOGUE:
+                    obj = await to_thread(api.get, backfill_path(KNS, case.id))
+                    stalled = [c for c in (obj.get("status") or {}).get("conditions") or []
+                               if c["type"] == "Stalled" and c["status"] == "True"]
+                    if stalled and (not case.job or obj["status"].get("phase") == "Failed"):
+                        results[case.id] = obj
+                await asyncio.sleep(0.3)
+        jobs = list(kubelet.jobs_seen)  # every Job ever created (the operator may delete failed ones)
+    finally:
+        stop.set()
+        await kubelet_task
+        kubelet.kill_all()
+        api.close()
+
+    assert set(results) == {case.id for case in KUBE_CATALOGUE}, f"no Stalled condition for {set(c.id for c in KUBE_CATALOGUE) - set(results)}"
+    for case in KUBE_CATALOGUE:
+        status = results[case.id]["status"]
+        stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert stalled["reason"] == case.reason, (case.id, stalled)
+        assert ready["status"] == "False", (case.id, ready)
+        text = f"{status.get('message', '')} {stalled.get('message', '')}"
+        for expected in case.expect:
+            assert expected in text, (case.id, expected, text)
+        assert (f"{case.id}-s0-r1" in jobs) == case.job, (case.id, jobs)
+        assert_absent(env.secrets, {case.id: json.dumps(status)})
+    # Exactly the worker-side cases ever got a Job (kmock's request log: nothing missed by polling).
+    posted = [r for r in kmock if r.method == "POST" and str(r.url.path).endswith("/jobs")]
+    assert len(posted) == sum(case.job for case in KUBE_CATALOGUE)
+    assert await to_thread(snapshot, env.dsn["super"]) == before, "rows or checkpoints changed"
+    assert_absent(env.secrets, kubelet.output())
