@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import psycopg
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
@@ -49,6 +50,7 @@ from .secrets import redact, register_dsn, secrets_of
 from .statements import Target
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SLEEP_SLICE_SECONDS = 0.05
 """Waits are sliced so a stop request is honoured within this time."""
@@ -256,7 +258,7 @@ class _Shard:
         self.consecutive_timeouts = 0
         return event
 
-    def _with_retries(self, attempt: Callable[[], object]) -> object:  # type: ignore[type-var]
+    def _with_retries(self, attempt: Callable[[], T]) -> T:
         retrying = Retrying(
             stop=stop_after_attempt(self.tuning.limits.max_retries + 1),
             wait=retry.BACKOFF,
@@ -419,7 +421,7 @@ class _Shard:
                 row = conn.execute(statement, statements.range_params(cp.lower_key, cp.upper_key)).fetchone()
             return int(row[0]) if row else 0
 
-        return self._with_retries(count)  # type: ignore[return-value]
+        return self._with_retries(count)
 
 
 def _ms(seconds: float) -> str:
