@@ -19,6 +19,7 @@ COMMIT, measured by the client: the longest any row lock was held.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -90,13 +91,14 @@ def changed_rows(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def run_engine(dsn: str, target_ms: int) -> Result:
+def run_engine(dsn: str, target_ms: int, parallelism: int = 1) -> Result:
     backfill = parse_backfill({
         "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "bench", "namespace": "bench"},
         "spec": {
             "table": "customers", "set": {"status": "'inactive'"}, "where": WHERE,
             "batch": {"size": 5000, "minSize": 1000, "maxSize": 1_000_000, "targetDuration": f"{target_ms}ms"},
             "limits": {"maxReplicationLag": "0"},
+            "parallelism": parallelism,
         },
     })
     durations: list[float] = []
@@ -117,7 +119,7 @@ def run_engine(dsn: str, target_ms: int) -> Result:
     assert report.state == "done" and report.remaining_matches == 0
     batches = last_batch[0] - first_batch[0]
     return Result(
-        f"engine, targetDuration {target_ms}ms", report.rows_updated, seconds, max(durations), len(durations),
+        f"engine, parallelism {parallelism}, targetDuration {target_ms}ms", report.rows_updated, seconds, max(durations), len(durations),
         f"batch phase {batches:.2f} s = {report.rows_updated / batches / 1000:.0f}k rows/s; "
         f"median txn {statistics.median(durations) * 1000:.0f} ms, "
         f"p99 {sorted(durations)[int(len(durations) * 0.99)] * 1000:.0f} ms, {sum(d > 0.05 for d in durations)} txns > 50 ms",
@@ -172,7 +174,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--row-by-row-ids", type=int, default=100_000)
-    parser.add_argument("--target-ms", type=int, default=30)
+    parser.add_argument("--target-ms", default="30", help="engine targetDuration(s) in ms, comma-separated")
+    parser.add_argument("--parallelism", default="1", help="engine parallelism value(s), comma-separated")
     args = parser.parse_args()
 
     with LocalPostgres(settings=SETTINGS) as server:
@@ -187,7 +190,10 @@ def main() -> None:
         print(f"seeded {args.rows:,} rows in {time.perf_counter() - started:.1f} s; where: {WHERE}", flush=True)
 
         configs: list[tuple[str, Callable[[str], Result]]] = [
-            ("engine", lambda dsn: run_engine(dsn, args.target_ms)),
+            (f"engine-{t}-{p}", lambda dsn, t=int(t), p=int(p): run_engine(dsn, t, p))
+            for t in args.target_ms.split(",") for p in args.parallelism.split(",")
+        ]
+        configs += [
             ("update", run_single_update),
             ("rowbyrow", lambda dsn: run_row_by_row(dsn, args.row_by_row_ids)),
         ]
@@ -200,7 +206,8 @@ def main() -> None:
                 result = run(dsn)
                 assert result.rows == expected == changed_rows(dsn), (name, result.rows, expected)
                 results[name].append(result)
-                print(f"[{repeat + 1}/{args.repeats}] {result.name}: {result.rows:,} rows in {result.seconds:.2f} s "
+                load = os.getloadavg()[0]
+                print(f"[{repeat + 1}/{args.repeats}] (load {load:.1f}) {result.name}: {result.rows:,} rows in {result.seconds:.2f} s "
                       f"= {result.rows_per_second / 1000:.0f}k rows/s, longest txn {result.longest_txn * 1000:.0f} ms, "
                       f"{result.transactions} txns {result.note}", flush=True)
         print_table(results)
@@ -210,24 +217,28 @@ def median_result(runs: list[Result]) -> Result:
     return sorted(runs, key=lambda r: r.rows_per_second)[len(runs) // 2]
 
 
+def paired_ratio(runs: list[Result], baseline: list[Result]) -> float:
+    """Median over repeats of (this run's rows/s / the same repeat's baseline rows/s).
+
+    Runs of one repeat are seconds apart, so a shared machine's changing load hits both alike.
+    """
+    return statistics.median(r.rows_per_second / b.rows_per_second for r, b in zip(runs, baseline))
+
+
 def print_table(results: dict[str, list[Result]]) -> None:
-    update = median_result(results["update"])
-    rowbyrow = median_result(results["rowbyrow"])
-    print("\n| Strategy | Rows updated | Wall s | Rows/s | × one UPDATE | × row-by-row | Longest txn (max over runs) | Txns |")
+    print("\n| Strategy | Rows updated | Wall s (median) | Rows/s (median) | × one UPDATE | × row-by-row | Longest txn (max over runs) | Txns |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name in ("engine", "update", "rowbyrow"):
-        runs = results[name]
+    for name, runs in results.items():
         m = median_result(runs)
         longest = max(r.longest_txn for r in runs)
         print(
             f"| {m.name} | {m.rows:,} | {m.seconds:.2f} | {m.rows_per_second / 1000:.0f}k | "
-            f"{m.rows_per_second / update.rows_per_second:.2f} | {m.rows_per_second / rowbyrow.rows_per_second:.1f} | "
+            f"{paired_ratio(runs, results['update']):.2f} | {paired_ratio(runs, results['rowbyrow']):.1f} | "
             f"{longest * 1000:.0f} ms | {m.transactions} |"
         )
-    engine = median_result(results["engine"])
-    print(f"\nengine per-run rows/s: {[round(r.rows_per_second) for r in results['engine']]}; {engine.note}")
-    print(f"one UPDATE per-run rows/s: {[round(r.rows_per_second) for r in results['update']]}")
-    print(f"row-by-row per-run rows/s: {[round(r.rows_per_second) for r in results['rowbyrow']]}")
+    print("\n(× columns: median of per-repeat ratios)")
+    for name, runs in results.items():
+        print(f"{name} per-run rows/s: {[round(r.rows_per_second) for r in runs]}; median run: {median_result(runs).note}")
 
 
 if __name__ == "__main__":
