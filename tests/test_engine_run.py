@@ -359,3 +359,13 @@ def test_checkpoint_row_deleted_mid_run_rolls_the_batch_back(database: str) -> N
     with pytest.raises(CheckpointUnavailable, match="disappeared"):
         run_backfill(backfill, database, listeners=[delete_checkpoint])
     assert sql_rows(database, "SELECT count(*) FROM t WHERE v = 1") == [(20,)]
+
+
+def test_empty_table_is_done_at_once(database: str) -> None:
+    setup_sql(database, "CREATE TABLE t (id int PRIMARY KEY, v int)")
+    report = run_backfill(make(table="t", set={"v": "1"}, where="v IS NULL", parallelism=3), database)
+    assert report.state == "done" and report.rows_updated == 0 and report.batches == 0
+    assert report.remaining_matches == 0
+    assert [cp.state for cp in read_checkpoints(make(table="t", set={"v": "1"}, where="v IS NULL", parallelism=3), database)] == ["done"] * 3
+    plan = plan_backfill(make(table="t", set={"v": "1"}), database)
+    assert plan.estimated_keys == 0 and plan.index_ok and plan.sample is None
