@@ -175,11 +175,14 @@ class _Shard:
         finally:
             self.prefetcher.close()
             self.prefetcher = None
-        if state == PAUSED:
-            self._persist_state(PAUSED)
-            remaining = None
+        remaining = None
+        if state == DONE:
+            try:
+                remaining = self._verify()
+            except _StopRequested:  # stopped while backing off: the data is done, only the count is missing
+                pass
         else:
-            remaining = self._verify()
+            self._persist_state(PAUSED)
         self._finish(state, remaining, None)
         cp = self.checkpoint
         return ShardReport(cp.shard, state, cp.rows_updated, cp.batches, remaining, time.monotonic() - started)
