@@ -38,18 +38,22 @@ class ProgressBar:
             console=console,
             transient=False,
         )
+        self._started = False
         self._task: TaskID = self._progress.add_task(description, total=100, rows="0", rate="-", eta="-", batch="-", throttle="")
 
     def __enter__(self) -> "ProgressBar":
-        self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._refresh()
-        self._progress.stop()
+        if self._started:
+            self._refresh()
+            self._progress.stop()
 
     def __call__(self, event: Event) -> None:
         with self._lock:
+            if not self._started:  # shown from the first event: a validation error prints no empty bar
+                self._started = True
+                self._progress.start()
             self.state.apply(event, time.monotonic())
             self._refresh()
 
