@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 import time
 from typing import Any
 
@@ -235,22 +236,22 @@ def test_at_least_once_mode_keeps_progress_in_the_store(database: str, tmp_path:
 
 
 def test_role_without_create_gets_checkpoint_unavailable(database: str) -> None:
+    role = f"writer_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: unique per test run
     setup_sql(
         database,
         "CREATE TABLE t (id int PRIMARY KEY, v int)",
         "INSERT INTO t SELECT generate_series(1, 10), 0",
-        "DROP ROLE IF EXISTS app_writer",
-        "CREATE ROLE app_writer LOGIN PASSWORD '" + str(psycopg.conninfo.conninfo_to_dict(database)["password"]) + "'",
-        "GRANT SELECT, UPDATE ON t TO app_writer",
+        f"CREATE ROLE {role} LOGIN PASSWORD '" + str(psycopg.conninfo.conninfo_to_dict(database)["password"]) + "'",
+        f"GRANT SELECT, UPDATE ON t TO {role}",
         "REVOKE CREATE ON DATABASE " + psycopg.conninfo.conninfo_to_dict(database)["dbname"] + " FROM PUBLIC",
     )
-    dsn = database.replace("user=postgres", "user=app_writer")
+    dsn = database.replace("user=postgres", f"user={role}")
     try:
         with pytest.raises(CheckpointUnavailable, match="atLeastOnce"):
             run_backfill(make(table="t", set={"v": "1"}), dsn)
         assert sql_rows(database, "SELECT count(*) FROM t WHERE v = 1") == [(0,)]
     finally:
-        setup_sql(database, "REVOKE ALL ON t FROM app_writer", "DROP OWNED BY app_writer", "DROP ROLE app_writer")
+        setup_sql(database, f"REVOKE ALL ON t FROM {role}", f"DROP OWNED BY {role}", f"DROP ROLE {role}")
 
 
 def test_verification_reports_rows_still_matching(database: str) -> None:

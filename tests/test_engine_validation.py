@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import psycopg
@@ -123,3 +124,27 @@ def test_non_primary_unique_key_and_composite_key_in_any_order(database: str) ->
     with psycopg.connect(database, autocommit=True) as conn:
         assert conn.execute("SELECT min(v), max(v) FROM t").fetchone() == (1, 1)
         assert conn.execute("SELECT last_key FROM backfill.checkpoints").fetchone() == (["3", "k7"],)  # (a, b) order, b compared as text
+
+
+def test_missing_privilege_and_read_only_session_fail_before_any_write(db: str) -> None:
+    password = str(psycopg.conninfo.conninfo_to_dict(db)["password"])
+    role = f"reader_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: unique per test run
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(psycopg.sql.Identifier(role), psycopg.sql.Literal(password)))
+        conn.execute(f"GRANT SELECT ON customers TO {role}")
+        conn.execute(f"GRANT UPDATE (status) ON customers TO {role}")
+    dsn = db.replace("user=postgres", f"user={role}")
+    try:
+        with pytest.raises(ValidationFailed) as caught:
+            run_backfill(make(table="customers", set={"n": "n + 1"}), dsn)
+        assert caught.value.field == "spec.set.n" and "lacks UPDATE" in caught.value.message
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+        with pytest.raises(ValidationFailed) as caught:
+            run_backfill(make(table="customers", set={"status": "'x'"}), dsn)
+        assert caught.value.field == "spec.database" and "read-only" in caught.value.message
+        assert untouched(db)
+    finally:
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
