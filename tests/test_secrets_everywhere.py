@@ -294,7 +294,7 @@ async def test_cluster_status_events_logs_metrics_never_hold_the_password(
     bad_shard = finals["bad-where"]["status"]["shards"]["0"]
     assert "spec.where" in bad_shard["lastError"]
     assert "cannot connect" in finals["unreachable"]["status"]["shards"]["0"]["lastError"]
-    assert any(json.loads(line).get("event") for line in captured["good-s0-r1 stderr"].splitlines() if line.startswith("{"))
+    assert any(json.loads(line).get("event") for line in captured["good-s0-r1-0 stderr"].splitlines() if line.startswith("{"))
     assert "secretKeyRef" in captured["jobs"]
     assert len(captured["process logs"]) > 0
     assert_absent([CANARY_PASSWORD, database, unreachable], captured)

@@ -4,8 +4,9 @@ kmock has no Job controller (see tests/kube_support/emulator.py). This helper wa
 operator creates and, for each, does what a cluster would: resolves the container's env
 (``valueFrom.secretKeyRef`` from the Secret, as the kubelet does), starts the container's
 command (``backfill worker ...``) as a real subprocess talking HTTP to the same API server,
-sets ``status.active``, and on exit writes ``Complete`` or ``Failed`` (``backoffLimit`` is
-not emulated: one failed pod fails the Job). Two deliberate differences from a cluster: the
+sets ``status.active``, and on exit writes ``Complete`` or ``Failed``. By default one failed
+pod fails the Job; with ``restart_failed_pods`` a failed pod is replaced, as the Job
+controller does, until ``spec.backoffLimit`` failures. Two deliberate differences from a cluster: the
 pod's metrics port is remapped to a free local port (pods have their own network namespace;
 tests share one), and stdout/stderr go to files so tests can read every line the pod wrote.
 """
@@ -50,6 +51,7 @@ def write_kubeconfig(directory: Path, server: str) -> Path:
 @dataclass
 class Pod:
     job: str
+    name: str
     process: subprocess.Popen
     stdout: Path
     stderr: Path
@@ -63,8 +65,13 @@ class FakeKubelet:
     namespace: str
     kubeconfig: Path
     log_dir: Path
+    restart_failed_pods: bool = False
     pods: dict[str, Pod] = field(default_factory=dict)
+    """The current (latest) pod of each Job."""
+    history: list[Pod] = field(default_factory=list)
+    """Every pod ever started, in order."""
     jobs_seen: list[str] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -91,16 +98,29 @@ class FakeKubelet:
         assert container["command"] == ["backfill"], container["command"]
         port = free_port()
         env = await self._environment(container, port)
-        out, err = self.log_dir / f"{name}.out", self.log_dir / f"{name}.err"
+        pod_name = f"{name}-{len([p for p in self.history if p.job == name])}"
+        out, err = self.log_dir / f"{pod_name}.out", self.log_dir / f"{pod_name}.err"
         with out.open("wb") as stdout, err.open("wb") as stderr:
             process = subprocess.Popen(
                 [*backfill_executable(), *container["args"]], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
             )
-        self.pods[name] = Pod(name, process, out, err, port)
+        pod = Pod(name, pod_name, process, out, err, port)
+        self.pods[name] = pod
+        self.history.append(pod)
         await self._call(self.api.merge_patch, jobs_path(self.namespace, name), {"status": {"active": 1}})
 
     async def _finish(self, pod: Pod, code: int) -> None:
         pod.exit_code = code
+        if code != 0 and self.restart_failed_pods:
+            failures = self.failures[pod.job] = self.failures.get(pod.job, 0) + 1
+            try:
+                job = await self._call(self.api.get, jobs_path(self.namespace, pod.job))
+            except Exception:  # deleted meanwhile
+                return
+            if failures <= int(job["spec"].get("backoffLimit", 6)):
+                await self._call(self.api.merge_patch, jobs_path(self.namespace, pod.job), {"status": {"failed": failures}})
+                await self._start(job)  # the Job controller replaces the failed pod
+                return
         condition = {"type": "Complete" if code == 0 else "Failed", "status": "True"}
         if code != 0:
             condition |= {"reason": "BackoffLimitExceeded", "message": f"the worker pod exited with code {code}"}
@@ -117,7 +137,7 @@ class FakeKubelet:
             if name not in self.jobs_seen:
                 self.jobs_seen.append(name)
                 await self._start(job)
-        for pod in self.pods.values():
+        for pod in list(self.pods.values()):
             if pod.exit_code is None and (code := pod.process.poll()) is not None:
                 await self._finish(pod, code)
 
@@ -130,7 +150,7 @@ class FakeKubelet:
                 pass
 
     def kill_all(self) -> None:
-        for pod in self.pods.values():
+        for pod in self.history:
             if pod.process.poll() is None:
                 pod.process.send_signal(signal.SIGKILL)
                 pod.process.wait(10)
@@ -138,7 +158,7 @@ class FakeKubelet:
     def output(self) -> dict[str, str]:
         """Everything every pod wrote, by ``<job> stdout|stderr``."""
         captured = {}
-        for pod in self.pods.values():
-            captured[f"{pod.job} stdout"] = pod.stdout.read_text(errors="replace")
-            captured[f"{pod.job} stderr"] = pod.stderr.read_text(errors="replace")
+        for pod in self.history:
+            captured[f"{pod.name} stdout"] = pod.stdout.read_text(errors="replace")
+            captured[f"{pod.name} stderr"] = pod.stderr.read_text(errors="replace")
         return captured
