@@ -3,8 +3,8 @@
 ``helm install`` of the chart, then the operator and a worker run exactly as the chart's
 Deployment and the operator's Job describe them (command, args, env, ServiceAccount token): the
 test plays the kubelet, with free ports instead of the fixed 8080/9090 so that test sessions can
-run side by side. Every ``helm``/``kubectl`` line of README's "Install with Helm" and "Watching a
-backfill" sections must be run here (checked at the end).
+run side by side. Every ``helm``/``kubectl`` line of README's "Install with Helm", "Watching a backfill" and
+"GitOps" sections must be run here (checked at the end).
 
 Skipped, with the reason, unless ``KUBEBUILDER_ASSETS`` holds etcd and kube-apiserver.
 """
@@ -42,7 +42,7 @@ pytestmark = [
     pytest.mark.skipif(missing_assets(ASSETS) is not None, reason=str(missing_assets(ASSETS))),
 ]
 ROOT = Path(__file__).resolve().parent.parent
-README_SECTIONS = ("Install with Helm", "Watching a backfill")
+README_SECTIONS = ("Install with Helm", "Watching a backfill", "GitOps (Argo CD, Flux)")
 NS, RELEASE_NS, NAME = "shop", "backfill-system", "customers-inactive"
 BACKFILL_CLI = str(Path(sys.executable).parent / "backfill")
 
@@ -55,7 +55,7 @@ def readme_commands() -> list[str]:
         section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
         for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                if line.startswith(("helm ", "kubectl ")):
+                if line.strip().startswith(("helm ", "kubectl ")):
                     commands.append(line.strip())
     return commands
 
@@ -241,6 +241,16 @@ def test_readme_install_and_watch_commands_with_the_charts_rbac(cluster, databas
                 process.kill()
         operator_log = log_path.read_text() if log_path.exists() else ""
         shell.outputs.append(operator_log)
+
+    # -- GitOps: the Argo CD health check goes into argocd-cm (here a bare one, as Argo CD creates it)
+    admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "argocd"}})
+    admin.create(core_path("argocd", "configmaps"), {"apiVersion": "v1", "kind": "ConfigMap",
+                                                     "metadata": {"name": "argocd-cm", "namespace": "argocd"}, "data": {"url": "https://argocd.example"}})
+    shell.readme("kubectl -n argocd patch configmap argocd-cm")
+    data = admin.get(core_path("argocd", "configmaps", "argocd-cm"))["data"]
+    lua = (ROOT / "charts" / "backfill-operator" / "argocd" / "health.lua").read_text()
+    assert data["resource.customizations.health.backfill.dev_Backfill"].strip() == lua.strip()
+    assert data["url"] == "https://argocd.example"  # a merge: the rest of argocd-cm stays
 
     # -- namespaced mode: the operator's ClusterRole gives way to a Role in the namespace ---
     shell.readme("helm upgrade backfill-operator charts/backfill-operator")
