@@ -59,6 +59,9 @@ class Controller:
             return
         if event_type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
             self.known.pop(uid, None)  # its Jobs go with it (owner references)
+            if event_type == "DELETED":
+                with self._guard:
+                    self._locks.pop(uid, None)
             return
         self.known[uid] = dict(body)
         self.reconcile_one(body)
