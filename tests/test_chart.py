@@ -27,10 +27,11 @@ CHART = ROOT / "charts" / "backfill-operator"
 RELEASE, NAMESPACE = "bf", "backfill-system"
 # Oldest and newest schema sets kubernetes-validate ships: the chart must fit both.
 K8S_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
-NOT_BUILT_IN = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
+NOT_BUILT_IN = {("monitoring.coreos.com/v1", kind) for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")}
 
 NAMESPACED = ["--set", "watchNamespaces={shop,billing}"]
-MONITORING = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"]
+MONITORING = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
+              "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.grafanaDashboard.enabled=true"]
 
 
 @pytest.fixture(scope="module")
