@@ -185,3 +185,45 @@ async def test_at_least_once_mode_keeps_progress_in_the_status(api, database):
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM customers WHERE status = 'inactive'").fetchone()[0] == 2000
         assert conn.execute("SELECT to_regclass('backfill.checkpoints')").fetchone()[0] is None
+
+
+async def test_worker_cli_on_sigterm_finishes_the_batch_and_exits_0(kmock, api, database, tmp_path):
+    """The pod's container command, SIGTERMed mid-run (pod deletion, drain, Backfill deletion)."""
+    import os
+    import signal
+    import subprocess
+
+    import yaml
+
+    make_table(database)
+    slow = {"size": 50, "minSize": 10, "maxSize": 1000, "targetDuration": "0", "pause": "100ms"}
+    await call(api.create, backfill_path(NS), backfill("bf", batch=slow))
+    kubeconfig = tmp_path / "kubeconfig"  # kmock needs no credentials
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+        "users": [{"name": "anonymous", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "anonymous"}}],
+    }))
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "BACKFILL_DSN": database, "BACKFILL_RUN": "1",
+           "BACKFILL_LOG_FORMAT": "json", "BACKFILL_LOG_LEVEL": "INFO"}
+    env.pop("BACKFILL_METRICS_PORT", None)
+    cli = str(Path(sys.executable).parent / "backfill")
+    worker = subprocess.Popen([cli, "worker", "--namespace", NS, "--name", "bf", "--shard", "0"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            shard = ((await call(api.get, backfill_path(NS, "bf"))).get("status") or {}).get("shards", {}).get("0", {})
+            if shard.get("rowsUpdated", 0) >= 100:
+                break
+        worker.send_signal(signal.SIGTERM)
+        output, _ = await call(worker.communicate, timeout=60)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, output.decode(errors="replace")[-2000:]
+    shard = (await call(api.get, backfill_path(NS, "bf")))["status"]["shards"]["0"]
+    state = table_state(database)
+    assert shard["state"] == "paused" and state["twice"] == 0
+    assert 0 < state["once"] < 2000 and state["once"] == shard["rowsUpdated"]
+    assert b"canary" not in output.lower()

@@ -54,7 +54,7 @@ async def call(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
-async def eventually(probe: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+async def eventually(probe: Callable[[], Any], what: str, timeout: float = 45.0) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     last: Any = None
     while True:
