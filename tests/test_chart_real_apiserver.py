@@ -151,6 +151,11 @@ def test_readme_install_and_watch_commands_with_the_charts_rbac(cluster, databas
     shell.readme("kubectl create namespace shop")
     shell.readme("helm install backfill-operator charts/backfill-operator")
     shell.readme("kubectl apply --validate=warn -f charts/backfill-operator/crds/")
+    # Every example is accepted by the real API server's validation of the installed CRD.
+    for example in sorted((ROOT / "examples").glob("*/backfill.yaml")):
+        dry_run = subprocess.run([str(kubectl), "apply", "--dry-run=server", "-f", str(example)],
+                                 env=shell.env, capture_output=True, text=True, timeout=60)
+        assert dry_run.returncode == 0 and "(server dry run)" in dry_run.stdout, f"{example}: {dry_run.stderr}"
     deployment = admin.get(f"/apis/apps/v1/namespaces/{RELEASE_NS}/deployments/backfill-operator")
     pod_spec = deployment["spec"]["template"]["spec"]
     assert admin.get(core_path(NS, "serviceaccounts", "backfill-worker"))  # worker.namespaces={shop}
