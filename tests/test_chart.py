@@ -68,9 +68,11 @@ def test_helm_is_the_expected_release(helm):
 def test_chart_crds_are_identical_to_the_repository_crds():
     repo = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
     chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
-    assert chart.keys() == repo.keys(), "copy crds/*.yaml into charts/backfill-operator/crds/"
+    fix = "run: cp crds/*.yaml charts/backfill-operator/crds/"
+    assert repo, "crds/ holds no CRD"
+    assert chart.keys() == repo.keys(), fix
     for name in repo:
-        assert chart[name] == repo[name], f"charts/backfill-operator/crds/{name} differs from crds/{name}: copy it again"
+        assert chart[name] == repo[name], f"charts/backfill-operator/crds/{name} differs from crds/{name}: {fix}"
 
 
 @pytest.mark.parametrize("values", [[], NAMESPACED, MONITORING, [*NAMESPACED, *MONITORING]],
