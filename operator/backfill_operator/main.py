@@ -29,6 +29,9 @@ log = logging.getLogger("backfill.operator")
 def connection_info(api: KubeApi) -> kopf.ConnectionInfo:
     """kopf's credentials from the same configuration our own client uses (one source)."""
     c = api.configuration
+    if c.refresh_api_key_hook is not None:
+        # In-cluster ServiceAccount tokens rotate; kopf calls this again on a 401.
+        c.refresh_api_key_hook(c)
     token = (c.api_key or {}).get("authorization") or (c.api_key or {}).get("BearerToken")
     if token and token.lower().startswith("bearer "):
         token = token[7:]
