@@ -247,3 +247,15 @@ async def test_two_shards_run_by_two_workers_change_every_row_once(api, database
     assert {s: status["shards"][s]["state"] for s in ("0", "1")} == {"0": "done", "1": "done"}
     assert status["shards"]["0"]["rowsUpdated"] + status["shards"]["1"]["rowsUpdated"] == 2000
     assert "progress" not in status, "with several shards the operator aggregates, not the workers"
+
+
+async def test_dry_run_plans_changes_nothing_and_reports_done(api, database):
+    make_table(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("ANALYZE customers")  # the plan's estimates come from the statistics
+    await call(api.create, backfill_path(NS), backfill("bf", dryRun=True))
+    assert await call(run_worker, api, NS, "bf", 0, database, run=1, poll_seconds=0.2, patch_interval=0.2) == 0
+    shard = (await call(api.get, backfill_path(NS, "bf")))["status"]["shards"]["0"]
+    assert shard["state"] == "done" and shard.get("rowsUpdated", 0) == 0
+    assert 1000 <= shard["remainingMatches"] <= 3000  # the planner's estimate of rows to change (2000 exactly)
+    assert table_state(database)["once"] == 0
