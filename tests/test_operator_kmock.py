@@ -218,3 +218,19 @@ async def test_operator_metrics_and_liveness_are_served(cluster, caplog):
         health = await call(_scrape, f"http://127.0.0.1:{liveness_port}/healthz")
         assert health is not None
     assert PASSWORD not in caplog.text and PASSWORD not in text
+
+
+async def test_a_foreign_job_with_the_planned_name_is_not_adopted(cluster):
+    kmock, api = cluster
+    await call(api.create, core_path(NS, "secrets"), secret())
+    foreign = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "taken-s0-r1", "namespace": NS},
+               "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": "busybox"}]}}}}
+    await call(api.create, jobs_path(NS), foreign)
+    with operator_running(config(kmock)):
+        await call(api.create, backfill_path(NS), backfill("taken"))
+        stalled = await eventually(
+            lambda: (b := api.get(backfill_path(NS, "taken"))).get("status", {}).get("conditions") and condition(b, "Stalled")["status"] == "True" and b,
+            "Stalled: JobNameTaken",
+        )
+        assert condition(stalled, "Stalled")["reason"] == "JobNameTaken"
+        assert "ownerReferences" not in (await call(api.get, jobs_path(NS, "taken-s0-r1")))["metadata"]

@@ -166,10 +166,11 @@ def test_effective_spec_keeps_the_applied_change_and_live_tunables():
 # -- reconcile ---------------------------------------------------------------------------------
 
 
-def observe(*, raw_spec=None, status=None, jobs_=(), annotations=None, secret=None, generation=1) -> Observed:
+def observe(*, raw_spec=None, status=None, jobs_=(), annotations=None, secret=None, generation=1, job_conflict="") -> Observed:
     return Observed(
         name="bf", namespace="ns", uid=UID, generation=generation, raw_spec=raw_spec or SPEC,
         annotations=annotations or {}, status=status or {}, jobs=list(jobs_), now="2026-11-28T00:00:00Z", secret=secret,
+        job_conflict=job_conflict,
     )
 
 
@@ -294,3 +295,9 @@ def test_empty_strings_travel_as_deletions_and_compare_as_absent():
     assert for_merge_patch(patch) == {"message": None, "progress": {"eta": None, "rowsUpdated": 1}, "conditions": [{"type": "Ready"}]}
     stored = {"progress": {"rowsUpdated": 1}, "conditions": [{"type": "Ready"}]}
     assert status_patch(stored, {"progress": {"eta": "", "rowsUpdated": 1}, "conditions": [{"type": "Ready", "message": ""}]}) == {}
+
+
+def test_a_foreign_job_of_the_same_name_stalls_instead_of_being_adopted():
+    plan = reconcile(observe(secret=SecretCheck(True), job_conflict="Job ns/bf-s0-r1 exists and does not belong to this Backfill"))
+    assert not plan.create_jobs and cond(plan, "Stalled")["reason"] == "JobNameTaken"
+    assert plan.status["phase"] == "Pending"

@@ -31,6 +31,10 @@ from .reconcile import EventSpec, Observed, Plan, SecretCheck, reconcile, status
 log = logging.getLogger("backfill.operator")
 
 
+class JobNameTaken(Exception):
+    """A Job with the deterministic name exists but another owner's: never adopt or touch it."""
+
+
 def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -120,8 +124,12 @@ class Controller:
         if plan.annotations:
             # Before any Job exists: workers read the applied spec from here.
             self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}})
-        for job in plan.create_jobs:
-            self._create_job(namespace, uid, job)
+        try:
+            for job in plan.create_jobs:
+                self._create_job(namespace, uid, job)
+        except JobNameTaken as conflict:
+            plan = reconcile(replace(observed, secret=SecretCheck(True), job_conflict=str(conflict)), self.defaults)
+            plan = replace(plan, create_jobs=[], delete_jobs=[])
         for job_name in plan.delete_jobs:
             try:
                 self.api.delete(jobs_path(namespace, job_name))
@@ -149,7 +157,9 @@ class Controller:
             # adopt it, never duplicate it. Someone else's Job of that name is a hard error.
             existing = self.api.get(jobs_path(namespace, job_name))
             if not jobs_mod.owned_by(existing, uid):
-                raise KubeApiError(409, "AlreadyExists", f"Job {job_name} exists and is not owned by this Backfill") from None
+                raise JobNameTaken(
+                    f"Job {namespace}/{job_name} exists and does not belong to this Backfill: delete or rename it"
+                ) from None
             log.info("adopted existing Job %s/%s", namespace, job_name)
 
     def check_secret(self, namespace: str, raw_spec: Mapping[str, Any]) -> SecretCheck:

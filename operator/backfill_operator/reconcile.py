@@ -54,6 +54,8 @@ class Observed:
     now: str
     secret: SecretCheck | None = None
     """None: not looked up yet (only needed before creating Jobs)."""
+    job_conflict: str = ""
+    """Set when a Job of the planned name exists but belongs to someone else."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.W
         parallelism = spec.parallelism
         previous_stall = find(status.get("conditions"), STALLED) or {}
         run_failed = previous_phase == "Failed" and previous_stall.get("reason") not in (
-            "InvalidSpec", "SecretNotFound", "SecretKeyNotFound", None,
+            "InvalidSpec", "SecretNotFound", "SecretKeyNotFound", "JobNameTaken", None,
         )
         if previous_phase == "Succeeded":
             phase = "Succeeded"
@@ -190,6 +192,9 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.W
                 if not observed.secret.ok:
                     stall = Stall(observed.secret.reason, observed.secret.message)
                     phase = "Running" if running else "Pending"
+                elif observed.job_conflict:
+                    stall = Stall("JobNameTaken", observed.job_conflict)
+                    phase = "Running" if running else "Pending"
                 else:
                     run += 1
                     for shard in needs_job:
@@ -233,7 +238,7 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.W
     previous_reason = (find(status.get("conditions"), STALLED) or {}).get("reason") if (find(status.get("conditions"), STALLED) or {}).get("status") == "True" else None
     if stall is not None and stall.reason != previous_reason and phase != "Failed":
         events.append(EventSpec("Warning", stall.reason, stall.message))
-    if stall is None and previous_reason in ("ImmutableFieldChanged", "SecretNotFound", "SecretKeyNotFound", "InvalidSpec"):
+    if stall is None and previous_reason in ("ImmutableFieldChanged", "SecretNotFound", "SecretKeyNotFound", "InvalidSpec", "JobNameTaken"):
         events.append(EventSpec("Normal", "Resolved", f"{previous_reason} no longer applies"))
     events += [EventSpec("Normal", "JobCreated", f"created worker Job {_name(j)}") for j in create]
     events += [EventSpec("Normal", "JobDeleted", f"deleted worker Job {name} ({'suspended' if phase == 'Paused' else 'stopped'})") for name in delete]
