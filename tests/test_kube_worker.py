@@ -259,3 +259,24 @@ async def test_dry_run_plans_changes_nothing_and_reports_done(api, database):
     assert shard["state"] == "done" and shard.get("rowsUpdated", 0) == 0
     assert 1000 <= shard["remainingMatches"] <= 3000  # the planner's estimate of rows to change (2000 exactly)
     assert table_state(database)["once"] == 0
+
+
+async def test_worker_cli_reports_a_missing_backfill_without_a_traceback(kmock, api, tmp_path):
+    import os
+    import subprocess
+
+    import yaml
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "k",
+        "clusters": [{"name": "k", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+        "users": [{"name": "u", "user": {}}], "contexts": [{"name": "k", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "BACKFILL_DSN": "host=127.0.0.1 password=not-printed-7Q"}
+    env.pop("BACKFILL_METRICS_PORT", None)
+    cli = str(Path(sys.executable).parent / "backfill")
+    result = await call(subprocess.run, [cli, "worker", "--namespace", NS, "--name", "absent"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot read Backfill shop/absent" in result.stderr and "404" in result.stderr
+    assert "Traceback" not in result.stderr and "not-printed-7Q" not in result.stdout + result.stderr

@@ -40,7 +40,7 @@ def worker(
     BACKFILL_LOG_LEVEL=INFO and BACKFILL_METRICS_PORT=9090).
     """
     from backfill_worker.kube_worker import run_worker  # noqa: PLC0415
-    from backfill_worker.kubeapi import KubeApi  # noqa: PLC0415
+    from backfill_worker.kubeapi import KubeApi, KubeApiError  # noqa: PLC0415
     from backfill_worker.logs import LogListener, bind_backfill  # noqa: PLC0415
     from backfill_worker.metrics import process_listener  # noqa: PLC0415
     from backfill_worker.secrets import register_dsn  # noqa: PLC0415
@@ -59,6 +59,9 @@ def worker(
     api = KubeApi.from_environment(kubeconfig)
     try:
         code = run_worker(api, namespace, name, shard, dsn, run=run, listeners=listeners)
+    except KubeApiError as error:  # e.g. the Backfill is gone, or RBAC denies the read: no traceback
+        typer.echo(f"error: cannot read Backfill {namespace}/{name}: {error}", err=True)
+        code = 1
     finally:
         api.close()
     raise typer.Exit(code)
