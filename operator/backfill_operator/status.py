@@ -108,7 +108,7 @@ def for_merge_patch(value: Any, *, in_list: bool = False) -> Any:
     ``null`` would be a value). Readers treat a missing field as empty.
     """
     if isinstance(value, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for key, item in value.items():
             if item == "":
                 if not in_list:

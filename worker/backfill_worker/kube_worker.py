@@ -21,7 +21,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -121,7 +121,9 @@ class KubeControl:
                 log.warning("could not read Backfill %s/%s: %s", self._namespace, self._name, type(error).__name__)
 
 
-def shard_status(progress: ShardProgress, *, run: int | None, error_reason: str = "", secrets: list[str] = ()) -> dict[str, Any]:
+def shard_status(
+    progress: ShardProgress, *, run: int | None, error_reason: str = "", secrets: Sequence[str] = ()
+) -> dict[str, Any]:
     """``status.shards.<i>`` from the folded events (PURE). ``None`` values delete the key (merge patch)."""
     eta = progress.eta_seconds
     status: dict[str, Any] = {
@@ -279,9 +281,9 @@ def run_worker(
         return error.exit_code
     spec = backfill.spec
     if not 0 <= shard < spec.parallelism:
-        error = ManifestError(f"Backfill {namespace}/{name}", [f"--shard {shard}: spec.parallelism is {spec.parallelism}"])
-        _report_failure(api, namespace, name, shard, run, error, secrets)
-        return error.exit_code
+        out_of_range = ManifestError(f"Backfill {namespace}/{name}", [f"--shard {shard}: spec.parallelism is {spec.parallelism}"])
+        _report_failure(api, namespace, name, shard, run, out_of_range, secrets)
+        return out_of_range.exit_code
     control = KubeControl(api, namespace, name, obj.get("metadata", {}).get("uid"), poll_seconds=poll_seconds)
     control.observe(obj)
     reporter = StatusReporter(
