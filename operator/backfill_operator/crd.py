@@ -31,6 +31,7 @@ from backfill_worker.api import (
 from backfill_worker.durations import DURATION_PATTERN, format_duration
 
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
+CEL_INVISIBLE_FIELDS = ("key",)
 _TIMEDELTA = TypeAdapter(timedelta)
 _DROP = ("title", "additionalProperties")
 
@@ -78,9 +79,13 @@ def _immutability_rules() -> list[dict[str, str]]:
     """CEL transition rules (Kubernetes >= 1.25; older servers drop them, the operator enforces too).
 
     Written at the spec level so that adding or removing an optional field is caught as well.
+    Not for ``key``: it has no schema type (string or list), and CEL cannot see untyped fields
+    (a rule naming it would not compile and the server would refuse the whole CRD).
     """
     rules = []
     for field in IMMUTABLE_SPEC_FIELDS:
+        if field in CEL_INVISIBLE_FIELDS:
+            continue
         rule = f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
         rules.append({
             "rule": rule,
