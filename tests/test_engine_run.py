@@ -370,3 +370,15 @@ def test_empty_table_is_done_at_once(database: str) -> None:
     assert [cp.state for cp in read_checkpoints(make(table="t", set={"v": "1"}, where="v IS NULL", parallelism=3), database)] == ["done"] * 3
     plan = plan_backfill(make(table="t", set={"v": "1"}), database)
     assert plan.estimated_keys == 0 and plan.index_ok and plan.sample is None
+
+
+def test_incomplete_checkpoint_is_refused(database: str) -> None:
+    setup_sql(database, "CREATE TABLE t (id int PRIMARY KEY, v int)", "INSERT INTO t SELECT generate_series(1, 40), 0")
+    backfill = make(table="t", set={"v": "v + 1"}, parallelism=2, batch=small_batches(5))
+    control = StaticControl()
+    control.request_stop("test")
+    assert run_backfill(backfill, database, control=control).state == "paused"  # planned, nothing written
+    setup_sql(database, "DELETE FROM backfill.checkpoints WHERE shard = 1")
+    with pytest.raises(CheckpointMismatch, match=r"incomplete \(shards \[1\] missing\)"):
+        run_backfill(backfill, database)
+    assert sql_rows(database, "SELECT count(*) FROM t WHERE v <> 0") == [(0,)]

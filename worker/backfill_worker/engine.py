@@ -467,7 +467,15 @@ def _transactional_checkpoints(
     table.ensure(conn)
     found = table.load(conn, backfill.identity)
     _check_fingerprints(backfill, found)
-    if len(found) < backfill.spec.parallelism:
+    if 0 < len(found) < backfill.spec.parallelism:
+        # The plan is inserted in one transaction, so a partial set means rows were deleted by hand:
+        # re-planning the missing shards could overlap or miss the remaining shards' ranges.
+        missing = sorted(set(range(backfill.spec.parallelism)) - {cp.shard for cp in found})
+        raise CheckpointMismatch(
+            f"the checkpoint of {backfill.identity} is incomplete (shards {missing} missing): "
+            "run `backfill reset FILE` to start over"
+        )
+    if not found:
         with conn.transaction():
             locking.lock_planning(conn, backfill.identity)  # concurrent shard workers: first planner wins
             planned = sharding.plan_shards(
