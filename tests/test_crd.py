@@ -186,3 +186,46 @@ def test_backfill_crd_command_prints_the_committed_file():
     result = CliRunner().invoke(app, ["crd"])
     assert result.exit_code == 0, result.output
     assert result.stdout == CRD_FILE.read_text()
+
+
+SPEC_BEFORE = {
+    "database": {"dsnSecretRef": {"name": "shop-db", "key": "dsn"}}, "table": "public.customers",
+    "set": {"status": "'inactive'"}, "where": "status IS NULL", "parallelism": 1,
+    "checkpoint": {"schema": "backfill", "mode": "transactional"}, "batch": {"size": 1000}, "suspend": False,
+}
+EDITS = [
+    ({"batch": {"size": 5000}}, True),
+    ({"suspend": True}, True),
+    ({"limits": {"maxRowsPerSecond": 100}}, True),
+    ({"table": "public.other"}, False),
+    ({"set": {"status": "'gone'"}}, False),
+    ({"set": {"status": "'inactive'", "extra": "1"}}, False),
+    ({"where": "true"}, False),
+    ({"parallelism": 2}, False),
+    ({"checkpoint": {"schema": "other", "mode": "transactional"}}, False),
+    ({"database": {"dsnSecretRef": {"name": "other-db", "key": "dsn"}}}, False),
+]
+
+
+@pytest.mark.parametrize(("edit", "allowed"), EDITS, ids=[next(iter(e)) + ("-ok" if a else "-refused") for e, a in EDITS])
+def test_cel_rules_evaluate_as_intended(edit, allowed):
+    """Compile and run the transition rules with a CEL interpreter (servers >= 1.25 run them)."""
+    import celpy
+
+    env = celpy.Environment()
+    rules = openapi_schema()["properties"]["spec"]["x-kubernetes-validations"]
+    after = {**SPEC_BEFORE, **edit}
+    activation = {"self": celpy.json_to_cel(after), "oldSelf": celpy.json_to_cel(SPEC_BEFORE)}
+    results = {r["message"]: bool(env.program(env.compile(r["rule"])).evaluate(activation)) for r in rules}
+    assert all(results.values()) is allowed, results
+
+
+def test_cel_rules_catch_adding_or_removing_an_optional_field():
+    import celpy
+
+    env = celpy.Environment()
+    rules = openapi_schema()["properties"]["spec"]["x-kubernetes-validations"]
+    without_where = {k: v for k, v in SPEC_BEFORE.items() if k != "where"}
+    for before, after in ((SPEC_BEFORE, without_where), (without_where, SPEC_BEFORE)):
+        activation = {"self": celpy.json_to_cel(after), "oldSelf": celpy.json_to_cel(before)}
+        assert not all(bool(env.program(env.compile(r["rule"])).evaluate(activation)) for r in rules)
