@@ -248,7 +248,9 @@ def test_suspend_deletes_jobs_and_resume_starts_the_next_run():
     assert cond(paused, "Ready")["reason"] == "Suspended"
     resumed = reconcile(observe(status={**status, **paused.status}, secret=SecretCheck(True)))
     assert [j["metadata"]["name"] for j in resumed.create_jobs] == ["bf-s0-r2"]
-    assert resumed.status["phase"] == "Running"
+    assert resumed.status["phase"] == "Pending", "the stale report of run 1 does not make run 2 Running"
+    reporting = {**status, **resumed.status, "shards": {"0": {"state": "running", "run": 2}}}
+    assert reconcile(observe(status=reporting, jobs_=[job(0, 2, {"active": 1})])).status["phase"] == "Running"
 
 
 def test_job_completed_without_done_shard_is_relaunched():

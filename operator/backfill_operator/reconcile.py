@@ -179,7 +179,7 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.W
                 else:
                     # Running means a worker reports work; an active Job may still be an
                     # unscheduled Pod (image pull, no capacity), which is Pending to a human.
-                    running = running or report.get("state") == "running"
+                    running = running or (report.get("state") == "running" and same_run)
             if failures:
                 phase = "Failed"
                 failed_message = "; ".join(failures)
@@ -204,7 +204,7 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.W
                         ))
                     if applied is None:
                         annotations[APPLIED_SPEC_ANNOTATION] = encode_applied(immutable_view(spec))
-                    phase = "Running" if running or previous_phase in ("Running", "Paused") else "Pending"
+                    phase = "Running" if running else "Pending"
             else:
                 phase = "Running" if running else "Pending"
         progress = aggregate_progress(shards, parallelism, succeeded=phase == "Succeeded")
