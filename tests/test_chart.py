@@ -287,3 +287,16 @@ def test_every_environment_variable_the_chart_sets_is_read_by_the_operator(helm)
     for name in names:
         if name.startswith("BACKFILL_"):
             assert name in envvars or f'"{name}"' in sources, f"the chart sets {name} but nothing reads it"
+
+
+def test_versions_agree_across_package_chart_and_image():
+    import tomllib  # noqa: PLC0415
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == version
+    assert f"ARG VERSION={version}" in (ROOT / "Dockerfile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jobs = importlib.import_module("backfill_operator.jobs")
+    # The operator's built-in worker image default is the chart's default image.
+    assert jobs.WorkerDefaults().image == f"{values['image']['repository']}:{version}"
