@@ -244,7 +244,7 @@ async def test_cluster_status_events_logs_metrics_never_hold_the_password(
     unreachable = f"postgresql://postgres:{CANARY_PASSWORD}@127.0.0.1:{free_port()}/nowhere"
     for name, dsn in (("db", database), ("db-unreachable", unreachable)):
         await call(api.create, core_path(NS, "secrets"), secret(name, dsn))
-    slow = {"size": 500, "minSize": 100, "maxSize": 500, "targetDuration": "0s", "pause": "20ms"}
+    slow = {"size": 500, "minSize": 100, "maxSize": 500, "targetDuration": "0s", "pause": "40ms"}
     backfills = {
         "good": ledger.manifest("good", database={"dsnSecretRef": {"name": "db"}}, batch=slow),
         "bad-where": ledger.manifest("bad-where", database={"dsnSecretRef": {"name": "db"}}, where="nope > 1"),

@@ -60,7 +60,7 @@ async def test_operator_restart_mid_run_no_second_job_and_exact_result(kmock, da
     document = ledger.manifest(
         NAME,
         database={"dsnSecretRef": {"name": "db", "key": "dsn"}},
-        batch={"size": 1_000, "minSize": 100, "maxSize": 1_000, "targetDuration": "0s", "pause": "15ms"},
+        batch={"size": 1_000, "minSize": 100, "maxSize": 1_000, "targetDuration": "0s", "pause": "40ms"},
     )
     document["metadata"]["namespace"] = NS
     await call(api.create, core_path(NS, "secrets"), secret(database))
