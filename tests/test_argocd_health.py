@@ -1,4 +1,5 @@
-"""The Argo CD health check (Lua), run by a real Lua 5.1 interpreter (Argo CD's gopher-lua is 5.1)."""
+"""GitOps health rules: the Argo CD health check (Lua, run by a real Lua 5.1 interpreter, the
+dialect of Argo CD's gopher-lua) and the Flux healthCheckExprs (CEL, run by cel-python)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,47 @@ def test_conditions_as_the_operator_writes_them(phase, stall, expected):
     state, got = health(backfill({"phase": phase, "observedGeneration": 3, "message": message, "conditions": conditions}))
     assert state == expected
     assert message in got
+
+
+# -- Flux: the healthCheckExprs (CEL) documented in docs/flux/README.md ----------------------------
+
+FLUX_DOC = ROOT / "docs" / "flux" / "README.md"
+
+
+def flux_expressions() -> dict[str, str]:
+    import re  # noqa: PLC0415
+
+    documents = [d for block in re.findall(r"```yaml\n(.*?)```", FLUX_DOC.read_text(), flags=re.S)
+                 for d in yaml.safe_load_all(block)]
+    for document in documents:
+        checks = (document.get("spec") or {}).get("healthCheckExprs") if isinstance(document, dict) else None
+        if checks:
+            (check,) = [c for c in checks if c["kind"] == "Backfill"]
+            assert check["apiVersion"] == "backfill.dev/v1alpha1"
+            return {k: check[k] for k in ("inProgress", "failed", "current")}
+    raise AssertionError("docs/flux/README.md has no healthCheckExprs block for Backfill")
+
+
+def flux_status(obj: dict[str, Any]) -> str:
+    """What Flux concludes: the first of inProgress, failed, current that is true (else InProgress)."""
+    celpy = pytest.importorskip("celpy", reason="cel-python is a test dependency")
+    env = celpy.Environment()
+    activation = {key: celpy.json_to_cel(value) for key, value in obj.items()}
+    for state, expression in flux_expressions().items():
+        if env.program(env.compile(expression)).evaluate(activation):
+            return state
+    return "inProgress"
+
+
+@pytest.mark.parametrize(("status", "generation", "expected"), [
+    (None, 1, "inProgress"),
+    ({}, 1, "inProgress"),
+    ({"phase": "Pending", "observedGeneration": 1}, 1, "inProgress"),
+    ({"phase": "Running", "observedGeneration": 1}, 1, "inProgress"),
+    ({"phase": "Paused", "observedGeneration": 1}, 1, "inProgress"),  # a paused backfill must hold dependents
+    ({"phase": "Succeeded", "observedGeneration": 1}, 2, "inProgress"),  # newer spec not yet observed
+    ({"phase": "Succeeded", "observedGeneration": 2}, 2, "current"),
+    ({"phase": "Failed", "observedGeneration": 2}, 2, "failed"),
+])
+def test_flux_health_expressions_gate_on_succeeded_only(status, generation, expected):
+    assert flux_status(backfill(status, generation=generation)) == expected
