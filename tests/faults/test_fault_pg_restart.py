@@ -58,3 +58,59 @@ def test_engine_survives_restarts_of_postgres(own_server: LocalPostgres, mode: s
         reconnect_retries=len(connection_retries),
         restart_seconds_max=round(max(restart_seconds), 2),
     )
+
+
+@pytest.mark.slow
+def test_engine_survives_its_sessions_being_terminated_over_and_over(database: str) -> None:
+    """``pg_terminate_backend`` on the engine's session every 30-150 ms for the whole run: many
+    of the kills land inside a batch transaction or on its COMMIT (whose acknowledgement is then
+    lost: the engine must re-read its checkpoint to know whether the batch counted)."""
+    import random
+    import threading
+
+    import psycopg
+
+    ledger.seed(database, ROWS)
+    document = ledger.manifest(
+        "terminated",
+        batch={"size": BATCH, "minSize": 100, "maxSize": BATCH, "targetDuration": "0s"},
+        limits={"maxRetries": 50},
+    )
+    engine = EngineThread(document, database)
+    stop = threading.Event()
+    kills: list[str] = []
+
+    def killer() -> None:
+        rng = random.Random()
+        with psycopg.connect(database, autocommit=True) as conn:
+            while not stop.wait(rng.uniform(0.03, 0.15)):
+                rows = conn.execute(
+                    "SELECT pg_terminate_backend(pid), state FROM pg_stat_activity"
+                    " WHERE application_name LIKE 'backfill faults/terminated%'"
+                ).fetchall()
+                kills.extend(state for killed, state in rows if killed)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    engine.start()
+    engine.wait_for_batches(1)  # past validation and planning (a kill there is a plain failure to start)
+    thread.start()
+    try:
+        report = engine.join(timeout=180)
+    finally:
+        stop.set()
+        thread.join(10)
+
+    assert report.state == "done"
+    assert len(kills) >= 20, f"only {len(kills)} sessions terminated"
+    result = ledger.check(database)
+    result.assert_exact()
+    assert report.rows_updated == result.matching
+    in_transaction = sum(state in ("active", "idle in transaction") for state in kills)
+    ledger.report(
+        "engine session terminated (pg_terminate_backend) every 30-150 ms",
+        faults_injected=len(kills),
+        runs=1,
+        ledger=result,
+        kills_while_active_or_in_transaction=in_transaction,
+        reconnect_retries=sum(r.error_kind == CONNECTION for r in engine.retries()),
+    )
