@@ -98,10 +98,14 @@ def test_level_filters_and_reconfiguring_does_not_duplicate_lines(stream):
 def test_kopf_object_references_become_namespace_and_name(stream):
     configure_logging("json", stream=stream)
     logging.getLogger("kopf.objects").info(
-        "Handler succeeded.", extra={"k8s_ref": {"namespace": "billing", "name": "fix-totals", "uid": "u1"}}
+        "Handler succeeded.",
+        extra={"k8s_ref": {"namespace": "billing", "name": "fix-totals", "uid": "u1"}, "k8s_skip": False,
+               "settings": object(), "attempt": 2},
     )
     (line,) = json_lines(stream)
     assert (line["namespace"], line["name"]) == ("billing", "fix-totals")
+    assert not {"k8s_ref", "k8s_skip", "settings"} & line.keys()  # kopf internals stay out of the line
+    assert line["attempt"] == 2  # other extras are kept
 
 
 def test_unknown_format_is_rejected_with_the_choices():

@@ -84,6 +84,17 @@ def _scrub_fields(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return {key: _scrub_value(value) for key, value in ordered.items()}
 
 
+# kopf's per-object loggers pass these as ``extra``: the reference is lifted into namespace/name
+# above, and the settings object would only add a large repr to every line.
+_KOPF_EXTRAS = ("k8s_ref", "k8s_skip", "settings")
+
+
+def _drop_kopf_extras(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    for key in _KOPF_EXTRAS:
+        event.pop(key, None)
+    return event
+
+
 class _Redacting:
     """Wraps the final renderer: whatever it produced is scrubbed before it reaches the stream."""
 
@@ -129,7 +140,7 @@ def configure_logging(
     _STATIC_FIELDS.update({k: v for k, v in (fields or {}).items() if v is not None})
 
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*_shared_processors(), _lift_kopf_object, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*_shared_processors(), _lift_kopf_object, structlog.stdlib.ExtraAdder(), _drop_kopf_extras],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
