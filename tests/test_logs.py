@@ -106,6 +106,8 @@ def test_kopf_object_references_become_namespace_and_name(stream):
     assert (line["namespace"], line["name"]) == ("billing", "fix-totals")
     assert not {"k8s_ref", "k8s_skip", "settings"} & line.keys()  # kopf internals stay out of the line
     assert line["attempt"] == 2  # other extras are kept
+    logging.getLogger("aiohttp.access").info('127.0.0.1 "GET /healthz HTTP/1.1" 200')  # liveness probes
+    assert len(json_lines(stream)) == 1
 
 
 def test_unknown_format_is_rejected_with_the_choices():

@@ -156,6 +156,8 @@ def configure_logging(
     handler._backfill_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
+    # kopf's liveness endpoint is aiohttp: one access line per kubelet probe is noise, not news.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
     structlog.configure(
         processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
