@@ -66,6 +66,13 @@ class Env:
     def __repr__(self) -> str:  # failure reports show fixtures' values: never the DSNs
         return "Env(<DSNs hidden>)"
 
+    @property
+    def admin(self) -> str:
+        """The superuser DSN (checksums, preparation)."""
+        dsn = self.dsn["super"]
+        assert dsn is not None
+        return dsn
+
 
 @pytest.fixture(scope="module")
 def env(pg_server: LocalPostgres) -> Iterator[Env]:
@@ -248,16 +255,16 @@ def test_bad_input_fails_clearly_and_changes_nothing(case: Case, env: Env, tmp_p
         original = copy.deepcopy(PREPARE[name])
         original["metadata"]["name"] = case.id
         prepared.write_text(yaml.safe_dump(original))
-        assert invoke(prepared, env.dsn["super"]).exit_code == 0
+        assert invoke(prepared, env.admin).exit_code == 0
     path = tmp_path / "bad.yaml"
     if case.raw is not None:
         path.write_text(case.raw)
     else:
-        document = copy.deepcopy(case.document)
+        document = copy.deepcopy(case.document) or {}
         if isinstance(document.get("metadata"), dict) and document["metadata"].get("name") == "catalogue":
             document["metadata"]["name"] = case.id  # one identity per case: no case sees another's checkpoint
         path.write_text(yaml.safe_dump(document, sort_keys=False))
-    before = snapshot(env.dsn["super"])
+    before = snapshot(env.admin)
 
     result = invoke(path, env.dsn[case.dsn], *case.args)
 
@@ -267,11 +274,11 @@ def test_bad_input_fails_clearly_and_changes_nothing(case: Case, env: Env, tmp_p
         assert expected in output, f"{expected!r} missing from: {output}"
     assert "Traceback" not in output
     assert_absent(env.secrets, {"cli output": output})
-    after = snapshot(env.dsn["super"])
+    after = snapshot(env.admin)
     if case.expect_exit == 1:
         # The run started: its plan is recorded, but no batch committed.
         runtime = f"{RUNTIME_CHECKPOINTS}.checkpoints"
-        with psycopg.connect(env.dsn["super"], autocommit=True) as conn:
+        with psycopg.connect(env.admin, autocommit=True) as conn:
             recorded = conn.execute(
                 sql.SQL("SELECT rows_updated, batches, last_key FROM {} WHERE identity = %s").format(
                     sql.Identifier(RUNTIME_CHECKPOINTS, "checkpoints")),
@@ -396,11 +403,11 @@ async def test_operator_path_bad_input_is_a_condition_and_changes_nothing(kmock,
     declare_resources(kmock)
     api = KubeApi.from_environment(server=str(kmock.url))
     to_thread = asyncio.to_thread
-    for name, dsn in (("db", env.dsn["super"]), ("db-wrong", env.dsn["wrongpw"])):
+    for name, dsn in (("db", env.admin), ("db-wrong", env.dsn["wrongpw"])):
         await to_thread(api.create, core_path(KNS, "secrets"), {
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": KNS},
             "data": {"dsn": base64.b64encode(str(dsn).encode()).decode()}})
-    before = await to_thread(snapshot, env.dsn["super"])
+    before = await to_thread(snapshot, env.admin)
     kubelet = FakeKubelet(api, KNS, write_kubeconfig(tmp_path, str(kmock.url)), tmp_path)
     stop = asyncio.Event()
     kubelet_task = asyncio.create_task(kubelet.run(stop))
@@ -416,9 +423,9 @@ async def test_operator_path_bad_input_is_a_condition_and_changes_nothing(kmock,
             while len(results) < len(KUBE_CATALOGUE) and asyncio.get_running_loop().time() < deadline:
                 for case in KUBE_CATALOGUE:
                     obj = await to_thread(api.get, backfill_path(KNS, case.id))
-                    stalled = [c for c in (obj.get("status") or {}).get("conditions") or []
-                               if c["type"] == "Stalled" and c["status"] == "True"]
-                    if stalled and (not case.job or obj["status"].get("phase") == "Failed"):
+                    stalled_now = [c for c in (obj.get("status") or {}).get("conditions") or []
+                                   if c["type"] == "Stalled" and c["status"] == "True"]
+                    if stalled_now and (not case.job or obj["status"].get("phase") == "Failed"):
                         results[case.id] = obj
                 await asyncio.sleep(0.3)
         jobs = list(kubelet.jobs_seen)  # every Job ever created (the operator may delete failed ones)
@@ -443,5 +450,5 @@ async def test_operator_path_bad_input_is_a_condition_and_changes_nothing(kmock,
     # Exactly the worker-side cases ever got a Job (kmock's request log: nothing missed by polling).
     posted = [r for r in kmock if r.method == "POST" and str(r.url.path).endswith("/jobs")]
     assert len(posted) == sum(case.job for case in KUBE_CATALOGUE)
-    assert await to_thread(snapshot, env.dsn["super"]) == before, "rows or checkpoints changed"
+    assert await to_thread(snapshot, env.admin) == before, "rows or checkpoints changed"
     assert_absent(env.secrets, kubelet.output())

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import json
 import logging
-import re
 import sys
 import time
 import traceback
@@ -25,7 +24,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 from psycopg.conninfo import conninfo_to_dict
 
 from backfill_operator.main import OperatorConfig
