@@ -30,8 +30,8 @@ FIELDS = {"namespace": "shop", "name": "customers-inactive", "shard": 0}
 @pytest.fixture
 def stream() -> Iterator[io.StringIO]:
     """Configure logging onto a buffer; put the root logger and structlog back afterwards."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
+    root, access = logging.getLogger(), logging.getLogger("aiohttp.access")
+    saved_handlers, saved_level, saved_access = list(root.handlers), root.level, access.level
     saved_structlog = structlog.get_config()
     buffer = io.StringIO()
     try:
@@ -39,6 +39,7 @@ def stream() -> Iterator[io.StringIO]:
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+        access.setLevel(saved_access)
         structlog.configure(**saved_structlog)
 
 
