@@ -360,10 +360,18 @@ class _Shard:
             self.prefetcher.start(upper, run_upper, self.sizer.size)  # overlaps with this batch's write
         limits = self.tuning.limits
         started = time.monotonic()
+        # Asynchronous commit for all but the last batch, in transactional mode only: the batch's
+        # data and its checkpoint are one transaction, so a server crash can only lose both together
+        # (the rerun redoes them: still exactly-once), and the backend need not wait for a WAL flush
+        # per batch (about 10% of a 30 ms batch). The last batch commits with the session's setting,
+        # which also flushes every earlier commit before the run reports ``done``.
+        asynchronous = self.table is not None and not last
         with conn.transaction():
             conn.execute(
-                "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
-                [_ms(limits.lock_timeout.total_seconds()), _ms(limits.statement_timeout.total_seconds())],
+                "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
+                "set_config('synchronous_commit', coalesce(%s, current_setting('synchronous_commit')), true)",
+                [_ms(limits.lock_timeout.total_seconds()), _ms(limits.statement_timeout.total_seconds()),
+                 "off" if asynchronous else None],
             )
             rows = conn.execute(
                 statements.update_batch(self.target, has_lower=has_lower), statements.range_params(lower, upper)
