@@ -382,3 +382,23 @@ def test_incomplete_checkpoint_is_refused(database: str) -> None:
     with pytest.raises(CheckpointMismatch, match=r"incomplete \(shards \[1\] missing\)"):
         run_backfill(backfill, database)
     assert sql_rows(database, "SELECT count(*) FROM t WHERE v <> 0") == [(0,)]
+
+
+def test_lock_lost_during_reconnect_stops_the_runner(database: str) -> None:
+    setup_sql(database, "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)", "INSERT INTO t (id) SELECT generate_series(1, 60)")
+    backfill = make(name="lost", table="t", set={"v": "v + 1"}, batch=small_batches(10))
+    thief = psycopg.connect(database, autocommit=True)
+
+    def steal_lock(event: Any) -> None:
+        if isinstance(event, BatchCommitted) and event.total_batches == 2:
+            # The runner's session dies; another runner takes the shard before it can reconnect.
+            thief.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'backfill t/lost%'")
+            thief.execute("SELECT pg_advisory_lock(hashtext('backfill:' || %s), 0)", [backfill.identity])
+
+    try:
+        with pytest.raises(AlreadyRunning, match="took over"):
+            run_backfill(backfill, database, listeners=[steal_lock])
+    finally:
+        thief.close()
+    assert sql_rows(database, "SELECT count(*) FROM t WHERE v = 1") == [(20,)]
+    assert sql_rows(database, "SELECT max(v) FROM t") == [(1,)]
