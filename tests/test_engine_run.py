@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -402,3 +404,26 @@ def test_lock_lost_during_reconnect_stops_the_runner(database: str) -> None:
         thief.close()
     assert sql_rows(database, "SELECT count(*) FROM t WHERE v = 1") == [(20,)]
     assert sql_rows(database, "SELECT max(v) FROM t") == [(1,)]
+
+
+def test_readme_checkpoint_ddl_lets_a_restricted_role_run_transactionally(database: str) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    ddl = re.search(r"\*\*Restricted roles\.\*\*.*?```sql\n(.*?)```", readme, re.S)
+    assert ddl, "README lost the checkpoint DDL"
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    password = str(psycopg.conninfo.conninfo_to_dict(database)["password"])
+    dbname = str(psycopg.conninfo.conninfo_to_dict(database)["dbname"])
+    setup_sql(
+        database,
+        f"CREATE ROLE {role} LOGIN PASSWORD '{password}'",
+        ddl.group(1).replace(" TO app;", f" TO {role};"),
+        "CREATE TABLE t (id int PRIMARY KEY, v int)",
+        "INSERT INTO t SELECT generate_series(1, 10), 0",
+        f"GRANT SELECT, UPDATE ON t TO {role}",
+        f"REVOKE CREATE ON DATABASE {dbname} FROM PUBLIC",
+    )
+    try:
+        report = run_backfill(make(table="t", set={"v": "1"}), database.replace("user=postgres", f"user={role}"))
+        assert report.state == "done" and report.rows_updated == 10
+    finally:
+        setup_sql(database, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
