@@ -427,3 +427,17 @@ def test_readme_checkpoint_ddl_lets_a_restricted_role_run_transactionally(databa
         assert report.state == "done" and report.rows_updated == 10
     finally:
         setup_sql(database, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+def test_composite_uuid_key_batches_use_the_index(database: str) -> None:
+    setup_sql(
+        database,
+        "CREATE TABLE t (tenant int, id uuid, v text, PRIMARY KEY (tenant, id))",
+        "INSERT INTO t SELECT i % 10, md5(i::text)::uuid, NULL FROM generate_series(1, 30000) i",
+        "VACUUM ANALYZE t",
+    )
+    plan = plan_backfill(make(table="t", set={"v": "'x'"}, where="v IS NULL", batch={"size": 500}), database)
+    assert {(c.statement, c.generic) for c in plan.index_checks if c.uses_index} == {
+        ("probe", False), ("probe", True), ("update", False), ("update", True)
+    }, plan.index_checks
+    assert all("t_pkey" in " ".join(c.scans) for c in plan.index_checks)
