@@ -229,7 +229,8 @@ class _Shard:
         old, new = self.tuning.batch, tuning.batch
         self.sizer = self.sizer.retune(
             min_size=new.min_size, max_size=new.max_size, target_seconds=new.target_duration.total_seconds(),
-            size=new.size if new.size != old.size else None,
+            # A new starting size, or a switch to a fixed size, applies at once.
+            size=new.size if new.size != old.size or new.target_duration.total_seconds() <= 0 else None,
         )
         self.tuning = tuning
 
