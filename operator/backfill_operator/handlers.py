@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import urllib3
 
 from backfill_worker.api import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec
 from backfill_worker.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
@@ -54,6 +55,11 @@ class Controller:
         """uid -> latest body seen, for the resync loop."""
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """No new passes (an in-flight one finishes); called when the operator shuts down."""
+        self._stopped.set()
 
     # -- triggers ---------------------------------------------------------------------------
 
@@ -72,6 +78,8 @@ class Controller:
 
     def resync(self) -> None:
         for body in list(self.known.values()):
+            if self._stopped.is_set():
+                return
             if (body.get("status") or {}).get("phase") == "Succeeded":
                 continue  # terminal: nothing to follow; a watch event still reconciles it
             self.reconcile_one(body)
@@ -86,6 +94,8 @@ class Controller:
     def reconcile_one(self, body: Mapping[str, Any]) -> Plan | None:
         meta = body.get("metadata", {})
         uid, name, namespace = str(meta.get("uid")), str(meta.get("name")), str(meta.get("namespace"))
+        if self._stopped.is_set():
+            return None
         with self._lock(uid):
             try:
                 # Re-read: the body of a queued event may be older than what the last pass wrote.
@@ -100,6 +110,11 @@ class Controller:
                 self.metrics.reconciles.labels("error").inc()
                 self.metrics.errors.labels("api").inc()
                 log.warning("reconcile of %s/%s failed: %s", namespace, name, error)
+                return None
+            except (OSError, urllib3.exceptions.HTTPError) as error:  # API unreachable: the next pass retries
+                self.metrics.reconciles.labels("error").inc()
+                self.metrics.errors.labels("api").inc()
+                log.warning("reconcile of %s/%s failed: API unreachable (%s)", namespace, name, type(error).__name__)
                 return None
             except Exception:
                 self.metrics.reconciles.labels("error").inc()

@@ -104,6 +104,7 @@ def run_operator(
             ready_flag=ready_flag,
         ))
     finally:
+        controller.stop()
         if metrics_server is not None:
             metrics_server.close()
         controller.api.close()
