@@ -21,7 +21,7 @@ from backfill_operator.main import OperatorConfig
 from backfill_worker.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
 
 from kube_support.emulator import ApiServerEmulator, declare_resources
-from kube_support.operator_thread import operator_running
+from kube_support.operator_thread import operator_running_async
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(120)]
 NS = "shop"
@@ -88,7 +88,7 @@ def config(kmock) -> OperatorConfig:
 async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(cluster):
     kmock, api = cluster
     await call(api.create, core_path(NS, "secrets"), secret())
-    with operator_running(config(kmock)):
+    async with operator_running_async(config(kmock)):
         created = await call(api.create, backfill_path(NS), backfill())
         uid = created["metadata"]["uid"]
         job = await eventually(lambda: api.get(jobs_path(NS, "customers-inactive-s0-r1")), "the worker Job")
@@ -114,7 +114,7 @@ async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(clust
         assert running["status"]["observedGeneration"] == 1
 
     # Operator restart while running: the new instance adopts, never duplicates.
-    with operator_running(config(kmock)):
+    async with operator_running_async(config(kmock)):
         await asyncio.sleep(1.5)  # several resync passes
         jobs = await call(api.list, jobs_path(NS))
         assert [j["metadata"]["name"] for j in jobs] == ["customers-inactive-s0-r1"]
@@ -141,7 +141,7 @@ async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(clust
 async def test_secret_suspend_resume_and_immutable_fields(cluster):
     kmock, api = cluster
     name = "orders-fix"
-    with operator_running(config(kmock)):
+    async with operator_running_async(config(kmock)):
         await call(api.create, backfill_path(NS), backfill(name))
         stalled = await eventually(
             lambda: (b := api.get(backfill_path(NS, name))).get("status", {}).get("conditions") and condition(b, "Stalled")["status"] == "True" and b,
@@ -204,7 +204,7 @@ async def test_operator_metrics_and_liveness_are_served(cluster, caplog):
     await call(api.create, core_path(NS, "secrets"), secret())
     cfg = OperatorConfig(namespaces=(NS,), server=str(kmock.url), metrics_port=metrics_port, resync_seconds=0.3,
                          liveness=f"http://127.0.0.1:{liveness_port}/healthz")
-    with operator_running(cfg):
+    async with operator_running_async(cfg):
         await call(api.create, backfill_path(NS), backfill("metrics-demo"))
         await eventually(lambda: api.get(jobs_path(NS, "metrics-demo-s0-r1")), "the worker Job")
         text = await eventually(
@@ -226,7 +226,7 @@ async def test_a_foreign_job_with_the_planned_name_is_not_adopted(cluster):
     foreign = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "taken-s0-r1", "namespace": NS},
                "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": "busybox"}]}}}}
     await call(api.create, jobs_path(NS), foreign)
-    with operator_running(config(kmock)):
+    async with operator_running_async(config(kmock)):
         await call(api.create, backfill_path(NS), backfill("taken"))
         stalled = await eventually(
             lambda: (b := api.get(backfill_path(NS, "taken"))).get("status", {}).get("conditions") and condition(b, "Stalled")["status"] == "True" and b,

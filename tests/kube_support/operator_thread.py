@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from backfill_operator.main import OperatorConfig, run_operator
 
@@ -33,3 +34,18 @@ def operator_running(config: OperatorConfig, *, startup_timeout: float = 30.0) -
         thread.join(timeout=30)
         if errors:
             raise errors[0]
+
+
+@asynccontextmanager
+async def operator_running_async(config: OperatorConfig, *, startup_timeout: float = 30.0) -> AsyncIterator[None]:
+    """For async tests whose event loop serves the API (kmock): start and stop off the loop.
+
+    Stopping kopf talks to the API server; joining its thread on the loop that serves that API
+    would block both until the join times out.
+    """
+    context = operator_running(config, startup_timeout=startup_timeout)
+    await asyncio.to_thread(context.__enter__)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(context.__exit__, None, None, None)
