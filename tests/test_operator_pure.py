@@ -303,3 +303,24 @@ def test_a_foreign_job_of_the_same_name_stalls_instead_of_being_adopted():
     plan = reconcile(observe(secret=SecretCheck(True), job_conflict="Job ns/bf-s0-r1 exists and does not belong to this Backfill"))
     assert not plan.create_jobs and cond(plan, "Stalled")["reason"] == "JobNameTaken"
     assert plan.status["phase"] == "Pending"
+
+
+def test_worker_defaults_come_from_the_charts_environment(monkeypatch):
+    from backfill_operator.cli_commands import worker_defaults
+
+    monkeypatch.setenv("BACKFILL_WORKER_IMAGE_PULL_POLICY", "Always")
+    monkeypatch.setenv("BACKFILL_WORKER_RESOURCES", '{"limits": {"memory": "1Gi"}}')
+    monkeypatch.setenv("BACKFILL_WORKER_SECURITY_CONTEXT", '{"runAsNonRoot": true, "readOnlyRootFilesystem": true}')
+    monkeypatch.setenv("BACKFILL_WORKER_POD_SECURITY_CONTEXT", "{}")
+    defaults = worker_defaults("team-worker", "registry.example/bf:2")
+    job = jobs.render_job(name="bf", namespace="ns", uid=UID, spec=spec(), shard=0, run=1, defaults=defaults)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "registry.example/bf:2" and container["imagePullPolicy"] == "Always"
+    assert container["resources"] == {"limits": {"memory": "1Gi"}}
+    assert container["securityContext"] == {"runAsNonRoot": True, "readOnlyRootFilesystem": True}
+    assert pod["securityContext"] == jobs.DEFAULT_POD_SECURITY_CONTEXT  # "{}" keeps the safe default
+    assert pod["serviceAccountName"] == "team-worker"
+    assert "serviceAccountName" not in jobs.render_job(
+        name="bf", namespace="ns", uid=UID, spec=spec(), shard=0, run=1, defaults=worker_defaults("", None)
+    )["spec"]["template"]["spec"]
