@@ -453,6 +453,8 @@ def _validate(conn: psycopg.Connection, backfill: Backfill, dsn: str) -> Target:
 def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int]:
     count = backfill.spec.parallelism
     selected = list(range(count)) if shards is None else list(dict.fromkeys(shards))
+    if not selected:
+        raise ValidationFailed("shard", "no shard selected: omit the shard list to run all shards")
     for shard in selected:
         if not 0 <= shard < count:
             raise ValidationFailed("shard", f"shard {shard} does not exist: spec.parallelism is {count} (shards 0..{count - 1})")
