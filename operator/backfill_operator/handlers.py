@@ -28,6 +28,7 @@ from backfill_worker.kubeapi import KubeApi, KubeApiError, backfill_path, core_p
 from . import jobs as jobs_mod
 from .metrics import OperatorMetrics
 from .reconcile import EventSpec, Observed, Plan, SecretCheck, reconcile, status_patch
+from .specdiff import decode_applied, effective_spec
 
 log = logging.getLogger("backfill.operator")
 
@@ -135,7 +136,9 @@ class Controller:
         )
         plan = reconcile(observed, self.defaults)
         if plan.needs_secret:
-            plan = reconcile(replace(observed, secret=self.check_secret(namespace, body.get("spec") or {})), self.defaults)
+            # The Secret the Jobs will use: from the applied spec when a run already started.
+            spec_for_jobs = effective_spec(body.get("spec") or {}, decode_applied(observed.annotations))
+            plan = reconcile(replace(observed, secret=self.check_secret(namespace, spec_for_jobs)), self.defaults)
         if plan.annotations:
             # Before any Job exists: workers read the applied spec from here.
             self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}})
