@@ -175,3 +175,18 @@ def test_prefetched_bound_is_used_only_for_its_range_and_a_similar_size() -> Non
     assert not usable(bound, ("100",), 500)  # nor a shrink after a slow batch
     assert not usable(bound, ("99",), 1000)  # another range (e.g. the batch failed and is retried)
     assert not usable(Bound(None, 10, None), ("1",), 10)
+
+
+def test_shard_selection() -> None:
+    from backfill_worker.engine import _shard_numbers
+    from backfill_worker.errors import ValidationFailed
+    from backfill_worker.manifest import parse_backfill
+
+    backfill = parse_backfill({"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "x"},
+                               "spec": {"table": "t", "set": {"v": "1"}, "parallelism": 3}})
+    assert _shard_numbers(backfill, None) == [0, 1, 2]
+    assert _shard_numbers(backfill, [2, 2, 0]) == [2, 0]
+    for bad in ([], [3], [-1]):
+        with pytest.raises(ValidationFailed) as caught:
+            _shard_numbers(backfill, bad)
+        assert caught.value.field == "shard"
