@@ -46,7 +46,7 @@ class Controller:
         self,
         api: KubeApi,
         *,
-        defaults: jobs_mod.WorkerDefaults = jobs_mod.WorkerDefaults(),
+        defaults: jobs_mod.WorkerDefaults = jobs_mod.DEFAULT_WORKER,
         metrics: OperatorMetrics | None = None,
     ) -> None:
         self.api = api

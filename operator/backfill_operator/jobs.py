@@ -56,6 +56,9 @@ class WorkerDefaults:
     pod_security_context: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_POD_SECURITY_CONTEXT))
 
 
+DEFAULT_WORKER = WorkerDefaults()
+
+
 def fit_name(base: str, suffix: str = "", limit: int = MAX_NAME) -> str:
     """``base + suffix`` within ``limit`` characters; when too long, truncate and add a hash of ``base``."""
     if len(base) + len(suffix) <= limit:
@@ -104,7 +107,7 @@ def render_job(
     spec: BackfillSpec,
     shard: int,
     run: int,
-    defaults: WorkerDefaults = WorkerDefaults(),
+    defaults: WorkerDefaults = DEFAULT_WORKER,
 ) -> dict[str, Any]:
     """The ``batch/v1`` Job for one shard of one run."""
     worker = spec.worker

@@ -122,7 +122,7 @@ def render(documents: list[dict[str, Any]], header: str) -> str:
 
 def render_deploy_file(name: str) -> str:
     header = (
-        f"# Generated from operator/backfill_operator/rbac.py (python -m backfill_operator.rbac deploy/). Do not edit.\n"
+        "# Generated from operator/backfill_operator/rbac.py (python -m backfill_operator.rbac deploy/). Do not edit.\n"
         + ("# Namespace backfill-system must exist: kubectl create namespace backfill-system\n" if name == "operator.yaml"
            else "# One copy per namespace that runs Backfills: change `namespace: default`.\n")
     )

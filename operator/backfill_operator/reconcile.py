@@ -102,7 +102,7 @@ def _name(job: Mapping[str, Any]) -> str:
     return str(job.get("metadata", {}).get("name", ""))
 
 
-def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.WorkerDefaults()) -> Plan:
+def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.DEFAULT_WORKER) -> Plan:
     status = observed.status or {}
     previous_phase = status.get("phase")
     shards: Mapping[str, Mapping[str, Any]] = status.get("shards") or {}

@@ -44,7 +44,7 @@ def aggregate_progress(shards: Mapping[str, Mapping[str, Any]], parallelism: int
     estimated = [_number(r.get("estimatedKeys"), -1) for r in reports]
     if all(e > 0 for e in estimated):
         done_keys = sum(
-            e if r.get("state") == "done" else min(e, _number(r.get("keysDone"))) for r, e in zip(reports, estimated)
+            e if r.get("state") == "done" else min(e, _number(r.get("keysDone"))) for r, e in zip(reports, estimated, strict=True)
         )
         percent = 100.0 * done_keys / sum(estimated)
     else:
