@@ -243,3 +243,39 @@ def test_immutable_edit_suspend_and_resume_on_a_real_server(cluster):
         assert admin.get(path)["status"]["run"] == 2
         reasons = {e["reason"] for e in admin.list(core_path(NS, "events")) if e["involvedObject"].get("name") == "orders"}
         assert {"Paused", "JobDeleted", "JobCreated"} <= reasons
+
+
+def test_worker_failure_after_backoff_limit_fails_the_backfill_with_its_error(cluster, database):
+    plane, admin, operator_kubeconfig, worker_kubeconfig = cluster
+    if not plane.has_controller_manager:
+        pytest.skip("needs kube-controller-manager (the Job controller turns a failed Pod into a failed Job)")
+    wrong_password = "wrong-Pw-3Zq8"
+    bad_dsn = database.replace("canary-Pw-7f3a9Q", wrong_password)
+    admin.create(core_path(NS, "secrets"), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bad-db", "namespace": NS},
+                                            "stringData": {"dsn": bad_dsn}})
+    path = backfill_path(NS, "refused")
+    with operator_running(OperatorConfig(kubeconfig=str(operator_kubeconfig), metrics_port=None, resync_seconds=0.5)):
+        admin.create(backfill_path(NS), {
+            "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "refused", "namespace": NS},
+            "spec": {"database": {"dsnSecretRef": {"name": "bad-db"}}, "table": "customers", "set": {"status": "'x'"},
+                     "worker": {"backoffLimit": 0}},
+        })
+        job = eventually(lambda: admin.get(jobs_path(NS, "refused-s0-r1")), "the worker Job")
+        pod = eventually(lambda: next(p for p in admin.list(core_path(NS, "pods"), {"job-name": "refused-s0-r1"})), "the Pod")
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        env = {**os.environ, "KUBECONFIG": str(worker_kubeconfig), "BACKFILL_DSN": bad_dsn,
+               **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+        env.pop("BACKFILL_METRICS_PORT")
+        result = subprocess.run([str(Path(sys.executable).parent / "backfill"), *container["args"]], env=env,
+                                capture_output=True, timeout=120)
+        assert result.returncode == 4, result.stdout[-2000:] + result.stderr[-2000:]  # ConnectionFailed
+        assert wrong_password.encode() not in result.stdout + result.stderr
+        # The kubelet reports the container's failure; with backoffLimit 0 the Job fails at once.
+        admin.merge_patch(core_path(NS, "pods", pod["metadata"]["name"]) + "/status", {"status": {"phase": "Failed"}})
+        failed = eventually(lambda: (b := admin.get(path))["status"]["phase"] == "Failed" and b, "Failed")
+        stalled = next(c for c in failed["status"]["conditions"] if c["type"] == "Stalled")
+        assert stalled["status"] == "True" and stalled["reason"] == "ConnectionFailed"
+        assert "shard 0:" in failed["status"]["message"] and failed["status"]["shards"]["0"]["lastErrorReason"] == "ConnectionFailed"
+        assert wrong_password not in json.dumps(failed)
+        events = [e for e in admin.list(core_path(NS, "events")) if e["involvedObject"].get("name") == "refused"]
+        assert any(e["type"] == "Warning" and e["reason"] == "Failed" for e in events)
