@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 
+import kopf
 import pytest
 import structlog
 
@@ -101,7 +102,9 @@ def test_kopf_object_references_become_namespace_and_name(stream):
     logging.getLogger("kopf.objects").info(
         "Handler succeeded.",
         extra={"k8s_ref": {"namespace": "billing", "name": "fix-totals", "uid": "u1"}, "k8s_skip": False,
-               "settings": object(), "attempt": 2},
+               # A real settings object: kopf's own K8sPoster handler, left on "kopf.objects" by the
+               # operator tests earlier in the session, reads settings.posting.level.
+               "settings": kopf.OperatorSettings(), "attempt": 2},
     )
     (line,) = json_lines(stream)
     assert (line["namespace"], line["name"]) == ("billing", "fix-totals")
