@@ -246,7 +246,10 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, *, resync_
         async def loop() -> None:
             while True:
                 await asyncio.sleep(resync_seconds)
-                await asyncio.get_running_loop().run_in_executor(None, controller.resync)
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, controller.resync)
+                except Exception:  # never let one bad pass end the loop for good
+                    log.exception("resync pass failed")
 
         memo["resync"] = asyncio.create_task(loop())
 
