@@ -324,3 +324,12 @@ def test_worker_defaults_come_from_the_charts_environment(monkeypatch):
     assert "serviceAccountName" not in jobs.render_job(
         name="bf", namespace="ns", uid=UID, spec=spec(), shard=0, run=1, defaults=worker_defaults("", None)
     )["spec"]["template"]["spec"]
+
+
+def test_a_silent_running_worker_is_pointed_out_in_the_message():
+    fresh = {"phase": "Running", "run": 1, "shards": {"0": {"state": "running", "run": 1, "updatedAt": "2026-11-27T23:59:58Z"}}}
+    silent = {"phase": "Running", "run": 1, "shards": {"0": {"state": "running", "run": 1, "updatedAt": "2026-11-27T23:50:00Z"}}}
+    running_job = [job(0, 1, {"active": 1})]
+    assert "no report" not in reconcile(observe(status=fresh, jobs_=running_job)).status["message"]
+    message = reconcile(observe(status=silent, jobs_=running_job)).status["message"]
+    assert "shard 0: no report for 10 min" in message

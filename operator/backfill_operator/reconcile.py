@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,6 +30,9 @@ from .specdiff import (
     immutable_view,
 )
 from .status import Stall, aggregate_progress, for_merge_patch, phase_conditions, stored_form
+
+STALE_REPORT_SECONDS = 300
+"""A running worker reports at least on every batch, retry or throttle; silence this long is news."""
 
 # Worker error reasons that no retry can fix: fail at once instead of burning backoffLimit.
 PERMANENT_WORKER_REASONS = frozenset({"InvalidSpec", "ValidationFailed", "CheckpointMismatch", "CheckpointUnavailable"})
@@ -121,6 +125,7 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.D
     events: list[EventSpec] = []
     stall: Stall | None = None
     failed_message = ""
+    stale: list[str] = []
     extra: dict[str, Any] = {}
 
     if spec is None or raw_spec is None:
@@ -180,6 +185,10 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.D
                     # Running means a worker reports work; an active Job may still be an
                     # unscheduled Pod (image pull, no capacity), which is Pending to a human.
                     running = running or (report.get("state") == "running" and same_run)
+                    silent = _seconds_between(report.get("updatedAt"), observed.now)
+                    if report.get("state") == "running" and same_run and silent is not None and silent > STALE_REPORT_SECONDS:
+                        # Whole minutes: the message (and so the status) changes once a minute, not every pass.
+                        stale.append(f"shard {shard}: no report for {int(silent // 60)} min")
             if failures:
                 phase = "Failed"
                 failed_message = "; ".join(failures)
@@ -214,6 +223,8 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.D
         extra["jobNames"] = [names[s] for s in sorted(names)]
 
     message = _message(phase, stall, failed_message, extra.get("progress"))
+    if phase == "Running" and stall is None and stale:
+        message += " (" + "; ".join(stale) + ": worker stuck or gone? see its pod)"
     conditions = merge_conditions(
         status.get("conditions"), phase_conditions(phase, message, stall),
         now=observed.now, generation=observed.generation,
@@ -243,6 +254,15 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.D
     events += [EventSpec("Normal", "JobCreated", f"created worker Job {_name(j)}") for j in create]
     events += [EventSpec("Normal", "JobDeleted", f"deleted worker Job {name} ({'suspended' if phase == 'Paused' else 'stopped'})") for name in delete]
     return Plan(create_jobs=create, delete_jobs=delete, status=new_status, annotations=annotations, events=events)
+
+
+def _seconds_between(earlier: Any, later: str) -> float | None:
+    try:
+        start = datetime.fromisoformat(str(earlier).replace("Z", "+00:00"))
+        end = datetime.fromisoformat(later.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (end - start).total_seconds()
 
 
 def _message(phase: str, stall: Stall | None, failed: str, progress: Mapping[str, Any] | None) -> str:
