@@ -34,7 +34,7 @@ from backfill_operator.status import aggregate_progress, for_merge_patch
 from .api import API_GROUP, API_VERSION, KIND, Backfill, BatchSpec, CheckpointMode, LimitsSpec
 from .checkpoint import ShardCheckpoint
 from .engine import run_backfill
-from .errors import BackfillError, ManifestError
+from .errors import AlreadyRunning, BackfillError, ManifestError
 from .events import Event, RunFinished, Tuning
 from .kubeapi import KubeApi, KubeApiError, backfill_path
 from .manifest import parse_backfill
@@ -300,6 +300,10 @@ def run_worker(
             )
         log.info("shard %d of %s/%s finished: %s, %d rows", shard, namespace, name, report.state, report.rows_updated)
         return 0
+    except AlreadyRunning as error:
+        # Another runner owns this shard (e.g. a duplicate pod): its state is not ours to report.
+        log.error("shard %d of %s/%s: %s", shard, namespace, name, redact(str(error), secrets))
+        return error.exit_code
     except BackfillError as error:
         reporter.fail(error)
         log.error("shard %d of %s/%s failed: %s", shard, namespace, name, redact(str(error), secrets))
