@@ -109,6 +109,23 @@ class FakeKubelet:
         self.history.append(pod)
         await self._call(self.api.merge_patch, jobs_path(self.namespace, name), {"status": {"active": 1}})
 
+    async def start_duplicate(self, job_name: str) -> Pod:
+        """A second pod for a Job, outside the Job's accounting: what a cluster produces when a
+        node is partitioned and the Job controller replaces a pod that is in fact still running."""
+        job = await self._call(self.api.get, jobs_path(self.namespace, job_name))
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        port = free_port()
+        env = await self._environment(container, port)
+        name = f"{job_name}-duplicate"
+        out, err = self.log_dir / f"{name}.out", self.log_dir / f"{name}.err"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            process = subprocess.Popen(
+                [*backfill_executable(), *container["args"]], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
+            )
+        pod = Pod(job_name, name, process, out, err, port)
+        self.history.append(pod)  # for output() and kill_all(), not for the Job's status
+        return pod
+
     async def _finish(self, pod: Pod, code: int) -> None:
         pod.exit_code = code
         if code != 0 and self.restart_failed_pods:
