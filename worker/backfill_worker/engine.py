@@ -3,8 +3,10 @@
 Per batch: (1) outside any transaction, walk the key index ``size`` keys past the last
 checkpoint to find the batch's upper bound; (2) one short transaction: ``SET LOCAL`` timeouts,
 one set-based ``UPDATE ... WHERE key > lo AND key <= hi AND (where)``, the checkpoint row,
-``COMMIT``. Row locks are held only for (2). Decisions (SQL text, batch size, waits, progress)
-live in pure modules; this module does the I/O and the ordering.
+``COMMIT``. Row locks are held only for (2). The probe of the next batch runs on a second
+connection during (2) (``prefetch.py``); all but the last batch commit asynchronously (data and
+checkpoint are one transaction, so a server crash loses both or neither). Decisions (SQL text,
+batch size, waits, progress) live in pure modules; this module does the I/O and the ordering.
 """
 
 from __future__ import annotations
