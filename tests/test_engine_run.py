@@ -215,13 +215,13 @@ def test_throttles_pause_and_rate_limit(database: str) -> None:
     events: list[Any] = []
     started = time.monotonic()
     run_backfill(
-        make(table="t", set={"v": "1"}, batch={**small_batches(10), "pause": "50ms"}, limits={"maxRowsPerSecond": 100}),
+        make(table="t", set={"v": "1"}, batch={**small_batches(10), "pause": "50ms"}, limits={"maxRowsPerSecond": 50}),
         database, listeners=[events.append],
     )
     elapsed = time.monotonic() - started
     reasons = {e.reason for e in events if isinstance(e, Throttled)}
-    assert reasons == {"maxRowsPerSecond"}  # 10 rows at 100/s = 100 ms, longer than the 50 ms pause -> rate wins
-    assert elapsed >= 3 * 0.09
+    assert reasons == {"maxRowsPerSecond"}  # 10 rows at 50/s = 200 ms, longer than the 50 ms pause -> rate wins
+    assert elapsed >= 3 * 0.19
     batches = [e for e in events if isinstance(e, BatchCommitted)]
     assert [b.throttle_reason for b in batches] == ["", "maxRowsPerSecond", "maxRowsPerSecond", "maxRowsPerSecond"]
 
