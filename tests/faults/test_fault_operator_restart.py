@@ -88,6 +88,7 @@ async def test_operator_restart_mid_run_no_second_job_and_exact_result(kmock, da
                                "Succeeded after the restart", timeout=180)
             await asyncio.sleep(1.0)  # a few more resync passes of the new operator: still one Job
             jobs = await call(api.list, jobs_path(NS))
+            await kubelet.wait_finished(f"{NAME}-s0-r1")
     finally:
         stop.set()
         await kubelet_task

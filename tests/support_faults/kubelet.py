@@ -166,6 +166,15 @@ class FakeKubelet:
             except TimeoutError:
                 pass
 
+    async def wait_finished(self, job_name: str, timeout: float = 30.0) -> Pod:
+        """Until the Job's current pod has exited and been reported (a worker reports ``done``
+        in its status a moment before its process ends)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (pod := self.pods[job_name]).exit_code is None:
+            assert asyncio.get_running_loop().time() < deadline, f"{pod.name} still running after {timeout} s"
+            await asyncio.sleep(0.05)
+        return pod
+
     def kill_all(self) -> None:
         for pod in self.history:
             if pod.process.poll() is None:
