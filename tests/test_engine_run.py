@@ -441,3 +441,26 @@ def test_composite_uuid_key_batches_use_the_index(database: str) -> None:
         ("probe", False), ("probe", True), ("update", False), ("update", True)
     }, plan.index_checks
     assert all("t_pkey" in " ".join(c.scans) for c in plan.index_checks)
+
+
+def test_concurrent_first_runs_of_separate_shards_create_the_checkpoint_table_once(database: str) -> None:
+    # What several shard workers of one Backfill do when they start at the same moment.
+    setup_sql(database, "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)", "INSERT INTO t (id) SELECT generate_series(1, 400)")
+    backfill = make(table="t", set={"v": "v + 1"}, parallelism=4, batch=small_batches(20))
+    start = threading.Barrier(4)
+    outcomes: dict[int, Any] = {}
+
+    def run_shard(shard: int) -> None:
+        start.wait()
+        try:
+            outcomes[shard] = run_backfill(backfill, database, shards=[shard]).state
+        except Exception as error:  # noqa: BLE001  (recorded and asserted below)
+            outcomes[shard] = repr(error)
+
+    threads = [threading.Thread(target=run_shard, args=(s,)) for s in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert outcomes == {0: "done", 1: "done", 2: "done", 3: "done"}
+    assert sql_rows(database, "SELECT min(v), max(v) FROM t") == [(1, 1)]

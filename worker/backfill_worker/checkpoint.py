@@ -150,6 +150,10 @@ class CheckpointTable:
         """Create schema and table on first use; explain ``atLeastOnce`` when the role may not."""
         try:
             with conn.transaction():
+                # Concurrent first runs (several shard workers) would race on the catalog:
+                # CREATE ... IF NOT EXISTS is not atomic against a concurrent CREATE (unique
+                # violation in pg_namespace / pg_type). Serialise creators on this schema.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('backfill:checkpoints:' || %s))", [self.schema])
                 if not conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [self.schema]).fetchone():
                     # Checked first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when it exists.
                     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
