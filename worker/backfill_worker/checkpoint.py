@@ -11,6 +11,7 @@ At-least-once mode: the same record kept by a :class:`ProgressStore` outside the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -113,8 +114,11 @@ class JsonFileStore:
         return ShardCheckpoint.from_json(data) if data else None
 
     def save(self, shard: int, state: ShardCheckpoint) -> None:
-        # Shards of one run save from several threads: read-modify-write under a lock.
-        with self._lock:
+        # Shards save from several threads, and `--shard` runs from several processes:
+        # read-modify-write under a thread lock and an exclusive lock on a sibling lock file.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path.with_suffix(".lock"), "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
             data = self._read()
             data[str(shard)] = state.to_json()
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +130,7 @@ class JsonFileStore:
     def clear(self) -> int:
         count = len(self._read())
         self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".lock").unlink(missing_ok=True)
         return count
 
 

@@ -505,16 +505,28 @@ def _stored_checkpoints(
     conn: psycopg.Connection, store: ProgressStore, backfill: Backfill, target: Target
 ) -> dict[int, ShardCheckpoint]:
     count = backfill.spec.parallelism
-    found = {i: cp for i in range(count) if (cp := store.load(i)) is not None}
-    _check_fingerprints(backfill, list(found.values()))
+
+    def load_all() -> dict[int, ShardCheckpoint]:
+        loaded = {i: cp for i in range(count) if (cp := store.load(i)) is not None}
+        _check_fingerprints(backfill, list(loaded.values()))
+        return loaded
+
+    found = load_all()
     if len(found) < count:
-        planned = sharding.plan_shards(
-            conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(), shard_count=count
-        )
-        for cp in planned:
-            if cp.shard not in found:
-                store.save(cp.shard, cp)
-                found[cp.shard] = cp
+        # Shard workers of one backfill may start together: plan under the same advisory lock as
+        # transactional mode and look again once we hold it, so exactly one plan is ever saved.
+        with conn.transaction():
+            locking.lock_planning(conn, backfill.identity)
+            found = load_all()
+            if len(found) < count:
+                planned = sharding.plan_shards(
+                    conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(),
+                    shard_count=count,
+                )
+                for cp in planned:
+                    if cp.shard not in found:
+                        store.save(cp.shard, cp)
+                        found[cp.shard] = cp
     return found
 
 
