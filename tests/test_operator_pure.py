@@ -246,6 +246,9 @@ def test_suspend_deletes_jobs_and_resume_starts_the_next_run():
     paused = reconcile(observe(raw_spec={**SPEC, "suspend": True}, status=status, jobs_=running))
     assert paused.status["phase"] == "Paused" and paused.delete_jobs == ["bf-s0-r1"]
     assert cond(paused, "Ready")["reason"] == "Suspended"
+    # kstatus reads Reconciling=True as InProgress: Flux's wait/dependsOn hold while paused.
+    assert cond(paused, "Reconciling")["status"] == "True"
+    assert cond(paused, "Stalled")["status"] == "False"
     resumed = reconcile(observe(status={**status, **paused.status}, secret=SecretCheck(True)))
     assert [j["metadata"]["name"] for j in resumed.create_jobs] == ["bf-s0-r2"]
     assert resumed.status["phase"] == "Pending", "the stale report of run 1 does not make run 2 Running"

@@ -80,9 +80,11 @@ def phase_conditions(phase: str, message: str, stall: Stall | None) -> list[Cond
             Condition(STALLED, "False", "Succeeded", "done"),
         ]
     if phase == "Paused":
+        # Reconciling stays True: a paused backfill is unfinished work, and kstatus (Flux
+        # `wait: true`, `dependsOn`) must keep dependents waiting rather than read it as Current.
         return [
             Condition(READY, "False", "Suspended", message),
-            Condition(RECONCILING, "False", "Suspended", "spec.suspend is true"),
+            Condition(RECONCILING, "True", "Suspended", "spec.suspend is true: resumes from the checkpoint when false"),
             Condition(STALLED, "False", "Suspended", "spec.suspend is true"),
         ]
     if phase == "Failed":  # a stall always accompanies Failed; kept for completeness
