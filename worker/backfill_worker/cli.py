@@ -10,14 +10,11 @@ process-wide setup (logging, metrics) happens in :func:`configure`, called by th
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, NoReturn, Optional
 
 import typer
@@ -34,6 +31,7 @@ from .manifest import load_backfill
 from .planner import Plan, plan_backfill
 from .progress import format_eta
 from .secrets import REDACTOR, redact
+from .signals import stop_on_signals
 
 app = typer.Typer(
     name="backfill",
@@ -120,26 +118,6 @@ def _store(backfill: Backfill, state_dir: Path) -> JsonFileStore | None:
     return None
 
 
-@contextmanager
-def stop_on_signals(control: StaticControl, announce: Callable[[str], None]) -> Iterator[None]:
-    """SIGTERM/SIGINT: finish the current batch, commit, stop (state ``paused``). A second one aborts."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if control.stop_reason():
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        control.request_stop("signal")
-        announce(f"{signal.Signals(signum).name}: stopping after the current batch (again to abort)")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def print_report(report: RunReport, console: Console) -> None:
     table = Table(title=f"Backfill {report.state}", show_edge=False)
     for column in ("shard", "state", "rows updated", "batches", "still matching where", "seconds"):
@@ -159,7 +137,6 @@ def print_report(report: RunReport, console: Console) -> None:
 def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
              store: JsonFileStore | None, description: str) -> RunReport:
     from .cli_progress import JsonProgress, ProgressBar  # noqa: PLC0415
-
     from .logs import LogListener, bind_backfill  # noqa: PLC0415
     from .metrics import process_listener  # noqa: PLC0415
 
@@ -290,7 +267,13 @@ def demo(
     """Start a throwaway PostgreSQL, create the customers table, run the example backfill, verify, stop."""
     import yaml  # noqa: PLC0415
 
-    from .demo import DEMO_MANIFEST, changed_rows, demo_backfill, matching_rows, seed_customers  # noqa: PLC0415
+    from .demo import (  # noqa: PLC0415
+        DEMO_MANIFEST,
+        changed_rows,
+        demo_backfill,
+        matching_rows,
+        seed_customers,
+    )
     from .localpg import LocalPostgres  # noqa: PLC0415
 
     with user_errors():

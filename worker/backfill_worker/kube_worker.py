@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
 from backfill_operator.specdiff import decode_applied, effective_spec
 from backfill_operator.status import aggregate_progress, for_merge_patch
+from pydantic import ValidationError
 
-from .api import API_GROUP, API_VERSION, KIND, Backfill, BatchSpec, CheckpointMode, LimitsSpec
+from .api import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    Backfill,
+    BatchSpec,
+    CheckpointMode,
+    LimitsSpec,
+)
 from .checkpoint import ShardCheckpoint
 from .engine import run_backfill
 from .errors import AlreadyRunning, BackfillError, ManifestError
@@ -40,6 +45,7 @@ from .kubeapi import KubeApi, KubeApiError, backfill_path
 from .manifest import parse_backfill
 from .progress import ShardProgress
 from .secrets import redact, secrets_of
+from .signals import stop_on_signals
 
 log = logging.getLogger("backfill.worker")
 
@@ -240,24 +246,6 @@ class StatusProgressStore:
     def save(self, shard: int, state: ShardCheckpoint) -> None:
         body = {"status": {"shards": {str(shard): {"checkpoint": json.dumps(state.to_json(), sort_keys=True)}}}}
         self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), body)
-
-
-@contextmanager
-def stop_on_signals(control: KubeControl) -> Iterator[None]:
-    """SIGTERM (pod deletion, node drain, Backfill deletion) -> finish the batch, commit, exit 0."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        control.request_stop("signal")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def run_worker(
