@@ -19,9 +19,8 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,14 @@ from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helm_binary  # noqa: E402
+from backfill_worker.kubeapi import (  # noqa: E402
+    KubeApi,
+    backfill_path,
+    core_path,
+    jobs_path,
+)
 from kube_support.control_plane import ControlPlane, missing_assets  # noqa: E402
-
-from backfill_worker.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path  # noqa: E402
+from kube_support.waiting import eventually
 
 ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
 pytestmark = [
@@ -64,20 +68,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def eventually(probe: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except (KubeApiError, KeyError, IndexError, TypeError, StopIteration, OSError):
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 class Shell:

@@ -16,8 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support hel
 from backfill_operator import rbac
 from backfill_operator.crd import CRD_NAME, build_crd
 from backfill_operator.main import OperatorConfig
-from backfill_worker.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
-
+from backfill_worker.kubeapi import (
+    KubeApi,
+    KubeApiError,
+    backfill_path,
+    core_path,
+    jobs_path,
+)
 from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.operator_thread import operator_running
+from kube_support.waiting import eventually
 
 ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
 pytestmark = [
@@ -42,20 +47,6 @@ pytestmark = [
 NS = "shop"
 OPERATOR_NS = "backfill-system"
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-
-
-def eventually(probe: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except (KubeApiError, KeyError, IndexError, TypeError, StopIteration):
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def create(api: KubeApi, doc: dict[str, Any]) -> dict[str, Any]:

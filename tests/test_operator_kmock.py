@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
-from typing import Any
-
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
 from backfill_operator.main import OperatorConfig
-from backfill_worker.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
-
+from backfill_worker.kubeapi import (
+    KubeApi,
+    backfill_path,
+    core_path,
+    jobs_path,
+)
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.operator_thread import operator_running_async
+from kube_support.waiting import call, eventually_async
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(120)]
 NS = "shop"
@@ -49,26 +52,6 @@ def secret() -> dict[str, Any]:
             "data": {"dsn": base64.b64encode(dsn.encode()).decode()}}
 
 
-async def call(fn: Callable[..., Any], *args: Any) -> Any:
-    # Our client is synchronous; kmock serves on this event loop, so never block it.
-    return await asyncio.to_thread(fn, *args)
-
-
-async def eventually(probe: Callable[[], Any], what: str, timeout: float = 45.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = await call(probe)
-            if last:
-                return last
-        except (KubeApiError, KeyError, IndexError, TypeError):
-            pass
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-        await asyncio.sleep(0.2)
-
-
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
     return next(c for c in obj["status"]["conditions"] if c["type"] == type_)
 
@@ -91,11 +74,11 @@ async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(clust
     async with operator_running_async(config(kmock)):
         created = await call(api.create, backfill_path(NS), backfill())
         uid = created["metadata"]["uid"]
-        job = await eventually(lambda: api.get(jobs_path(NS, "customers-inactive-s0-r1")), "the worker Job")
+        job = await eventually_async(lambda: api.get(jobs_path(NS, "customers-inactive-s0-r1")), "the worker Job")
         assert job["metadata"]["ownerReferences"][0]["uid"] == uid
         env = job["spec"]["template"]["spec"]["containers"][0]["env"]
         assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "shop-db", "key": "dsn"}
-        pending = await eventually(lambda: (b := api.get(backfill_path(NS, "customers-inactive")))["status"]["phase"] == "Pending" and b, "Pending")
+        pending = await eventually_async(lambda: (b := api.get(backfill_path(NS, "customers-inactive")))["status"]["phase"] == "Pending" and b, "Pending")
         assert condition(pending, "Reconciling")["status"] == "True"
         assert pending["status"]["jobNames"] == ["customers-inactive-s0-r1"]
 
@@ -105,7 +88,7 @@ async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(clust
             "state": "running", "run": 1, "rowsUpdated": 500, "batches": 5, "batchSize": 100, "rowsPerSecond": 250.0,
             "percent": 50, "etaSeconds": 2, "estimatedKeys": 1000, "keysDone": 500, "throttleReason": "",
         }}}})
-        running = await eventually(
+        running = await eventually_async(
             lambda: (b := api.get(backfill_path(NS, "customers-inactive")))["status"].get("progress", {}).get("rowsUpdated") == 500 and b,
             "progress aggregated",
         )
@@ -124,7 +107,7 @@ async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(clust
         }}}})
         await call(api.merge_patch, jobs_path(NS, "customers-inactive-s0-r1"), {"status": {
             "active": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
-        done = await eventually(lambda: (b := api.get(backfill_path(NS, "customers-inactive")))["status"]["phase"] == "Succeeded" and b, "Succeeded")
+        done = await eventually_async(lambda: (b := api.get(backfill_path(NS, "customers-inactive")))["status"]["phase"] == "Succeeded" and b, "Succeeded")
         assert condition(done, "Ready")["status"] == "True"
         assert condition(done, "Stalled")["status"] == "False"
         assert done["status"]["progress"]["percent"] == 100 and done["status"]["completedAt"]
@@ -143,7 +126,7 @@ async def test_secret_suspend_resume_and_immutable_fields(cluster):
     name = "orders-fix"
     async with operator_running_async(config(kmock)):
         await call(api.create, backfill_path(NS), backfill(name))
-        stalled = await eventually(
+        stalled = await eventually_async(
             lambda: (b := api.get(backfill_path(NS, name))).get("status", {}).get("conditions") and condition(b, "Stalled")["status"] == "True" and b,
             "Stalled: Secret missing",
         )
@@ -152,29 +135,29 @@ async def test_secret_suspend_resume_and_immutable_fields(cluster):
         assert not await call(api.list, jobs_path(NS))
 
         await call(api.create, core_path(NS, "secrets"), secret())
-        await eventually(lambda: api.get(jobs_path(NS, f"{name}-s0-r1")), "Job once the Secret exists")
+        await eventually_async(lambda: api.get(jobs_path(NS, f"{name}-s0-r1")), "Job once the Secret exists")
         await call(api.merge_patch, jobs_path(NS, f"{name}-s0-r1"), {"status": {"active": 1}})
         await call(api.merge_patch, backfill_path(NS, name, status=True), {"status": {"shards": {"0": {"state": "running", "run": 1}}}})
-        await eventually(lambda: api.get(backfill_path(NS, name))["status"]["phase"] == "Running", "Running")
+        await eventually_async(lambda: api.get(backfill_path(NS, name))["status"]["phase"] == "Running", "Running")
 
         # An immutable field changes: Stalled, the Job keeps running the original.
         await call(api.merge_patch, backfill_path(NS, name), {"spec": {"where": "true"}})
-        changed = await eventually(
+        changed = await eventually_async(
             lambda: (b := api.get(backfill_path(NS, name)))["status"]["observedGeneration"] == 2 and b, "observed gen 2")
         assert condition(changed, "Stalled")["reason"] == "ImmutableFieldChanged"
         assert changed["status"]["phase"] == "Running"
         assert "status IS NULL" in changed["metadata"]["annotations"]["backfill.dev/applied-spec"]
         await call(api.merge_patch, backfill_path(NS, name), {"spec": {"where": "status IS NULL"}})
-        reverted = await eventually(lambda: (b := api.get(backfill_path(NS, name)))["status"]["observedGeneration"] == 3 and b, "gen 3")
+        reverted = await eventually_async(lambda: (b := api.get(backfill_path(NS, name)))["status"]["observedGeneration"] == 3 and b, "gen 3")
         assert condition(reverted, "Stalled")["status"] == "False"
 
         # Suspend: the Job is deleted; resume: run 2 continues from the checkpoint.
         await call(api.merge_patch, backfill_path(NS, name), {"spec": {"suspend": True}})
-        paused = await eventually(lambda: (b := api.get(backfill_path(NS, name)))["status"]["phase"] == "Paused" and b, "Paused")
+        paused = await eventually_async(lambda: (b := api.get(backfill_path(NS, name)))["status"]["phase"] == "Paused" and b, "Paused")
         assert condition(paused, "Ready")["reason"] == "Suspended"
-        await eventually(lambda: not api.list(jobs_path(NS)), "Job deleted")
+        await eventually_async(lambda: not api.list(jobs_path(NS)), "Job deleted")
         await call(api.merge_patch, backfill_path(NS, name), {"spec": {"suspend": False}})
-        await eventually(lambda: api.get(jobs_path(NS, f"{name}-s0-r2")), "Job of run 2")
+        await eventually_async(lambda: api.get(jobs_path(NS, f"{name}-s0-r2")), "Job of run 2")
         resumed = await call(api.get, backfill_path(NS, name))
         assert resumed["status"]["run"] == 2
 
@@ -206,8 +189,8 @@ async def test_operator_metrics_and_liveness_are_served(cluster, caplog):
                          liveness=f"http://127.0.0.1:{liveness_port}/healthz")
     async with operator_running_async(cfg):
         await call(api.create, backfill_path(NS), backfill("metrics-demo"))
-        await eventually(lambda: api.get(jobs_path(NS, "metrics-demo-s0-r1")), "the worker Job")
-        text = await eventually(
+        await eventually_async(lambda: api.get(jobs_path(NS, "metrics-demo-s0-r1")), "the worker Job")
+        text = await eventually_async(
             lambda: (t := _scrape(f"http://127.0.0.1:{metrics_port}/metrics")) and 'backfill_operator_backfills{phase="Pending"} 1.0' in t and t,
             "the phase gauge",
         )
@@ -228,7 +211,7 @@ async def test_a_foreign_job_with_the_planned_name_is_not_adopted(cluster):
     await call(api.create, jobs_path(NS), foreign)
     async with operator_running_async(config(kmock)):
         await call(api.create, backfill_path(NS), backfill("taken"))
-        stalled = await eventually(
+        stalled = await eventually_async(
             lambda: (b := api.get(backfill_path(NS, "taken"))).get("status", {}).get("conditions") and condition(b, "Stalled")["status"] == "True" and b,
             "Stalled: JobNameTaken",
         )

@@ -24,16 +24,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
-
 from backfill_operator.main import OperatorConfig
 from backfill_worker.engine import run_backfill
 from backfill_worker.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_worker.localpg import LocalPostgres
 from backfill_worker.manifest import parse_backfill
+from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: support_faults, kube_support
 from kube_support.emulator import ApiServerEmulator, declare_resources  # noqa: E402
+from kube_support.waiting import call, eventually_async
 from support_faults import cli, ledger  # noqa: E402
 from support_faults.kubelet import FakeKubelet, free_port, write_kubeconfig  # noqa: E402
 from support_faults.operator_async import operator_running  # noqa: E402
@@ -208,24 +208,6 @@ def all_logs() -> Iterator[Capture]:
 NS = "secrets"
 
 
-async def call(fn: Any, *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
-
-
-async def until(probe: Any, what: str, timeout: float = 60.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            last = await call(probe)
-        except Exception as error:
-            last = error
-        if last and not isinstance(last, Exception):
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {type(last).__name__}")
-
-
 def secret(name: str, dsn: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
             "data": {"dsn": base64.b64encode(dsn.encode()).decode()}}
@@ -260,7 +242,7 @@ async def test_cluster_status_events_logs_metrics_never_hold_the_password(
                 document["metadata"]["namespace"] = NS
                 await call(api.create, backfill_path(NS), document)
             # Scrape the good worker's metrics while it runs, and the operator's.
-            pod = await until(lambda: kubelet.pods.get("good-s0-r1"), "the good worker pod")
+            pod = await eventually_async(lambda: kubelet.pods.get("good-s0-r1"), "the good worker pod")
             worker_scrapes = []
             while pod.process.poll() is None:
                 if (text := await call(scrape, pod.metrics_port)) is not None:
@@ -268,7 +250,7 @@ async def test_cluster_status_events_logs_metrics_never_hold_the_password(
                 await asyncio.sleep(0.3)
             finals = {}
             for name, phase in (("good", "Succeeded"), ("bad-where", "Failed"), ("unreachable", "Failed")):
-                finals[name] = await until(
+                finals[name] = await eventually_async(
                     lambda n=name, p=phase: (b := api.get(backfill_path(NS, n)))["status"].get("phase") == p and b,
                     f"{name} {phase}",
                 )

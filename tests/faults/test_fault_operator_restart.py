@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from backfill_operator.main import OperatorConfig
 from backfill_worker.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from kube_support.emulator import ApiServerEmulator, declare_resources
+from kube_support.waiting import call, eventually_async
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig
 from support_faults.operator_async import operator_running
@@ -28,24 +28,6 @@ pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(240)
 NS = "faults"
 NAME = "operator-restart"
 ROWS = 200_000
-
-
-async def call(fn: Any, *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
-
-
-async def until(probe: Any, what: str, timeout: float = 60.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    last: Any = None
-    while asyncio.get_running_loop().time() < deadline:
-        try:
-            last = await call(probe)
-        except Exception as error:  # not there yet
-            last = error
-        if last and not isinstance(last, Exception):
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def secret(dsn: str) -> dict[str, Any]:
@@ -72,7 +54,7 @@ async def test_operator_restart_mid_run_no_second_job_and_exact_result(kmock, da
     try:
         async with operator_running(config):
             await call(api.create, backfill_path(NS), document)
-            running = await until(
+            running = await eventually_async(
                 lambda: (b := api.get(path))["status"].get("phase") == "Running"
                 and b["status"].get("progress", {}).get("rowsUpdated", 0) > 0 and b,
                 "Running with progress",
@@ -80,11 +62,11 @@ async def test_operator_restart_mid_run_no_second_job_and_exact_result(kmock, da
         # No operator now: the worker goes on and mirrors its shard into the status itself.
         before = running["status"]["progress"]["rowsUpdated"]
         shard_rows_at_stop = (await call(api.get, path))["status"]["shards"]["0"]["rowsUpdated"]
-        await until(lambda: api.get(path)["status"]["shards"]["0"]["rowsUpdated"] > shard_rows_at_stop,
+        await eventually_async(lambda: api.get(path)["status"]["shards"]["0"]["rowsUpdated"] > shard_rows_at_stop,
                     "the worker's own progress while the operator is down")
         still_running = kubelet.pods[f"{NAME}-s0-r1"].process.poll() is None
         async with operator_running(config):
-            done = await until(lambda: (b := api.get(path))["status"].get("phase") == "Succeeded" and b,
+            done = await eventually_async(lambda: (b := api.get(path))["status"].get("phase") == "Succeeded" and b,
                                "Succeeded after the restart", timeout=180)
             await asyncio.sleep(1.0)  # a few more resync passes of the new operator: still one Job
             jobs = await call(api.list, jobs_path(NS))

@@ -17,20 +17,19 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from backfill_operator import rbac
 from backfill_operator.crd import CRD_NAME, build_crd
 from backfill_operator.main import OperatorConfig
 from backfill_worker.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.operator_thread import operator_running
+from kube_support.waiting import eventually
 from support_faults import ledger
 from support_faults.cli import backfill_executable
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
@@ -50,17 +49,8 @@ CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 def until(probe: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except Exception as error:  # not there yet
-            last = error
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {type(last).__name__}")
+    # The real Job controller replaces a failed pod only after ~10 s back-off: wait longer.
+    return eventually(probe, what, timeout)
 
 
 def _create(api: KubeApi, doc: dict[str, Any]) -> None:
