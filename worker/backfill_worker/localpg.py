@@ -108,9 +108,11 @@ class LocalPostgres:
 
     # -- process control --------------------------------------------------------------------
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, check: bool = True, env_extra: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         user = {"user": self._user.pw_uid, "group": self._user.pw_gid} if self._user else {}
-        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C", **(env_extra or {})}
         return subprocess.run(list(args), capture_output=True, text=True, check=check, env=env, **user)
 
     def _chown(self, path: Path) -> None:
@@ -152,6 +154,7 @@ class LocalPostgres:
 
     def start(self) -> "LocalPostgres":
         self.initdb()
+        self._chown(self.socket_dir)  # also for a data dir made elsewhere (a standby's base backup)
         result = self._run(
             str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
             "-o", self._server_options(), "-w", "-t", "60", "start", check=False,
@@ -193,6 +196,27 @@ class LocalPostgres:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+    def make_standby(self, settings: Mapping[str, str] | None = None) -> "LocalPostgres":
+        """A streaming replica of this (running) server, not yet started.
+
+        ``pg_basebackup -R`` writes the primary's connection and ``standby.signal``; pass e.g.
+        ``{"recovery_min_apply_delay": "3s"}`` for a replica that lags on purpose.
+        """
+        standby = LocalPostgres(settings=settings, password=self.password)
+        assert standby.data_dir is not None
+        standby.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        standby._chown(standby.data_dir.parent)
+        result = standby._run(
+            str(self.bindir / "pg_basebackup"), "-D", str(standby.data_dir), "-R", "-X", "stream",
+            "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "--no-sync",
+            check=False, env_extra={"PGPASSWORD": self.password} if self.password else None,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed: {result.stderr.strip()}")
+        standby.log_file.touch()
+        standby._chown(standby.log_file)
+        return standby
 
     # -- connection strings -----------------------------------------------------------------
 

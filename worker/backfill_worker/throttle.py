@@ -16,7 +16,13 @@ REPLICATION_LAG = "replicationLag"
 LAG_POLL_SECONDS = 1.0
 """How often lag is read while running, and re-read while waiting for replicas."""
 
-LAG_QUERY = "SELECT max(extract(epoch FROM replay_lag))::float8, count(*) FROM pg_stat_replication"
+# A replica that has replayed everything we wrote counts as 0: replay_lag itself keeps showing the
+# last sample for 10-20 s after the replica caught up (it is only cleared by later status
+# replies), and a backfill waiting for it would stall on a stale number.
+LAG_QUERY = (
+    "SELECT max(CASE WHEN replay_lsn >= pg_current_wal_lsn() THEN 0"
+    " ELSE extract(epoch FROM replay_lag) END)::float8, count(*) FROM pg_stat_replication"
+)
 
 
 @dataclass(frozen=True)
