@@ -5,15 +5,14 @@ predicate and the recorded application changes demand, and nothing waits forever
 from __future__ import annotations
 
 import random
-import threading
 import time
 from typing import Any
 
 import psycopg
 import pytest
-
 from backfill_worker.retry import DEADLOCK, LOCK_TIMEOUT
 from support_faults import ledger
+from support_faults.app_threads import AppThreads
 from support_faults.engine_run import EngineThread
 from support_faults.workload import Workload
 
@@ -102,7 +101,7 @@ def _seed_customers(dsn: str) -> None:
         conn.execute("CREATE TABLE customers_snapshot AS SELECT * FROM customers")
 
 
-class Reactivator:
+class Reactivator(AppThreads):
     """Application threads marking customers 'active' (the where then no longer selects them),
     in 2-row transactions in reverse key order just ahead of the backfill, and deleting some."""
 
@@ -111,50 +110,33 @@ class Reactivator:
         self.activated: set[int] = set()
         self.deleted: set[int] = set()
         self.deadlocks = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        super().__init__()
+        for number in range(threads):
+            self.spawn(self._run, number)
 
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                conn.execute("SET statement_timeout = '5s'")
-                conn.execute("SET deadlock_timeout = '50ms'")
-                while not self._stop.is_set():
-                    high = min(CUSTOMERS, max(2, self.position() + rng.randrange(-500, 3_000)))
-                    keys = [high, max(1, high - rng.randrange(1, 50))]
-                    try:
-                        if rng.random() < 0.15:
-                            if conn.execute("DELETE FROM customers WHERE id = %s", [keys[0]]).rowcount:
-                                with self._lock:
-                                    self.deleted.add(keys[0])
-                            continue
-                        with conn.transaction():
-                            changed = [k for k in keys if conn.execute(
-                                "UPDATE customers SET status = 'active' WHERE id = %s", [k]).rowcount]
-                            time.sleep(0.002)
-                        with self._lock:
-                            self.activated.update(changed)
-                    except psycopg.errors.DeadlockDetected:
-                        with self._lock:
-                            self.deadlocks += 1
-        except BaseException as error:
-            self._errors.append(error)
-
-    def __enter__(self) -> "Reactivator":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-            assert not thread.is_alive(), "an application thread is stuck"
-        if self._errors:
-            raise self._errors[0]
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SET statement_timeout = '5s'")
+            conn.execute("SET deadlock_timeout = '50ms'")
+            while not self._stop.is_set():
+                high = min(CUSTOMERS, max(2, self.position() + rng.randrange(-500, 3_000)))
+                keys = [high, max(1, high - rng.randrange(1, 50))]
+                try:
+                    if rng.random() < 0.15:
+                        if conn.execute("DELETE FROM customers WHERE id = %s", [keys[0]]).rowcount:
+                            with self._lock:
+                                self.deleted.add(keys[0])
+                        continue
+                    with conn.transaction():
+                        changed = [k for k in keys if conn.execute(
+                            "UPDATE customers SET status = 'active' WHERE id = %s", [k]).rowcount]
+                        time.sleep(0.002)
+                    with self._lock:
+                        self.activated.update(changed)
+                except psycopg.errors.DeadlockDetected:
+                    with self._lock:
+                        self.deadlocks += 1
 
 
 @pytest.mark.slow

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import random
 import statistics
-import threading
 import time
 
 import psycopg
 import pytest
-
 from backfill_worker.events import BatchCommitted, RetryScheduled
 from backfill_worker.retry import LOCK_TIMEOUT
 from support_faults import ledger
+from support_faults.app_threads import AppThreads
 from support_faults.engine_run import EngineThread
 
 ROWS = 200_000
@@ -29,16 +28,16 @@ SCHEDULING_SLACK = 0.25
 """Allowance for a loaded 2-core machine on top of lockTimeout (the batch's own work, scheduling)."""
 
 
-class Prober:
+class Prober(AppThreads):
     """Application threads updating rows just ahead of the backfill, timing every UPDATE."""
 
     def __init__(self, dsn: str, engine: EngineThread, skip: int, threads: int = 2) -> None:
         self.dsn, self.engine, self.skip = dsn, engine, skip
         self.latencies: list[float] = []
         self.increments: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        super().__init__()
+        for number in range(threads):
+            self.spawn(self._run, number)
 
     def _next_key(self, rng: random.Random) -> int:
         batches = self.engine.batches()
@@ -62,16 +61,6 @@ class Prober:
                         self.latencies.append(elapsed)
                         self.increments[key] = self.increments.get(key, 0) + 1
                 time.sleep(0.002)
-
-    def __enter__(self) -> "Prober":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
 
 @pytest.mark.slow

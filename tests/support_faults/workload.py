@@ -11,18 +11,19 @@ final state of each pre-existing row is computable. The workload never touches `
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import psycopg
 
+from .app_threads import AppThreads
+
 APP_STATEMENT_TIMEOUT = "5s"
 """No application statement may wait forever (the test's time stays bounded)."""
 
 
-class Workload:
+class Workload(AppThreads):
     def __init__(self, dsn: str, position: Callable[[], int], *, step: int, max_key: int, spread: int) -> None:
         self.dsn, self.position, self.step, self.max_key, self.spread = dsn, position, step, max_key, spread
         self.increments: Counter[int] = Counter()
@@ -34,10 +35,7 @@ class Workload:
         self.commits = 0
         self.deadlocks = 0
         self.timeouts = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
+        super().__init__()
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -89,38 +87,26 @@ class Workload:
 
     def _worker(self, seed: int, actions: list[Callable[[psycopg.Connection, random.Random], None]]) -> None:
         rng = random.Random(seed)
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                conn.execute("SELECT set_config('statement_timeout', %s, false)", [APP_STATEMENT_TIMEOUT])
-                # Detect deadlocks sooner than the backfill's lockTimeout gives up, so they happen.
-                conn.execute("SET deadlock_timeout = '50ms'")
-                while not self._stop.is_set():
-                    try:
-                        rng.choice(actions)(conn, rng)
-                        with self._lock:
-                            self.commits += 1
-                    except psycopg.errors.DeadlockDetected:
-                        with self._lock:
-                            self.deadlocks += 1
-                    except psycopg.errors.QueryCanceled:
-                        with self._lock:
-                            self.timeouts += 1
-                    time.sleep(0.001)
-        except BaseException as error:  # surfaced by stop()
-            self._errors.append(error)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", [APP_STATEMENT_TIMEOUT])
+            # Detect deadlocks sooner than the backfill's lockTimeout gives up, so they happen.
+            conn.execute("SET deadlock_timeout = '50ms'")
+            while not self._stop.is_set():
+                try:
+                    rng.choice(actions)(conn, rng)
+                    with self._lock:
+                        self.commits += 1
+                except psycopg.errors.DeadlockDetected:
+                    with self._lock:
+                        self.deadlocks += 1
+                except psycopg.errors.QueryCanceled:
+                    with self._lock:
+                        self.timeouts += 1
+                time.sleep(0.001)
 
     def start(self, updaters: int = 2, deleters: int = 1, inserters: int = 1) -> "Workload":
         plan = [[self._update_two]] * updaters + [[self._delete]] * deleters + [[self._insert]] * inserters
         for number, actions in enumerate(plan):
-            thread = threading.Thread(target=self._worker, args=(number, actions), daemon=True, name=f"app-{number}")
-            thread.start()
-            self._threads.append(thread)
+            self.spawn(self._worker, number, actions, name=f"app-{number}")
+        super().start()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
-            assert not thread.is_alive(), "an application thread is stuck"
-        if self._errors:
-            raise self._errors[0]
