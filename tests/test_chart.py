@@ -36,10 +36,7 @@ MONITORING = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.
 
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    try:
-        return helm_binary.find_helm()
-    except helm_binary.HelmUnavailable as error:
-        pytest.skip(f"no helm binary: {error}")
+    return helm_binary.helm_or_skip()
 
 
 def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -35,10 +35,7 @@ GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": 
 
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    try:
-        return helm_binary.find_helm()
-    except helm_binary.HelmUnavailable as error:
-        pytest.skip(f"no helm binary: {error}")
+    return helm_binary.helm_or_skip()
 
 
 def exported_metrics() -> dict[str, set[str]]:
