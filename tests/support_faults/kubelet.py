@@ -96,17 +96,8 @@ class FakeKubelet:
         name = job["metadata"]["name"]
         container = job["spec"]["template"]["spec"]["containers"][0]
         assert container["command"] == ["backfill"], container["command"]
-        port = free_port()
-        env = await self._environment(container, port)
-        pod_name = f"{name}-{len([p for p in self.history if p.job == name])}"
-        out, err = self.log_dir / f"{pod_name}.out", self.log_dir / f"{pod_name}.err"
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            process = subprocess.Popen(
-                [*backfill_executable(), *container["args"]], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
-            )
-        pod = Pod(name, pod_name, process, out, err, port)
+        pod = await self._spawn(container, name, f"{name}-{len([p for p in self.history if p.job == name])}")
         self.pods[name] = pod
-        self.history.append(pod)
         await self._call(self.api.merge_patch, jobs_path(self.namespace, name), {"status": {"active": 1}})
 
     async def start_duplicate(self, job_name: str) -> Pod:
@@ -114,16 +105,20 @@ class FakeKubelet:
         node is partitioned and the Job controller replaces a pod that is in fact still running."""
         job = await self._call(self.api.get, jobs_path(self.namespace, job_name))
         container = job["spec"]["template"]["spec"]["containers"][0]
+        # In history for output() and kill_all(), but not in self.pods: not the Job's pod.
+        return await self._spawn(container, job_name, f"{job_name}-duplicate")
+
+    async def _spawn(self, container: dict[str, Any], job_name: str, pod_name: str) -> Pod:
+        """Run the container's command as a real `backfill` process, with its env resolved."""
         port = free_port()
         env = await self._environment(container, port)
-        name = f"{job_name}-duplicate"
-        out, err = self.log_dir / f"{name}.out", self.log_dir / f"{name}.err"
+        out, err = self.log_dir / f"{pod_name}.out", self.log_dir / f"{pod_name}.err"
         with out.open("wb") as stdout, err.open("wb") as stderr:
             process = subprocess.Popen(
                 [*backfill_executable(), *container["args"]], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL
             )
-        pod = Pod(job_name, name, process, out, err, port)
-        self.history.append(pod)  # for output() and kill_all(), not for the Job's status
+        pod = Pod(job_name, pod_name, process, out, err, port)
+        self.history.append(pod)
         return pod
 
     async def _finish(self, pod: Pod, code: int) -> None:
