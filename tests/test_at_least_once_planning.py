@@ -9,7 +9,7 @@ import psycopg
 
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.engine import run_backfill
-from backfill_worker.manifest import parse_backfill
+from backfill_api.manifest import parse_backfill
 
 
 class FirstLoadMeets(JsonFileStore):

@@ -26,7 +26,7 @@ import yaml
 from psycopg import sql
 from typer.testing import CliRunner
 
-from backfill_worker.cli import app
+from backfill_cli.app import app
 from backfill_worker.localpg import LocalPostgres
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: for support_faults
@@ -361,7 +361,7 @@ import asyncio  # noqa: E402
 import base64  # noqa: E402
 
 from backfill_operator.main import OperatorConfig  # noqa: E402
-from backfill_worker.kubeapi import KubeApi, backfill_path, core_path  # noqa: E402
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path  # noqa: E402
 from kube_support.emulator import ApiServerEmulator, declare_resources  # noqa: E402
 from support_faults.kubelet import FakeKubelet, write_kubeconfig  # noqa: E402
 from support_faults.operator_async import operator_running  # noqa: E402

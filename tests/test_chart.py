@@ -246,7 +246,7 @@ def operator_command_context(args: list[str]) -> tuple[Any, Any]:
     import typer  # noqa: PLC0415
 
     try:
-        cli = importlib.import_module("backfill_worker.cli")
+        cli = importlib.import_module("backfill_cli.app")
     except ModuleNotFoundError:
         pytest.skip("backfill_worker/cli.py has not landed yet")
     group = typer.main.get_command(cli.app)
@@ -271,14 +271,14 @@ def test_the_operator_command_accepts_every_argument_the_chart_passes(helm):
 def test_every_environment_variable_the_chart_sets_is_read_by_the_operator(helm):
     import typer  # noqa: PLC0415
 
-    cli = importlib.import_module("backfill_worker.cli")
+    cli = importlib.import_module("backfill_cli.app")
     group = typer.main.get_command(cli.app)
     if "operator" not in group.commands:
         pytest.skip("`backfill operator` has not been registered yet (operator issue)")
     options = [*group.params, *group.commands["operator"].params]
     envvars = {e for p in options for e in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])}
-    package = ROOT / "operator" / "backfill_operator"
-    sources = "\n".join(path.read_text() for path in package.glob("*.py"))
+    packages = (ROOT / "operator" / "backfill_operator", ROOT / "worker" / "backfill_cli")
+    sources = "\n".join(path.read_text() for package in packages for path in package.glob("*.py"))
     (deployment,) = find(render(helm), "Deployment")
     names = [e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]]
     for name in names:

@@ -30,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helm_binary  # noqa: E402
-from backfill_worker.kubeapi import (  # noqa: E402
+from backfill_api.kubeapi import (  # noqa: E402
     KubeApi,
     backfill_path,
     core_path,

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from backfill_worker.cli import app
+from backfill_cli.app import app
 
 runner = CliRunner()
 BACKFILL = str(Path(sys.executable).parent / "backfill")

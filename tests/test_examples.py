@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from backfill_worker.engine import run_backfill
-from backfill_worker.manifest import load_backfill
+from backfill_api.manifest import load_backfill
 from backfill_worker.planner import plan_backfill
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,9 +25,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
 from backfill_operator import rbac
-from backfill_operator.crd import CRD_NAME, build_crd
+from backfill_api.crd import CRD_NAME, build_crd
 from backfill_operator.main import OperatorConfig
-from backfill_worker.kubeapi import (
+from backfill_api.kubeapi import (
     KubeApi,
     KubeApiError,
     backfill_path,

@@ -17,7 +17,8 @@ from backfill_worker.events import (
     RunStarted,
     Throttled,
 )
-from backfill_worker.metrics import MetricsServer, WorkerMetrics, serve
+from backfill_api.serving import MetricsServer, serve
+from backfill_worker.metrics import WorkerMetrics
 
 IDENTITY = "shop/customers-inactive"
 LABELS = {"namespace": "shop", "name": "customers-inactive", "shard": "0"}

@@ -10,7 +10,7 @@ import yaml
 
 from backfill_operator import rbac
 from backfill_operator.jobs import WorkerDefaults, render_job
-from backfill_worker.api import BackfillSpec
+from backfill_api.model import BackfillSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

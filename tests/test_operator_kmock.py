@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
 from backfill_operator.main import OperatorConfig
-from backfill_worker.kubeapi import (
+from backfill_api.kubeapi import (
     KubeApi,
     backfill_path,
     core_path,

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from backfill_operator import jobs
-from backfill_operator.conditions import Condition, merge_conditions
+from backfill_api.conditions import Condition, merge_conditions
 from backfill_operator.reconcile import Observed, SecretCheck, reconcile, status_patch
-from backfill_operator.specdiff import (
+from backfill_api.specdiff import (
     APPLIED_SPEC_ANNOTATION,
     changed_fields,
     decode_applied,
@@ -18,8 +18,8 @@ from backfill_operator.specdiff import (
     encode_applied,
     immutable_view,
 )
-from backfill_operator.status import aggregate_progress, format_eta
-from backfill_worker.api import BackfillSpec
+from backfill_api.status import aggregate_progress, format_eta
+from backfill_api.model import BackfillSpec
 
 UID = "0f0e0d0c-1111-2222-3333-444455556666"
 SPEC: dict[str, Any] = {
@@ -294,7 +294,7 @@ def test_status_patch_is_empty_when_nothing_changed():
 
 
 def test_empty_strings_travel_as_deletions_and_compare_as_absent():
-    from backfill_operator.status import for_merge_patch
+    from backfill_api.status import for_merge_patch
 
     patch = {"message": "", "progress": {"eta": "", "rowsUpdated": 1}, "conditions": [{"type": "Ready", "message": ""}]}
     assert for_merge_patch(patch) == {"message": None, "progress": {"eta": None, "rowsUpdated": 1}, "conditions": [{"type": "Ready"}]}
@@ -309,7 +309,7 @@ def test_a_foreign_job_of_the_same_name_stalls_instead_of_being_adopted():
 
 
 def test_worker_defaults_come_from_the_charts_environment(monkeypatch):
-    from backfill_operator.cli_commands import worker_defaults
+    from backfill_cli.cluster import worker_defaults
 
     monkeypatch.setenv("BACKFILL_WORKER_IMAGE_PULL_POLICY", "Always")
     monkeypatch.setenv("BACKFILL_WORKER_RESOURCES", '{"limits": {"memory": "1Gi"}}')

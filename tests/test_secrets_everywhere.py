@@ -26,9 +26,9 @@ import psycopg
 import pytest
 from backfill_operator.main import OperatorConfig
 from backfill_worker.engine import run_backfill
-from backfill_worker.kubeapi import KubeApi, backfill_path, core_path, jobs_path
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_worker.localpg import LocalPostgres
-from backfill_worker.manifest import parse_backfill
+from backfill_api.manifest import parse_backfill
 from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: support_faults, kube_support

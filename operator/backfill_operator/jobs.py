@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from backfill_worker.api import API_GROUP, API_VERSION, KIND, BackfillSpec
+from backfill_api.model import API_GROUP, API_VERSION, KIND, BackfillSpec
 
 MAX_NAME = 63  # a label value and a DNS label: the Job name is copied into the Pod's job-name label
 LABEL_NAME = "backfill.dev/name"

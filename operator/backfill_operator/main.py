@@ -16,8 +16,8 @@ from typing import Any
 
 import kopf
 
-from backfill_worker.kubeapi import KubeApi
-from backfill_worker.metrics import MetricsServer, serve
+from backfill_api.kubeapi import KubeApi
+from backfill_api.serving import MetricsServer, serve
 
 from .handlers import Controller, register
 from .jobs import WorkerDefaults

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from .status import PHASES
+from backfill_api.status import PHASES
 
 
 class OperatorMetrics:

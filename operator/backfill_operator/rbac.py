@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backfill_worker.api import API_GROUP, PLURAL
+from backfill_api.model import API_GROUP, PLURAL
 
 Rule = dict[str, list[str]]
 

@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from backfill_worker.api import BackfillSpec
-from backfill_worker.manifest import describe_validation_error
+from backfill_api.model import BackfillSpec
+from backfill_api.manifest import describe_validation_error
 
 from . import jobs as jobs_mod
-from .conditions import STALLED, find, merge_conditions
-from .specdiff import (
+from backfill_api.conditions import STALLED, find, merge_conditions
+from backfill_api.specdiff import (
     APPLIED_SPEC_ANNOTATION,
     changed_fields,
     decode_applied,
@@ -29,7 +29,7 @@ from .specdiff import (
     encode_applied,
     immutable_view,
 )
-from .status import Stall, aggregate_progress, for_merge_patch, phase_conditions, stored_form
+from backfill_api.status import Stall, aggregate_progress, for_merge_patch, phase_conditions, stored_form
 
 STALE_REPORT_SECONDS = 300
 """A running worker reports at least on every batch, retry or throttle; silence this long is news."""

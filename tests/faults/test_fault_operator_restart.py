@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from backfill_operator.main import OperatorConfig
-from backfill_worker.kubeapi import KubeApi, backfill_path, core_path, jobs_path
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.waiting import call, eventually_async
 from support_faults import ledger

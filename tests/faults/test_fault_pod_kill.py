@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from backfill_operator.main import OperatorConfig
-from backfill_worker.kubeapi import KubeApi, backfill_path, core_path
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig

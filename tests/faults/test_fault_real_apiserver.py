@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 from backfill_operator import rbac
-from backfill_operator.crd import CRD_NAME, build_crd
+from backfill_api.crd import CRD_NAME, build_crd
 from backfill_operator.main import OperatorConfig
-from backfill_worker.kubeapi import KubeApi, backfill_path, core_path, jobs_path
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually

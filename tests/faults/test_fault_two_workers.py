@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backfill_worker.errors import AlreadyRunning
+from backfill_api.errors import AlreadyRunning
 from support_faults import ledger
 from support_faults.cli import run, start, write_manifest
 from support_faults.secrets import CANARY_PASSWORD, assert_absent

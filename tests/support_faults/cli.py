@@ -20,7 +20,7 @@ def backfill_executable() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("backfill")
-    return [found] if found else [sys.executable, "-c", "from backfill_worker.cli import app; app()"]
+    return [found] if found else [sys.executable, "-c", "from backfill_cli.app import app; app()"]
 
 
 def write_manifest(directory: Path, document: dict, name: str = "backfill.yaml") -> Path:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from backfill_worker.engine import RunReport, run_backfill
 from backfill_worker.events import BatchCommitted, Event, RetryScheduled, StaticControl
-from backfill_worker.manifest import parse_backfill
+from backfill_api.manifest import parse_backfill
 
 
 @dataclass

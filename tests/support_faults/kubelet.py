@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from backfill_worker.kubeapi import KubeApi, core_path, jobs_path
+from backfill_api.kubeapi import KubeApi, core_path, jobs_path
 
 from .cli import backfill_executable
 

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from .api import API_GROUP, API_VERSION, PLURAL
+from .model import API_GROUP, API_VERSION, PLURAL
 
 MERGE_PATCH = "application/merge-patch+json"
 BACKFILLS = f"/apis/{API_GROUP}/{API_VERSION}"

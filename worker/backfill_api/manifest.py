@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .api import Backfill
+from .model import Backfill
 from .errors import ManifestError
 
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from backfill_worker.api import IMMUTABLE_SPEC_FIELDS, BackfillSpec
+from .model import IMMUTABLE_SPEC_FIELDS, BackfillSpec
 
 APPLIED_SPEC_ANNOTATION = "backfill.dev/applied-spec"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from backfill_worker.durations import format_duration
+from .durations import format_duration
 
 from .conditions import READY, RECONCILING, STALLED, Condition
 

@@ -1,7 +1,7 @@
 """The ``backfill`` command line: run, plan, status, reset and demo a Backfill manifest locally.
 
 Exit codes: 0 done or paused, 1 failed, 2 invalid manifest / validation, 3 already running,
-4 connection failed (see ``errors.py``). Nothing printed ever contains the DSN or password:
+4 connection failed (see ``backfill_api/errors.py``). Nothing printed ever contains the DSN or password:
 errors are ``BackfillError`` messages (redacted at the source) or redacted here.
 
 Other commands (``crd``, ``worker``, ``operator``) register themselves at the end of this file;
@@ -22,16 +22,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .api import Backfill, CheckpointMode
-from .checkpoint import JsonFileStore, ShardCheckpoint
-from .engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
-from .errors import BackfillError, ValidationFailed
-from .events import Listener, StaticControl
-from .manifest import load_backfill
-from .planner import Plan, plan_backfill
-from .progress import format_eta
-from .secrets import REDACTOR, redact
-from .signals import stop_on_signals
+from backfill_api.model import Backfill, CheckpointMode
+from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
+from backfill_worker.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
+from backfill_api.errors import BackfillError, ValidationFailed
+from backfill_worker.events import Listener, StaticControl
+from backfill_api.manifest import load_backfill
+from backfill_worker.planner import Plan, plan_backfill
+from backfill_worker.progress import format_eta
+from backfill_worker.secrets import REDACTOR, redact
+from backfill_worker.signals import stop_on_signals
 
 app = typer.Typer(
     name="backfill",
@@ -57,14 +57,14 @@ StateDirOption = Annotated[
 def configure(*, verbose: bool = False, log_format: str = "text", log_level: str | None = None,
               metrics_port: int | None = None) -> None:
     """The one place process-wide output is set up: logging and the worker's /metrics endpoint."""
-    from .logs import LOG_FORMATS, configure_logging  # noqa: PLC0415  (structlog import only when a command runs)
+    from backfill_worker.logs import LOG_FORMATS, configure_logging  # noqa: PLC0415  (structlog import only when a command runs)
 
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(f"use one of: {', '.join(LOG_FORMATS)}", param_hint="--log-format")
     # Logs go to stderr; the progress bar and summaries to stdout. Warnings only, unless -v.
     configure_logging(log_format, log_level or ("INFO" if verbose else "WARNING"))  # type: ignore[arg-type]
     if metrics_port is not None:
-        from .metrics import start_process_metrics  # noqa: PLC0415
+        from backfill_worker.metrics import start_process_metrics  # noqa: PLC0415
 
         start_process_metrics(metrics_port)
 
@@ -136,9 +136,9 @@ def print_report(report: RunReport, console: Console) -> None:
 
 def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
              store: JsonFileStore | None, description: str) -> RunReport:
-    from .cli_progress import JsonProgress, ProgressBar  # noqa: PLC0415
-    from .logs import LogListener, bind_backfill  # noqa: PLC0415
-    from .metrics import process_listener  # noqa: PLC0415
+    from .progress import JsonProgress, ProgressBar  # noqa: PLC0415
+    from backfill_worker.logs import LogListener, bind_backfill  # noqa: PLC0415
+    from backfill_worker.metrics import process_listener  # noqa: PLC0415
 
     control = StaticControl()
     bind_backfill(backfill.identity)
@@ -267,14 +267,14 @@ def demo(
     """Start a throwaway PostgreSQL, create the customers table, run the example backfill, verify, stop."""
     import yaml  # noqa: PLC0415
 
-    from .demo import (  # noqa: PLC0415
+    from backfill_worker.demo import (  # noqa: PLC0415
         DEMO_MANIFEST,
         changed_rows,
         demo_backfill,
         matching_rows,
         seed_customers,
     )
-    from .localpg import LocalPostgres  # noqa: PLC0415
+    from backfill_worker.localpg import LocalPostgres  # noqa: PLC0415
 
     with user_errors():
         out.print("[bold]Starting a throwaway PostgreSQL[/] ...")
@@ -308,6 +308,6 @@ def demo(
 
 # -- commands contributed by other modules (crd, worker, operator) register below ---------------
 
-from backfill_operator.cli_commands import register as _register_kubernetes_commands  # noqa: E402
+from backfill_cli.cluster import register as _register_kubernetes_commands  # noqa: E402
 
 _register_kubernetes_commands(app)  # backfill crd | worker | operator

@@ -1,6 +1,6 @@
 """The in-cluster commands of the ``backfill`` CLI: ``crd``, ``worker`` and ``operator``.
 
-Registered on the main typer app by ``backfill_worker/cli.py`` (one line), so that the local
+Registered on the main typer app by ``backfill_cli/app.py`` (one line), so that the local
 CLI stays importable without anything Kubernetes-specific being loaded for ``run``/``plan``.
 """
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 if TYPE_CHECKING:
-    from .jobs import WorkerDefaults
+    from backfill_operator.jobs import WorkerDefaults
 KubeconfigOption = Annotated[
     Optional[str],
     typer.Option("--kubeconfig", envvar="KUBECONFIG", help="Outside a cluster: the kubeconfig to use (default: in-cluster)."),
@@ -23,7 +23,7 @@ KubeconfigOption = Annotated[
 
 def crd() -> None:
     """Print the Backfill CustomResourceDefinition (YAML), generated from the API model."""
-    from .crd import render_crd_yaml  # noqa: PLC0415
+    from backfill_api.crd import render_crd_yaml  # noqa: PLC0415
 
     sys.stdout.write(render_crd_yaml())
 
@@ -40,12 +40,12 @@ def worker(
     BACKFILL_LOG_LEVEL=INFO and BACKFILL_METRICS_PORT=9090).
     """
     from backfill_worker.kube_worker import run_worker  # noqa: PLC0415
-    from backfill_worker.kubeapi import KubeApi, KubeApiError  # noqa: PLC0415
+    from backfill_api.kubeapi import KubeApi, KubeApiError  # noqa: PLC0415
     from backfill_worker.logs import LogListener, bind_backfill  # noqa: PLC0415
     from backfill_worker.metrics import process_listener  # noqa: PLC0415
     from backfill_worker.secrets import register_dsn  # noqa: PLC0415
 
-    from .jobs import DSN_ENV, RUN_ENV  # noqa: PLC0415
+    from backfill_operator.jobs import DSN_ENV, RUN_ENV  # noqa: PLC0415
 
     bind_backfill(f"{namespace}/{name}", shard)
     dsn = os.environ.get(DSN_ENV)
@@ -80,7 +80,7 @@ def _json_env(variable: str) -> dict[str, Any] | None:
 
 def worker_defaults(service_account: str | None, image: str | None) -> "WorkerDefaults":
     """Operator-wide worker defaults; the Helm chart passes them as BACKFILL_WORKER_* env vars."""
-    from .jobs import WorkerDefaults  # noqa: PLC0415
+    from backfill_operator.jobs import WorkerDefaults  # noqa: PLC0415
 
     overrides: dict[str, Any] = {"service_account_name": service_account or None}
     if image:
@@ -116,7 +116,7 @@ def operator(
     """Run the operator (kopf, standalone: deploy exactly one replica with strategy Recreate)."""
     import logging  # noqa: PLC0415
 
-    from .main import OperatorConfig, run_operator  # noqa: PLC0415
+    from backfill_operator.main import OperatorConfig, run_operator  # noqa: PLC0415
 
     logging.getLogger("backfill.operator").setLevel(logging.INFO)
     run_operator(OperatorConfig(

@@ -12,8 +12,8 @@ from typing import IO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from .events import BatchCommitted, Event, RunFinished
-from .progress import RunProgress, format_eta
+from backfill_worker.events import BatchCommitted, Event, RunFinished
+from backfill_worker.progress import RunProgress, format_eta
 
 
 def _rate(value: float) -> str:

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from .errors import CheckpointUnavailable
+from backfill_api.errors import CheckpointUnavailable
 
 PENDING = "pending"
 RUNNING = "running"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg
 
-from .api import Backfill
-from .manifest import parse_backfill
+from backfill_api.model import Backfill
+from backfill_api.manifest import parse_backfill
 
 CUTOFF = "interval '365 days'"
 

@@ -23,11 +23,11 @@ import psycopg
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
 
 from . import locking, prefetch, retry, sharding, statements, throttle, validation
-from .api import Backfill, CheckpointMode
+from backfill_api.model import Backfill, CheckpointMode
 from .batching import BatchSizer
 from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
 from .connection import connect, database_errors, first_line, open_connection
-from .errors import (
+from backfill_api.errors import (
     AlreadyRunning,
     BackfillError,
     CheckpointMismatch,

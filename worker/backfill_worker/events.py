@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .api import BatchSpec, LimitsSpec
+from backfill_api.model import BatchSpec, LimitsSpec
 
 
 @dataclass(frozen=True)

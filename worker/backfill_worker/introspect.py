@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from .identifiers import QualifiedName
+from backfill_api.identifiers import QualifiedName
 
 
 @dataclass(frozen=True)

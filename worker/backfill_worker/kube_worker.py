@@ -24,11 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from backfill_operator.specdiff import decode_applied, effective_spec
-from backfill_operator.status import aggregate_progress, for_merge_patch
+from backfill_api.specdiff import decode_applied, effective_spec
+from backfill_api.status import aggregate_progress, for_merge_patch
 from pydantic import ValidationError
 
-from .api import (
+from backfill_api.model import (
     API_GROUP,
     API_VERSION,
     KIND,
@@ -39,10 +39,10 @@ from .api import (
 )
 from .checkpoint import ShardCheckpoint
 from .engine import run_backfill
-from .errors import AlreadyRunning, BackfillError, ManifestError
+from backfill_api.errors import AlreadyRunning, BackfillError, ManifestError
 from .events import Event, RunFinished, Tuning
-from .kubeapi import KubeApi, KubeApiError, backfill_path
-from .manifest import parse_backfill
+from backfill_api.kubeapi import KubeApi, KubeApiError, backfill_path
+from backfill_api.manifest import parse_backfill
 from .progress import ShardProgress
 from .secrets import redact, secrets_of
 from .signals import stop_on_signals

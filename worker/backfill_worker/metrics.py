@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker, fed by engine events; ``serve(port)`` exposes ``/metrics``.
+"""Prometheus metrics of a worker, fed by engine events; ``start_process_metrics(port)`` exposes ``/metrics``.
 
 Every series carries ``namespace``, ``name`` (of the Backfill) and ``shard`` labels, taken from the
 event's identity (``namespace/name``), never from anything that could hold a secret.
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,8 +29,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
+
+from backfill_api.serving import MetricsServer, serve
 
 from .events import (
     BatchCommitted,
@@ -126,29 +125,6 @@ class WorkerMetrics:
     def _set_state(self, labels: tuple[str, str, str], current: str) -> None:
         for state in SHARD_STATES:
             self.state.labels(*labels, state).set(1.0 if state == current else 0.0)
-
-
-class MetricsServer:
-    """A running ``/metrics`` endpoint; ``close()`` stops it (tests, clean shutdown)."""
-
-    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
-        self._server = server
-        self._thread = thread
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-def serve(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> MetricsServer:
-    """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread (port 0: any free one)."""
-    server, thread = start_http_server(port, addr=addr, registry=registry)
-    return MetricsServer(server, thread)
 
 
 # -- process-wide worker metrics (the CLI's ``--metrics-port``) ----------------------------------

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from . import sharding, statements, validation
-from .api import Backfill
+from backfill_api.model import Backfill
 from .connection import connect, database_errors
 from .secrets import register_dsn, secrets_of
 from .statements import Style, Target

@@ -10,8 +10,8 @@ import psycopg
 from psycopg import sql
 
 from . import statements
-from .api import BackfillSpec
-from .errors import ValidationFailed
+from backfill_api.model import BackfillSpec
+from backfill_api.errors import ValidationFailed
 from .introspect import TableInfo, UniqueIndex, find_table, kind_name
 from .secrets import redact
 from .statements import Target
