@@ -18,7 +18,16 @@ from backfill_api.specdiff import (
     encode_applied,
     immutable_view,
 )
-from backfill_api.status import aggregate_progress, format_eta
+from backfill_api.status import (
+    BackfillStatus,
+    Phase,
+    ShardState,
+    ShardStatus,
+    StallReason,
+    aggregate_progress,
+    error_reasons,
+    format_eta,
+)
 from backfill_api.model import BackfillSpec
 
 UID = "0f0e0d0c-1111-2222-3333-444455556666"
@@ -134,13 +143,13 @@ def test_progress_aggregates_shards_by_estimated_keys():
         "1": {"state": "running", "rowsUpdated": 50, "batches": 1, "estimatedKeys": 300, "keysDone": 100,
               "rowsPerSecond": 25.0, "etaSeconds": 8, "batchSize": 80, "throttleReason": "maxRowsPerSecond"},
     }
-    progress = aggregate_progress(shards, 2)
+    progress = aggregate_progress(shards, 2).to_wire()
     assert progress == {
         "rowsUpdated": 150, "batches": 3, "percent": 50, "rowsPerSecond": 25.0, "eta": "8s",
         "batchSize": 80, "throttleReason": "maxRowsPerSecond",
     }
-    assert aggregate_progress({}, 3)["percent"] == 0 and aggregate_progress({}, 3)["eta"] == ""
-    assert aggregate_progress(shards, 2, succeeded=True)["percent"] == 100
+    assert aggregate_progress({}, 3).percent == 0 and aggregate_progress({}, 3).eta == ""
+    assert aggregate_progress(shards, 2, succeeded=True).percent == 100
 
 
 # -- spec diff -------------------------------------------------------------------------------
@@ -336,3 +345,44 @@ def test_a_silent_running_worker_is_pointed_out_in_the_message():
     assert "no report" not in reconcile(observe(status=fresh, jobs_=running_job)).status["message"]
     message = reconcile(observe(status=silent, jobs_=running_job)).status["message"]
     assert "shard 0: no report for 10 min" in message
+
+
+# -- stall reasons and the typed status ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", [r for r in StallReason if r.recoverable])
+def test_every_recoverable_stall_posts_resolved_once_fixed(reason):
+    """The handlers' Secret findings (SecretRefMissing, SecretForbidden) used to clear silently."""
+    stalled = reconcile(observe(secret=SecretCheck(False, reason, f"{reason} for the test")))
+    assert cond(stalled, "Stalled") == {**cond(stalled, "Stalled"), "status": "True", "reason": reason.value}
+    fixed = reconcile(observe(status=stalled.status, secret=SecretCheck(True)))
+    assert cond(fixed, "Stalled")["status"] == "False"
+    assert [e.message for e in fixed.events if e.reason == "Resolved"] == [f"{reason.value} no longer applies"]
+
+
+def test_a_failed_run_posts_no_resolved_and_stays_failed():
+    status = {"phase": "Failed", "message": "shard 0: gave up", "run": 1,
+              "conditions": [{"type": "Stalled", "status": "True", "reason": "RetriesExhausted"}]}
+    plan = reconcile(observe(status=status, secret=SecretCheck(True)))
+    assert plan.status["phase"] == "Failed" and not plan.create_jobs
+    assert not [e for e in plan.events if e.reason == "Resolved"]
+
+
+def test_stall_reasons_cover_every_worker_error_and_the_secret_checks():
+    assert error_reasons() <= {r.value for r in StallReason}
+    assert {r for r in StallReason if r.permanent} == {
+        StallReason.INVALID_SPEC, StallReason.VALIDATION_FAILED,
+        StallReason.CHECKPOINT_MISMATCH, StallReason.CHECKPOINT_UNAVAILABLE,
+    }
+    assert not StallReason.RETRIES_EXHAUSTED.recoverable and StallReason.SECRET_FORBIDDEN.recoverable
+    assert StallReason.of_worker("SomethingNewer") is StallReason.ERROR
+
+
+def test_typed_status_reads_what_it_writes_and_tolerates_garbage():
+    wire = {"phase": "Running", "run": 2, "shards": {"0": {"state": "running", "rowsUpdated": 5, "etaSeconds": 1.5}},
+            "conditions": [{"type": "Stalled", "status": "True", "reason": "SecretNotFound"}], "addedLater": 1}
+    status = BackfillStatus.parse(wire)
+    assert status.phase is Phase.RUNNING and status.shard(0).state is ShardState.RUNNING
+    assert status.shard(1) == ShardStatus() and status.stall_reason() is StallReason.SECRET_NOT_FOUND
+    assert status.to_wire() == {k: v for k, v in wire.items() if k != "addedLater"}
+    assert BackfillStatus.parse({"run": "not a number"}) == BackfillStatus() == BackfillStatus.parse(None)

@@ -23,6 +23,7 @@ import kopf
 import urllib3
 
 from backfill_api.model import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec
+from backfill_api.status import StallReason
 from backfill_api.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
 
 from . import jobs as jobs_mod
@@ -185,10 +186,10 @@ class Controller:
         try:
             ref = BackfillSpec.model_validate(dict(raw_spec)).database.dsn_secret_ref
         except Exception:
-            return SecretCheck(False, "InvalidSpec", "spec is invalid")
+            return SecretCheck(False, StallReason.INVALID_SPEC, "spec is invalid")
         if ref is None:
             return SecretCheck(
-                False, "SecretRefMissing",
+                False, StallReason.SECRET_REF_MISSING,
                 "spec.database.dsnSecretRef is required in a cluster: name a Secret in this namespace holding the DSN",
             )
         try:
@@ -196,16 +197,16 @@ class Controller:
         except KubeApiError as error:
             if error.status == 404:
                 return SecretCheck(
-                    False, "SecretNotFound",
+                    False, StallReason.SECRET_NOT_FOUND,
                     f"Secret {namespace}/{ref.name} (spec.database.dsnSecretRef.name) not found: create it, e.g. "
                     f"kubectl -n {namespace} create secret generic {ref.name} --from-literal={ref.key}=postgresql://...",
                 )
             if error.status == 403:
-                return SecretCheck(False, "SecretForbidden", f"the operator may not read Secret {namespace}/{ref.name}: check its RBAC")
+                return SecretCheck(False, StallReason.SECRET_FORBIDDEN, f"the operator may not read Secret {namespace}/{ref.name}: check its RBAC")
             raise
         if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
             return SecretCheck(
-                False, "SecretKeyNotFound",
+                False, StallReason.SECRET_KEY_NOT_FOUND,
                 f"Secret {namespace}/{ref.name} has no key {ref.key!r} (spec.database.dsnSecretRef.key): add it or fix the key",
             )
         return SecretCheck(True)

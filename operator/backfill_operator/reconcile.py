@@ -4,6 +4,10 @@ Level-triggered: every call looks at the whole picture (Backfill, its Jobs, the 
 and returns the full desired status plus the Jobs to create or delete. Running it twice in a
 row, or after an operator restart, changes nothing: Job names are deterministic and an existing
 Job is adopted, never duplicated.
+
+``reconcile`` is four steps, each a small pure function: the spec's validity (``_check_spec``),
+each shard's view (``view_shards``), the phase with its Job plan (``_decide``), then the status
+(``_status``) and the events (``events_for``).
 """
 
 from __future__ import annotations
@@ -15,11 +19,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from backfill_api.model import BackfillSpec
 from backfill_api.manifest import describe_validation_error
-
-from . import jobs as jobs_mod
-from backfill_api.conditions import STALLED, find, merge_conditions
+from backfill_api.model import BackfillSpec
 from backfill_api.specdiff import (
     APPLIED_SPEC_ANNOTATION,
     changed_fields,
@@ -29,19 +30,30 @@ from backfill_api.specdiff import (
     encode_applied,
     immutable_view,
 )
-from backfill_api.status import Stall, aggregate_progress, for_merge_patch, phase_conditions, stored_form
+from backfill_api.status import (
+    BackfillStatus,
+    Phase,
+    Progress,
+    ShardState,
+    Stall,
+    StallReason,
+    aggregate_progress,
+    for_merge_patch,
+    phase_conditions,
+    stored_form,
+)
+from backfill_api.conditions import merge_conditions
+
+from . import jobs as jobs_mod
 
 STALE_REPORT_SECONDS = 300
 """A running worker reports at least on every batch, retry or throttle; silence this long is news."""
-
-# Worker error reasons that no retry can fix: fail at once instead of burning backoffLimit.
-PERMANENT_WORKER_REASONS = frozenset({"InvalidSpec", "ValidationFailed", "CheckpointMismatch", "CheckpointUnavailable"})
 
 
 @dataclass(frozen=True)
 class SecretCheck:
     ok: bool
-    reason: str = ""
+    reason: StallReason | None = None
     message: str = ""
 
 
@@ -106,154 +118,222 @@ def _name(job: Mapping[str, Any]) -> str:
     return str(job.get("metadata", {}).get("name", ""))
 
 
+@dataclass(frozen=True)
+class SpecCheck:
+    """The spec the workers run (``None`` when invalid) and what is wrong with it, if anything."""
+
+    spec: BackfillSpec | None
+    stall: Stall | None
+
+
+def _check_spec(raw_spec: Mapping[str, Any], applied: Mapping[str, Any] | None) -> SpecCheck:
+    """Both the edited spec and the one workers run (applied immutable fields) must validate."""
+    raw, raw_problem = _validate(raw_spec)
+    spec, problem = _validate(effective_spec(raw_spec, applied)) if applied else (raw, raw_problem)
+    if spec is None or raw is None:
+        return SpecCheck(None, Stall(StallReason.INVALID_SPEC, problem or raw_problem))
+    if applied is not None:
+        changed = changed_fields(applied, immutable_view(raw))
+        if changed:
+            return SpecCheck(spec, Stall(StallReason.IMMUTABLE_FIELD_CHANGED, describe_change(changed)))
+    return SpecCheck(spec, None)
+
+
+@dataclass
+class ShardsView:
+    """What the shards need, folded from their reports and their newest Jobs."""
+
+    needs_job: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    failure_reason: StallReason = StallReason.JOB_FAILED
+    running: bool = False
+    stale: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    """Jobs to delete: their worker failed for a reason no retry can fix."""
+
+    @property
+    def phase(self) -> Phase:
+        """Running means a worker reports work; an active Job may still be an unscheduled Pod."""
+        return Phase.RUNNING if self.running else Phase.PENDING
+
+
+def view_shards(
+    parallelism: int, status: BackfillStatus, current: Mapping[int, Mapping[str, Any]], now: str
+) -> ShardsView:
+    view = ShardsView()
+    for shard in range(parallelism):
+        report = status.shard(shard)
+        job = current.get(shard)
+        if report.state == ShardState.DONE:
+            continue
+        if job is None:
+            view.needs_job.append(shard)
+            continue
+        state = jobs_mod.job_state(job)
+        same_run = report.run in (None, jobs_mod.job_run(job))
+        worker_reason = StallReason.of_worker(report.last_error_reason) if report.last_error_reason else None
+        if state == "failed":
+            view.failures.append(f"shard {shard}: {report.last_error or jobs_mod.job_failure_message(job)}")
+            if same_run and worker_reason is not None:
+                view.failure_reason = worker_reason
+        elif report.state == ShardState.FAILED and same_run and worker_reason is not None and worker_reason.permanent:
+            view.failures.append(f"shard {shard}: {report.last_error or report.last_error_reason}")
+            view.failure_reason = worker_reason
+            view.stop.append(_name(job))  # no retry can fix it: stop the Job's pod retries
+        elif state == "succeeded":
+            view.needs_job.append(shard)  # exited without finishing (e.g. SIGTERM on a node drain)
+        elif report.state == ShardState.RUNNING and same_run:
+            view.running = True
+            silent = _seconds_between(report.updated_at, now)
+            if silent is not None and silent > STALE_REPORT_SECONDS:
+                # Whole minutes: the message (and so the status) changes once a minute, not every pass.
+                view.stale.append(f"shard {shard}: no report for {int(silent // 60)} min")
+    return view
+
+
+@dataclass(frozen=True)
+class Decision:
+    phase: Phase
+    stall: Stall | None = None
+    failed_message: str = ""
+    launch: list[int] = field(default_factory=list)
+    """Shards to start a new run's Job for."""
+    delete: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    needs_secret: bool = False
+
+
+def _decide(
+    observed: Observed, status: BackfillStatus, spec: BackfillSpec, stall: Stall | None,
+    current: Mapping[int, Mapping[str, Any]],
+) -> Decision:
+    """The phase of a Backfill with a valid spec, and which Jobs to start or stop."""
+    previous_stalled = status.condition("Stalled")
+    previous_reason = StallReason.of_worker(previous_stalled.reason) if previous_stalled and previous_stalled.reason else None
+    if status.phase is Phase.SUCCEEDED:
+        return Decision(Phase.SUCCEEDED, stall)
+    if spec.suspend:
+        # Deleting works on every version (Job.spec.suspend is 1.21+); the worker's SIGTERM
+        # handling ends the current batch and the checkpoint makes the pause lossless. Failed
+        # Jobs go too, so that resuming retries their shards.
+        delete = [_name(j) for j in current.values() if jobs_mod.job_state(j) != "succeeded"]
+        return Decision(Phase.PAUSED, stall, delete=delete)
+    if status.phase is Phase.FAILED and previous_reason is not None and not previous_reason.recoverable:
+        # Terminal for this run: set suspend true then false to retry.
+        message = status.message or "the run failed"
+        return Decision(Phase.FAILED, stall or Stall(previous_reason, message), failed_message=message)
+    view = view_shards(spec.parallelism, status, current, observed.now)
+    if view.failures:
+        message = "; ".join(view.failures)
+        return Decision(Phase.FAILED, Stall(view.failure_reason, message), failed_message=message, delete=view.stop)
+    if not view.needs_job and all(status.shard(i).state == ShardState.DONE for i in range(spec.parallelism)):
+        return Decision(Phase.SUCCEEDED, stall, delete=view.stop)
+    if view.needs_job:
+        if observed.secret is None:
+            return Decision(view.phase, needs_secret=True)
+        if not observed.secret.ok:
+            reason = observed.secret.reason or StallReason.SECRET_NOT_FOUND
+            return Decision(view.phase, Stall(reason, observed.secret.message), delete=view.stop)
+        if observed.job_conflict:
+            return Decision(view.phase, Stall(StallReason.JOB_NAME_TAKEN, observed.job_conflict), delete=view.stop)
+        return Decision(view.phase, stall, launch=view.needs_job, delete=view.stop, stale=view.stale)
+    return Decision(view.phase, stall, delete=view.stop, stale=view.stale)
+
+
 def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.DEFAULT_WORKER) -> Plan:
-    status = observed.status or {}
-    previous_phase = status.get("phase")
-    shards: Mapping[str, Mapping[str, Any]] = status.get("shards") or {}
-    run = int(status.get("run") or 0)
+    status = BackfillStatus.parse(observed.status)
     current = current_jobs(observed)
-    run = max([run, *(jobs_mod.job_run(j) or 0 for j in current.values())])
+    run = max([status.run, *(jobs_mod.job_run(j) or 0 for j in current.values())])
     applied = decode_applied(observed.annotations)
     launched = applied is not None or bool(current)
+    checked = _check_spec(observed.raw_spec, applied)
 
-    raw_spec, raw_problem = _validate(observed.raw_spec)
-    spec, problem = _validate(effective_spec(observed.raw_spec, applied)) if applied else (raw_spec, raw_problem)
-
+    progress: Progress | None = None
+    job_names: list[str] | None = None
     create: list[dict[str, Any]] = []
-    delete: list[str] = []
     annotations: dict[str, str] = {}
-    events: list[EventSpec] = []
-    stall: Stall | None = None
-    failed_message = ""
-    stale: list[str] = []
-    extra: dict[str, Any] = {}
-
-    if spec is None or raw_spec is None:
-        stall = Stall("InvalidSpec", problem or raw_problem)
-        phase = previous_phase if launched and previous_phase else "Failed"
+    if checked.spec is None:
+        decision = Decision(status.phase if launched and status.phase else Phase.FAILED, checked.stall)
     else:
-        if applied is not None:
-            changed = changed_fields(applied, immutable_view(raw_spec))
-            if changed:
-                stall = Stall("ImmutableFieldChanged", describe_change(changed))
-        parallelism = spec.parallelism
-        previous_stall = find(status.get("conditions"), STALLED) or {}
-        run_failed = previous_phase == "Failed" and previous_stall.get("reason") not in (
-            "InvalidSpec", "SecretNotFound", "SecretKeyNotFound", "JobNameTaken", None,
+        decision = _decide(observed, status, checked.spec, checked.stall, current)
+        if decision.needs_secret:
+            return Plan(needs_secret=True)
+        if decision.launch:
+            run += 1
+            create = [
+                jobs_mod.render_job(
+                    name=observed.name, namespace=observed.namespace, uid=observed.uid,
+                    spec=checked.spec, shard=shard, run=run, defaults=defaults,
+                )
+                for shard in decision.launch
+            ]
+            if applied is None:
+                annotations[APPLIED_SPEC_ANNOTATION] = encode_applied(immutable_view(checked.spec))
+        progress = aggregate_progress(
+            status.shards, checked.spec.parallelism, succeeded=decision.phase is Phase.SUCCEEDED,
         )
-        if previous_phase == "Succeeded":
-            phase = "Succeeded"
-        elif spec.suspend:
-            phase = "Paused"
-            # Deleting works on every version (Job.spec.suspend is 1.21+); the worker's SIGTERM
-            # handling ends the current batch and the checkpoint makes the pause lossless. Failed
-            # Jobs go too, so that resuming retries their shards.
-            delete = [_name(j) for j in current.values() if jobs_mod.job_state(j) != "succeeded"]
-        elif run_failed and previous_phase == "Failed":
-            phase = "Failed"  # terminal for this run: set suspend true then false to retry
-            failed_message = status.get("message") or "the run failed"
-            stall = stall or Stall(str(previous_stall.get("reason") or "Failed"), failed_message)
-        else:
-            needs_job: list[int] = []
-            failures: list[str] = []
-            failure_reason = "JobFailed"
-            running = False
-            for shard in range(parallelism):
-                report = shards.get(str(shard)) or {}
-                job = current.get(shard)
-                if report.get("state") == "done":
-                    continue
-                if job is None:
-                    needs_job.append(shard)
-                    continue
-                state = jobs_mod.job_state(job)
-                same_run = report.get("run") in (None, jobs_mod.job_run(job))
-                if state == "failed":
-                    failures.append(f"shard {shard}: {report.get('lastError') or jobs_mod.job_failure_message(job)}")
-                    failure_reason = str(report.get("lastErrorReason") or failure_reason) if same_run else failure_reason
-                elif (
-                    report.get("state") == "failed"
-                    and same_run
-                    and report.get("lastErrorReason") in PERMANENT_WORKER_REASONS
-                ):
-                    failures.append(f"shard {shard}: {report.get('lastError') or report.get('lastErrorReason')}")
-                    failure_reason = str(report["lastErrorReason"])
-                    delete.append(_name(job))  # no retry can fix it: stop the Job's pod retries
-                elif state == "succeeded":
-                    needs_job.append(shard)  # exited without finishing (e.g. SIGTERM on a node drain)
-                else:
-                    # Running means a worker reports work; an active Job may still be an
-                    # unscheduled Pod (image pull, no capacity), which is Pending to a human.
-                    running = running or (report.get("state") == "running" and same_run)
-                    silent = _seconds_between(report.get("updatedAt"), observed.now)
-                    if report.get("state") == "running" and same_run and silent is not None and silent > STALE_REPORT_SECONDS:
-                        # Whole minutes: the message (and so the status) changes once a minute, not every pass.
-                        stale.append(f"shard {shard}: no report for {int(silent // 60)} min")
-            if failures:
-                phase = "Failed"
-                failed_message = "; ".join(failures)
-                stall = Stall(failure_reason, failed_message)
-            elif not needs_job and all((shards.get(str(i)) or {}).get("state") == "done" for i in range(parallelism)):
-                phase = "Succeeded"
-            elif needs_job:
-                if observed.secret is None:
-                    return Plan(needs_secret=True)
-                if not observed.secret.ok:
-                    stall = Stall(observed.secret.reason, observed.secret.message)
-                    phase = "Running" if running else "Pending"
-                elif observed.job_conflict:
-                    stall = Stall("JobNameTaken", observed.job_conflict)
-                    phase = "Running" if running else "Pending"
-                else:
-                    run += 1
-                    for shard in needs_job:
-                        create.append(jobs_mod.render_job(
-                            name=observed.name, namespace=observed.namespace, uid=observed.uid,
-                            spec=spec, shard=shard, run=run, defaults=defaults,
-                        ))
-                    if applied is None:
-                        annotations[APPLIED_SPEC_ANNOTATION] = encode_applied(immutable_view(spec))
-                    phase = "Running" if running else "Pending"
-            else:
-                phase = "Running" if running else "Pending"
-        progress = aggregate_progress(shards, parallelism, succeeded=phase == "Succeeded")
-        extra["progress"] = progress
         names = {s: _name(j) for s, j in current.items()}
         names.update({jobs_mod.job_shard(j) or 0: _name(j) for j in create})
-        extra["jobNames"] = [names[s] for s in sorted(names)]
+        job_names = [names[s] for s in sorted(names)]
 
-    message = _message(phase, stall, failed_message, extra.get("progress"))
-    if phase == "Running" and stall is None and stale:
-        message += " (" + "; ".join(stale) + ": worker stuck or gone? see its pod)"
+    new_status = _status(observed, status, decision, run=run, progress=progress, job_names=job_names,
+                         launched=launched, created=bool(create))
+    events = events_for(status, new_status, decision.stall, create=create, delete=decision.delete)
+    return Plan(
+        create_jobs=create, delete_jobs=decision.delete, status=new_status.to_wire(),
+        annotations=annotations, events=events,
+    )
+
+
+def _status(
+    observed: Observed, previous: BackfillStatus, decision: Decision, *, run: int,
+    progress: Progress | None, job_names: list[str] | None, launched: bool, created: bool,
+) -> BackfillStatus:
+    """The operator's part of the status (``shards`` is the workers')."""
+    phase, stall = decision.phase, decision.stall
+    message = _message(phase, stall, decision.failed_message, progress)
+    if phase is Phase.RUNNING and stall is None and decision.stale:
+        message += " (" + "; ".join(decision.stale) + ": worker stuck or gone? see its pod)"
     conditions = merge_conditions(
-        status.get("conditions"), phase_conditions(phase, message, stall),
+        [c.to_wire() for c in previous.conditions], phase_conditions(phase, message, stall),
         now=observed.now, generation=observed.generation,
     )
-    new_status: dict[str, Any] = {
-        "phase": phase,
-        "observedGeneration": observed.generation,
-        "message": message,
-        "conditions": conditions,
-        "run": run,
-        **extra,
+    fields: dict[str, Any] = {
+        "phase": phase, "observed_generation": observed.generation, "message": message,
+        "conditions": conditions, "run": run,
     }
-    if create and not status.get("startedAt"):
-        new_status["startedAt"] = observed.now
-    if phase in ("Succeeded", "Failed") and launched and not status.get("completedAt"):
-        new_status["completedAt"] = observed.now
-    if phase not in ("Succeeded", "Failed") and status.get("completedAt"):
-        new_status["completedAt"] = None  # resumed after a failure
+    if progress is not None:
+        fields["progress"] = progress
+    if job_names is not None:
+        fields["job_names"] = job_names
+    if created and not previous.started_at:
+        fields["started_at"] = observed.now
+    finished = phase in (Phase.SUCCEEDED, Phase.FAILED)
+    if finished and launched and not previous.completed_at:
+        fields["completed_at"] = observed.now
+    if not finished and previous.completed_at:
+        fields["completed_at"] = None  # resumed after a failure
+    return BackfillStatus(**fields)
 
-    if phase != previous_phase:
-        events.append(EventSpec("Warning" if phase == "Failed" else "Normal", phase, message))
-    previous_reason = (find(status.get("conditions"), STALLED) or {}).get("reason") if (find(status.get("conditions"), STALLED) or {}).get("status") == "True" else None
-    if stall is not None and stall.reason != previous_reason and phase != "Failed":
-        events.append(EventSpec("Warning", stall.reason, stall.message))
-    if stall is None and previous_reason in ("ImmutableFieldChanged", "SecretNotFound", "SecretKeyNotFound", "InvalidSpec", "JobNameTaken"):
-        events.append(EventSpec("Normal", "Resolved", f"{previous_reason} no longer applies"))
+
+def events_for(
+    previous: BackfillStatus, desired: BackfillStatus, stall: Stall | None, *,
+    create: Sequence[Mapping[str, Any]], delete: Sequence[str],
+) -> list[EventSpec]:
+    """Events for what changed: the phase, a new stall, a resolved stall, Jobs created or deleted."""
+    phase = desired.phase or Phase.PENDING
+    events: list[EventSpec] = []
+    if phase != previous.phase:
+        events.append(EventSpec("Warning" if phase is Phase.FAILED else "Normal", phase.value, desired.message))
+    previous_reason = previous.stall_reason()
+    if stall is not None and stall.reason != previous_reason and phase is not Phase.FAILED:
+        events.append(EventSpec("Warning", stall.reason.value, stall.message))
+    if stall is None and previous_reason is not None and previous_reason.recoverable:
+        events.append(EventSpec("Normal", "Resolved", f"{previous_reason.value} no longer applies"))
     events += [EventSpec("Normal", "JobCreated", f"created worker Job {_name(j)}") for j in create]
-    events += [EventSpec("Normal", "JobDeleted", f"deleted worker Job {name} ({'suspended' if phase == 'Paused' else 'stopped'})") for name in delete]
-    return Plan(create_jobs=create, delete_jobs=delete, status=new_status, annotations=annotations, events=events)
+    why = "suspended" if phase is Phase.PAUSED else "stopped"
+    events += [EventSpec("Normal", "JobDeleted", f"deleted worker Job {name} ({why})") for name in delete]
+    return events
 
 
 def _seconds_between(earlier: Any, later: str) -> float | None:
@@ -265,18 +345,18 @@ def _seconds_between(earlier: Any, later: str) -> float | None:
     return (end - start).total_seconds()
 
 
-def _message(phase: str, stall: Stall | None, failed: str, progress: Mapping[str, Any] | None) -> str:
-    if phase == "Failed":
+def _message(phase: Phase, stall: Stall | None, failed: str, progress: Progress | None) -> str:
+    if phase is Phase.FAILED:
         return failed or (stall.message if stall else "failed")
     if stall is not None:
         return stall.message
-    if phase == "Succeeded":
-        return f"done: {progress['rowsUpdated'] if progress else 0} rows updated"
-    if phase == "Paused":
+    if phase is Phase.SUCCEEDED:
+        return f"done: {progress.rows_updated if progress else 0} rows updated"
+    if phase is Phase.PAUSED:
         return "suspended at a batch boundary: set spec.suspend to false to resume from the checkpoint"
-    if phase == "Running" and progress:
-        eta = f", ETA {progress['eta']}" if progress.get("eta") else ""
-        return f"{progress['percent']}% done, {progress['rowsUpdated']} rows updated{eta}"
+    if phase is Phase.RUNNING and progress:
+        eta = f", ETA {progress.eta}" if progress.eta else ""
+        return f"{progress.percent}% done, {progress.rows_updated} rows updated{eta}"
     return "waiting for the worker Job to start"
 
 

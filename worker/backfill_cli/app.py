@@ -29,7 +29,7 @@ from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_worker.events import Listener, StaticControl
 from backfill_api.manifest import load_backfill
 from backfill_worker.planner import Plan, plan_backfill
-from backfill_worker.progress import format_eta
+from backfill_api.status import format_eta
 from backfill_worker.secrets import REDACTOR, redact
 from backfill_worker.signals import stop_on_signals
 

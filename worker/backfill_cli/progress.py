@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from backfill_worker.events import BatchCommitted, Event, RunFinished
-from backfill_worker.progress import RunProgress, format_eta
+from backfill_api.status import format_eta
+from backfill_worker.progress import RunProgress
 
 
 def _rate(value: float) -> str:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backfill_api.specdiff import decode_applied, effective_spec
-from backfill_api.status import aggregate_progress, for_merge_patch
+from backfill_api.status import BackfillStatus, ShardState, ShardStatus, aggregate_progress, for_merge_patch
 from pydantic import ValidationError
 
 from backfill_api.model import (
@@ -129,29 +129,28 @@ class KubeControl:
 
 def shard_status(
     progress: ShardProgress, *, run: int | None, error_reason: str = "", secrets: Sequence[str] = ()
-) -> dict[str, Any]:
+) -> ShardStatus:
     """``status.shards.<i>`` from the folded events (PURE). ``None`` values delete the key (merge patch)."""
     eta = progress.eta_seconds
-    status: dict[str, Any] = {
-        "state": progress.state,
-        "lastKey": list(progress.last_key) if progress.last_key else None,
-        "rowsUpdated": progress.rows_updated,
-        "batches": progress.batches,
-        "batchSize": progress.batch_size,
-        "rowsPerSecond": round(progress.rate.rows_per_second(), 1) if progress.state == "running" else 0.0,
-        "percent": progress.percent,
-        "etaSeconds": round(eta, 1) if eta is not None else None,
-        "estimatedKeys": progress.estimated_keys,
-        "keysDone": progress.keys_done,
-        "throttleReason": progress.throttle_reason,
-        "lastError": redact(progress.error, secrets) if progress.error else "",
-        "lastErrorReason": error_reason,
-        "remainingMatches": progress.remaining_matches,
-        "updatedAt": _now(),
-    }
-    if run is not None:
-        status["run"] = run
-    return status
+    running = progress.state == ShardState.RUNNING
+    return ShardStatus(
+        state=ShardState(progress.state),
+        last_key=list(progress.last_key) if progress.last_key else None,
+        rows_updated=progress.rows_updated,
+        batches=progress.batches,
+        batch_size=progress.batch_size,
+        rows_per_second=round(progress.rate.rows_per_second(), 1) if running else 0.0,
+        percent=progress.percent,
+        eta_seconds=round(eta, 1) if eta is not None else None,
+        estimated_keys=progress.estimated_keys,
+        keys_done=progress.keys_done,
+        throttle_reason=progress.throttle_reason,
+        last_error=redact(progress.error, secrets) if progress.error else "",
+        last_error_reason=error_reason,
+        remaining_matches=progress.remaining_matches,
+        updated_at=_now(),
+        **({"run": run} if run is not None else {}),
+    )
 
 
 class StatusReporter:
@@ -211,9 +210,10 @@ class StatusReporter:
                 return
             shard = shard_status(self.progress, run=self._run, error_reason=self._error_reason, secrets=self._secrets)
             self._dirty = False
-        patch: dict[str, Any] = {"shards": {str(self._shard): shard}}
+        patch: dict[str, Any] = {"shards": {str(self._shard): shard.to_wire()}}
         if self._parallelism == 1:
-            patch["progress"] = aggregate_progress({str(self._shard): shard}, 1, succeeded=shard["state"] == "done")
+            progress = aggregate_progress({str(self._shard): shard}, 1, succeeded=shard.state == ShardState.DONE)
+            patch["progress"] = progress.to_wire()
         try:
             self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), {"status": for_merge_patch(patch)})
             self.patches_sent += 1
@@ -240,11 +240,12 @@ class StatusProgressStore:
 
     def load(self, shard: int) -> ShardCheckpoint | None:
         obj = self._api.get(backfill_path(self._namespace, self._name))
-        data = (((obj.get("status") or {}).get("shards") or {}).get(str(shard)) or {}).get("checkpoint")
+        data = BackfillStatus.parse(obj.get("status")).shard(shard).checkpoint
         return ShardCheckpoint.from_json(json.loads(data)) if data else None
 
     def save(self, shard: int, state: ShardCheckpoint) -> None:
-        body = {"status": {"shards": {str(shard): {"checkpoint": json.dumps(state.to_json(), sort_keys=True)}}}}
+        report = ShardStatus(checkpoint=json.dumps(state.to_json(), sort_keys=True))
+        body = {"status": {"shards": {str(shard): report.to_wire()}}}
         self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), body)
 
 
@@ -314,7 +315,8 @@ def _dry_run(backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
 def _report_failure(api: KubeApi, namespace: str, name: str, shard: int, run: int | None, error: BackfillError, secrets: list[str]) -> None:
     progress = ShardProgress(shard, state="failed", error=str(error))
     try:
-        shard_patch = shard_status(progress, run=run, error_reason=error.reason, secrets=secrets)
-        api.merge_patch(backfill_path(namespace, name, status=True), {"status": for_merge_patch({"shards": {str(shard): shard_patch}})})
+        shard_patch = shard_status(progress, run=run, error_reason=error.reason, secrets=secrets).to_wire()
+        body = {"status": for_merge_patch({"shards": {str(shard): shard_patch}})}
+        api.merge_patch(backfill_path(namespace, name, status=True), body)
     except Exception as patch_error:
         log.warning("could not report the failure of %s/%s: %s", namespace, name, type(patch_error).__name__)

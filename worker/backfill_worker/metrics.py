@@ -32,6 +32,7 @@ from prometheus_client import (
 )
 
 from backfill_api.serving import MetricsServer, serve
+from backfill_api.status import ShardState
 
 from .events import (
     BatchCommitted,
@@ -44,7 +45,7 @@ from .events import (
 )
 
 LABELS = ("namespace", "name", "shard")
-SHARD_STATES = ("running", "paused", "done", "failed")
+SHARD_STATES = tuple(state.value for state in ShardState if state is not ShardState.PENDING)
 # Batches aim at ~200 ms (spec.batch.targetDuration); buckets resolve 5 ms .. 30 s around it.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 

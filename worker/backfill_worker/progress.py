@@ -52,20 +52,6 @@ def eta_seconds(keys_done: int, estimated_keys: int, keys_per_second: float) -> 
     return max(0.0, (estimated_keys - keys_done) / keys_per_second)
 
 
-def format_eta(seconds: float | None) -> str:
-    """``1m30s`` style like the status contract's ``eta``; ``""`` when unknown."""
-    if seconds is None:
-        return ""
-    total = int(round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
 @dataclass
 class ShardProgress:
     """What one shard has done, folded from its events."""
