@@ -1,4 +1,7 @@
-"""The ``Backfill`` CustomResourceDefinition, generated from the pydantic model (PURE).
+"""The ``Backfill`` CustomResourceDefinition, generated from the pydantic models (PURE).
+
+The spec schema comes from ``BackfillSpec``, the status schema from ``BackfillStatus``, the
+printer columns' types from those schemas.
 
 ``backfill crd`` prints it; ``crds/backfill.dev_backfills.yaml`` is its committed output (a test
 keeps them equal). The pydantic JSON schema is turned into a Kubernetes *structural* schema:
@@ -28,6 +31,7 @@ from .model import (
     Backfill,
     BackfillSpec,
 )
+from .status import BackfillStatus
 from .durations import DURATION_PATTERN, format_duration
 
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
@@ -113,89 +117,53 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
-def _shard_status_schema() -> dict[str, Any]:
-    integer = {"type": "integer"}
-    number = {"type": "number"}
-    string = {"type": "string"}
-    return {
-        "type": "object",
-        "description": "Progress of one key-range shard, written by its worker.",
-        "properties": {
-            "state": {"type": "string", "enum": ["pending", "running", "paused", "done", "failed"]},
-            "lastKey": {"type": "array", "items": string, "description": "Checkpoint mirror: last key processed."},
-            "rowsUpdated": integer, "batches": integer, "batchSize": integer,
-            "rowsPerSecond": number, "percent": integer, "etaSeconds": number,
-            "throttleReason": string, "lastError": string, "lastErrorReason": string,
-            "remainingMatches": integer, "estimatedKeys": integer, "keysDone": integer,
-            "run": integer, "updatedAt": string,
-            "checkpoint": {
-                "type": "string",
-                "description": "checkpoint.mode atLeastOnce only: the shard's progress record as JSON (kept here, not in the database).",
-            },
-        },
-    }
-
-
-def _condition_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["type", "status"],
-        "properties": {
-            "type": {"type": "string"},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer"},
-        },
-    }
-
-
 def status_schema() -> dict[str, Any]:
-    integer = {"type": "integer"}
-    string = {"type": "string"}
-    return {
-        "type": "object",
-        "description": "Written by the operator and the workers; the database checkpoint is the source of truth.",
-        "properties": {
-            "phase": {"type": "string", "enum": ["Pending", "Running", "Paused", "Succeeded", "Failed"]},
-            "observedGeneration": integer,
-            "message": string,
-            "conditions": {
-                "type": "array",
-                "items": _condition_schema(),
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            },
-            "progress": {
-                "type": "object",
-                "properties": {
-                    "rowsUpdated": integer, "batches": integer,
-                    "percent": {"type": "integer", "minimum": 0, "maximum": 100},
-                    "rowsPerSecond": {"type": "number"}, "eta": string, "batchSize": integer,
-                    "throttleReason": string,
-                },
-            },
-            "shards": {"type": "object", "additionalProperties": _shard_status_schema()},
-            "jobNames": {"type": "array", "items": string},
-            "run": {"type": "integer", "description": "Launch counter: worker Jobs are named <name>-s<shard>-r<run>."},
-            "startedAt": string,
-            "completedAt": string,
-        },
-    }
+    """The status schema from ``BackfillStatus``, minus defaults.
+
+    A default in a status schema would be filled in by the API server, and the status has a
+    rule of its own: a missing field reads as empty (``for_merge_patch`` sends ``""`` as null).
+    """
+    raw = BackfillStatus.model_json_schema(by_alias=True, mode="serialization")
+    defs = raw.pop("$defs", {})
+    return _without_defaults(_resolve(raw, defs))
+
+
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
+
+
+def _column(name: str, json_path: str, *, description: str | None = None, priority: int | None = None) -> dict[str, Any]:
+    """A printer column whose type is read from the generated schema (a typo fails at import)."""
+    node: dict[str, Any] = {"properties": {"spec": spec_schema(), "status": status_schema()}}
+    if json_path == ".metadata.creationTimestamp":
+        kind = "date"
+    else:
+        for part in json_path.lstrip(".").split("."):
+            node = node["properties"][part]
+        kind = str(node["type"])
+    column: dict[str, Any] = {"name": name, "type": kind, "jsonPath": json_path}
+    if description is not None:
+        column["description"] = description
+    if priority is not None:
+        column["priority"] = priority
+    return column
 
 
 PRINTER_COLUMNS = [
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "percent of keys done"},
-    {"name": "Rows", "type": "integer", "jsonPath": ".status.progress.rowsUpdated"},
-    {"name": "Rate", "type": "number", "jsonPath": ".status.progress.rowsPerSecond", "description": "rows per second"},
-    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    {"name": "Table", "type": "string", "jsonPath": ".spec.table", "priority": 1},
-    {"name": "Batch", "type": "integer", "jsonPath": ".status.progress.batchSize", "priority": 1},
-    {"name": "Throttle", "type": "string", "jsonPath": ".status.progress.throttleReason", "priority": 1},
-    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+    _column("Phase", ".status.phase"),
+    _column("Progress", ".status.progress.percent", description="percent of keys done"),
+    _column("Rows", ".status.progress.rowsUpdated"),
+    _column("Rate", ".status.progress.rowsPerSecond", description="rows per second"),
+    _column("ETA", ".status.progress.eta"),
+    _column("Age", ".metadata.creationTimestamp"),
+    _column("Table", ".spec.table", priority=1),
+    _column("Batch", ".status.progress.batchSize", priority=1),
+    _column("Throttle", ".status.progress.throttleReason", priority=1),
+    _column("Message", ".status.message", priority=1),
 ]
 
 
