@@ -88,7 +88,7 @@ def find_helm() -> Path:
 
 def helm_or_skip() -> Path:
     """The helm binary for a test, or skip the test saying why it cannot be had."""
-    import pytest  # noqa: PLC0415 - this module is also run as a script, without pytest
+    import pytest
 
     try:
         return find_helm()

@@ -132,7 +132,7 @@ FLUX_DOC = ROOT / "docs" / "flux" / "README.md"
 
 
 def flux_expressions() -> dict[str, str]:
-    import re  # noqa: PLC0415
+    import re
 
     documents = [d for block in re.findall(r"```yaml\n(.*?)```", FLUX_DOC.read_text(), flags=re.S)
                  for d in yaml.safe_load_all(block)]

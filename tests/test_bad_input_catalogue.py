@@ -30,7 +30,7 @@ from backfill_cli.app import app
 from backfill_worker.localpg import LocalPostgres
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: for support_faults
-from support_faults.secrets import CANARY_PASSWORD, assert_absent  # noqa: E402
+from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 ROLE_PASSWORD = "role-Pw-51c0ffee"
 WRONG_PASSWORD = "wrong-Pw-0badc0de"

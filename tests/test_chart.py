@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helm_binary  # noqa: E402  (a helper beside the tests, not a test module)
+import helm_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "backfill-operator"
@@ -243,7 +243,7 @@ def test_chart_grants_exactly_what_the_operator_and_worker_declare(helm):
 
 def operator_command_context(args: list[str]) -> tuple[Any, Any]:
     """Parse ``backfill ARGS`` with the real CLI (click), without running anything."""
-    import typer  # noqa: PLC0415
+    import typer
 
     try:
         cli = importlib.import_module("backfill_cli.app")
@@ -269,7 +269,7 @@ def test_the_operator_command_accepts_every_argument_the_chart_passes(helm):
 
 
 def test_every_environment_variable_the_chart_sets_is_read_by_the_operator(helm):
-    import typer  # noqa: PLC0415
+    import typer
 
     cli = importlib.import_module("backfill_cli.app")
     group = typer.main.get_command(cli.app)
@@ -287,7 +287,7 @@ def test_every_environment_variable_the_chart_sets_is_read_by_the_operator(helm)
 
 
 def test_versions_agree_across_package_chart_and_image():
-    import tomllib  # noqa: PLC0415
+    import tomllib
 
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())

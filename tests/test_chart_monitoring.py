@@ -49,7 +49,7 @@ def exported_metrics() -> dict[str, set[str]]:
     worker(RetryScheduled(identity, 0, "deadlock", 1, 0.1, 1, "x"))
     registries = [worker.registry]
     try:
-        from backfill_operator.metrics import OperatorMetrics  # noqa: PLC0415
+        from backfill_operator.metrics import OperatorMetrics
 
         operator = OperatorMetrics()
         operator.reconciles.labels("ok").inc()

@@ -29,14 +29,14 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helm_binary  # noqa: E402
-from backfill_api.kubeapi import (  # noqa: E402
+import helm_binary
+from backfill_api.kubeapi import (
     KubeApi,
     backfill_path,
     core_path,
     jobs_path,
 )
-from kube_support.control_plane import ControlPlane, missing_assets  # noqa: E402
+from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.waiting import eventually
 
 ASSETS = os.environ.get("KUBEBUILDER_ASSETS")

@@ -177,7 +177,7 @@ def _free_port() -> int:
 def _scrape(url: str) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310  (loopback)
+    with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
 
 

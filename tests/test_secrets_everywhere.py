@@ -32,12 +32,12 @@ from backfill_api.manifest import parse_backfill
 from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: support_faults, kube_support
-from kube_support.emulator import ApiServerEmulator, declare_resources  # noqa: E402
+from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.waiting import call, eventually_async
-from support_faults import cli, ledger  # noqa: E402
-from support_faults.kubelet import FakeKubelet, free_port, write_kubeconfig  # noqa: E402
-from support_faults.operator_async import operator_running  # noqa: E402
-from support_faults.secrets import CANARY_PASSWORD, assert_absent  # noqa: E402
+from support_faults import cli, ledger
+from support_faults.kubelet import FakeKubelet, free_port, write_kubeconfig
+from support_faults.operator_async import operator_running
+from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 
 def secrets_of(dsn: str) -> list[str]:

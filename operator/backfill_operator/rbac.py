@@ -115,7 +115,7 @@ DEPLOY_FILES = {
 
 
 def render(documents: list[dict[str, Any]], header: str) -> str:
-    import yaml  # noqa: PLC0415
+    import yaml
 
     return header + "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
 

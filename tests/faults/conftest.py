@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: for s
 
 # Same value as tests/conftest.py's CANARY_PASSWORD: the suite-wide hook fails a test whose
 # output shows it, and support_faults asserts its absence in everything a run produces.
-from support_faults.secrets import CANARY_PASSWORD  # noqa: E402
+from support_faults.secrets import CANARY_PASSWORD
 
 
 @pytest.fixture

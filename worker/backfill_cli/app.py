@@ -57,14 +57,14 @@ StateDirOption = Annotated[
 def configure(*, verbose: bool = False, log_format: str = "text", log_level: str | None = None,
               metrics_port: int | None = None) -> None:
     """The one place process-wide output is set up: logging and the worker's /metrics endpoint."""
-    from backfill_worker.logs import LOG_FORMATS, configure_logging  # noqa: PLC0415  (structlog import only when a command runs)
+    from backfill_worker.logs import LOG_FORMATS, configure_logging
 
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(f"use one of: {', '.join(LOG_FORMATS)}", param_hint="--log-format")
     # Logs go to stderr; the progress bar and summaries to stdout. Warnings only, unless -v.
     configure_logging(log_format, log_level or ("INFO" if verbose else "WARNING"))  # type: ignore[arg-type]
     if metrics_port is not None:
-        from backfill_worker.metrics import start_process_metrics  # noqa: PLC0415
+        from backfill_worker.metrics import start_process_metrics
 
         start_process_metrics(metrics_port)
 
@@ -136,9 +136,9 @@ def print_report(report: RunReport, console: Console) -> None:
 
 def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
              store: JsonFileStore | None, description: str) -> RunReport:
-    from .progress import JsonProgress, ProgressBar  # noqa: PLC0415
-    from backfill_worker.logs import LogListener, bind_backfill  # noqa: PLC0415
-    from backfill_worker.metrics import process_listener  # noqa: PLC0415
+    from .progress import JsonProgress, ProgressBar
+    from backfill_worker.logs import LogListener, bind_backfill
+    from backfill_worker.metrics import process_listener
 
     control = StaticControl()
     bind_backfill(backfill.identity)
@@ -265,21 +265,21 @@ def demo(
     json_progress: Annotated[bool, typer.Option("--json-progress")] = False,
 ) -> None:
     """Start a throwaway PostgreSQL, create the customers table, run the example backfill, verify, stop."""
-    import yaml  # noqa: PLC0415
+    import yaml
 
-    from backfill_worker.demo import (  # noqa: PLC0415
+    from backfill_worker.demo import (
         DEMO_MANIFEST,
         changed_rows,
         demo_backfill,
         matching_rows,
         seed_customers,
     )
-    from backfill_worker.localpg import LocalPostgres  # noqa: PLC0415
+    from backfill_worker.localpg import LocalPostgres
 
     with user_errors():
         out.print("[bold]Starting a throwaway PostgreSQL[/] ...")
         with LocalPostgres() as server:
-            import psycopg  # noqa: PLC0415
+            import psycopg
 
             dsn = server.dsn()
             started = time.monotonic()

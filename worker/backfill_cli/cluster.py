@@ -23,7 +23,7 @@ KubeconfigOption = Annotated[
 
 def crd() -> None:
     """Print the Backfill CustomResourceDefinition (YAML), generated from the API model."""
-    from backfill_api.crd import render_crd_yaml  # noqa: PLC0415
+    from backfill_api.crd import render_crd_yaml
 
     sys.stdout.write(render_crd_yaml())
 
@@ -39,13 +39,13 @@ def worker(
     Logging and /metrics come from the root options (the Job sets BACKFILL_LOG_FORMAT=json,
     BACKFILL_LOG_LEVEL=INFO and BACKFILL_METRICS_PORT=9090).
     """
-    from backfill_worker.kube_worker import run_worker  # noqa: PLC0415
-    from backfill_api.kubeapi import KubeApi, KubeApiError  # noqa: PLC0415
-    from backfill_worker.logs import LogListener, bind_backfill  # noqa: PLC0415
-    from backfill_worker.metrics import process_listener  # noqa: PLC0415
-    from backfill_worker.secrets import register_dsn  # noqa: PLC0415
+    from backfill_worker.kube_worker import run_worker
+    from backfill_api.kubeapi import KubeApi, KubeApiError
+    from backfill_worker.logs import LogListener, bind_backfill
+    from backfill_worker.metrics import process_listener
+    from backfill_worker.secrets import register_dsn
 
-    from backfill_operator.jobs import DSN_ENV, RUN_ENV  # noqa: PLC0415
+    from backfill_operator.jobs import DSN_ENV, RUN_ENV
 
     bind_backfill(f"{namespace}/{name}", shard)
     dsn = os.environ.get(DSN_ENV)
@@ -80,7 +80,7 @@ def _json_env(variable: str) -> dict[str, Any] | None:
 
 def worker_defaults(service_account: str | None, image: str | None) -> "WorkerDefaults":
     """Operator-wide worker defaults; the Helm chart passes them as BACKFILL_WORKER_* env vars."""
-    from backfill_operator.jobs import WorkerDefaults  # noqa: PLC0415
+    from backfill_operator.jobs import WorkerDefaults
 
     overrides: dict[str, Any] = {"service_account_name": service_account or None}
     if image:
@@ -114,9 +114,9 @@ def operator(
     kubeconfig: KubeconfigOption = None,
 ) -> None:
     """Run the operator (kopf, standalone: deploy exactly one replica with strategy Recreate)."""
-    import logging  # noqa: PLC0415
+    import logging
 
-    from backfill_operator.main import OperatorConfig, run_operator  # noqa: PLC0415
+    from backfill_operator.main import OperatorConfig, run_operator
 
     logging.getLogger("backfill.operator").setLevel(logging.INFO)
     run_operator(OperatorConfig(

@@ -304,7 +304,7 @@ def run_worker(
 
 def _dry_run(backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
     """``spec.dryRun``: validate and plan (a rolled-back sample batch); change nothing; report done."""
-    from .planner import plan_backfill  # noqa: PLC0415
+    from .planner import plan_backfill
 
     plan = plan_backfill(backfill, dsn)
     reporter(RunFinished(backfill.identity, reporter.progress.shard, "done", 0, 0, remaining_matches=plan.estimated_rows_to_change))

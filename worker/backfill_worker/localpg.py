@@ -165,7 +165,7 @@ class LocalPostgres:
         return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
-        import psycopg  # noqa: PLC0415
+        import psycopg
 
         deadline = time.monotonic() + timeout
         while True:
