@@ -11,7 +11,6 @@ from psycopg import sql
 
 from backfill_worker.localpg import LocalPostgres
 
-
 # Every DSN the suite hands out carries this password. A hook below fails any test whose
 # captured output, logs or failure report contains it: secrets must never leak anywhere.
 CANARY_PASSWORD = "canary-Pw-7f3a9Q"

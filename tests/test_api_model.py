@@ -2,11 +2,11 @@ from datetime import timedelta
 
 import pytest
 
-from backfill_api.model import Backfill
 from backfill_api.durations import format_duration, parse_duration
 from backfill_api.errors import ManifestError
 from backfill_api.identifiers import parse_qualified_name
 from backfill_api.manifest import parse_backfill
+from backfill_api.model import Backfill
 
 MINIMAL = {
     "apiVersion": "backfill.dev/v1alpha1",

@@ -360,11 +360,12 @@ def test_hostile_identifiers_work(database: str, tmp_path: Path, schema: str, ta
 import asyncio  # noqa: E402
 import base64  # noqa: E402
 
-from backfill_operator.main import OperatorConfig  # noqa: E402
-from backfill_api.kubeapi import KubeApi, backfill_path, core_path  # noqa: E402
 from kube_support.emulator import ApiServerEmulator, declare_resources  # noqa: E402
 from support_faults.kubelet import FakeKubelet, write_kubeconfig  # noqa: E402
 from support_faults.operator_async import operator_running  # noqa: E402
+
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path  # noqa: E402
+from backfill_operator.main import OperatorConfig  # noqa: E402
 
 KNS = "catalogue"
 

@@ -30,14 +30,15 @@ from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helm_binary
+from kube_support.control_plane import ControlPlane, missing_assets
+from kube_support.waiting import eventually
+
 from backfill_api.kubeapi import (
     KubeApi,
     backfill_path,
     core_path,
     jobs_path,
 )
-from kube_support.control_plane import ControlPlane, missing_assets
-from kube_support.waiting import eventually
 
 ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
 pytestmark = [

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from backfill_api.crd import build_crd, render_crd_yaml, without_cel
-from backfill_api.model import IMMUTABLE_SPEC_FIELDS
 from backfill_api.manifest import parse_backfill
+from backfill_api.model import IMMUTABLE_SPEC_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "backfill.dev_backfills.yaml"

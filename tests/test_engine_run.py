@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import re
 import threading
-import uuid
 import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from backfill_worker import statements
-from datetime import timedelta
-
+from backfill_api.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
+from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BatchSpec
+from backfill_worker import statements
 from backfill_worker.checkpoint import JsonFileStore
 from backfill_worker.engine import read_checkpoints, reset_checkpoints, run_backfill
-from backfill_api.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
 from backfill_worker.events import BatchCommitted, RetryScheduled, RunFinished, StaticControl, Throttled, Tuning
-from backfill_api.manifest import parse_backfill
 from backfill_worker.planner import check_index_use, plan_backfill
 from backfill_worker.statements import Style
 from backfill_worker.validation import resolve_target

@@ -5,12 +5,12 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from backfill_api.status import format_eta
 from backfill_worker import statements
 from backfill_worker.batching import MAX_GROWTH, BatchSizer
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.events import BatchCommitted, RunFinished, RunStarted, Throttled
 from backfill_worker.planner import Sample, projected_seconds, uses_key_index
-from backfill_api.status import format_eta
 from backfill_worker.progress import RunProgress, eta_seconds, percent
 from backfill_worker.retry import backoff_seconds, classify
 from backfill_worker.statements import Style, Target
@@ -179,9 +179,9 @@ def test_prefetched_bound_is_used_only_for_its_range_and_a_similar_size() -> Non
 
 
 def test_shard_selection() -> None:
-    from backfill_worker.engine import _shard_numbers
     from backfill_api.errors import ValidationFailed
     from backfill_api.manifest import parse_backfill
+    from backfill_worker.engine import _shard_numbers
 
     backfill = parse_backfill({"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "x"},
                                "spec": {"table": "t", "set": {"v": "1"}, "parallelism": 3}})

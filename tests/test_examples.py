@@ -10,8 +10,8 @@ import psycopg
 import pytest
 import yaml
 
-from backfill_worker.engine import run_backfill
 from backfill_api.manifest import load_backfill
+from backfill_worker.engine import run_backfill
 from backfill_worker.planner import plan_backfill
 
 ROOT = Path(__file__).resolve().parent.parent

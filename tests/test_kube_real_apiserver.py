@@ -24,9 +24,11 @@ import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
-from backfill_operator import rbac
+from kube_support.control_plane import ControlPlane, missing_assets
+from kube_support.operator_thread import operator_running
+from kube_support.waiting import eventually
+
 from backfill_api.crd import CRD_NAME, build_crd
-from backfill_operator.main import OperatorConfig
 from backfill_api.kubeapi import (
     KubeApi,
     KubeApiError,
@@ -34,9 +36,8 @@ from backfill_api.kubeapi import (
     core_path,
     jobs_path,
 )
-from kube_support.control_plane import ControlPlane, missing_assets
-from kube_support.operator_thread import operator_running
-from kube_support.waiting import eventually
+from backfill_operator import rbac
+from backfill_operator.main import OperatorConfig
 
 ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
 pytestmark = [

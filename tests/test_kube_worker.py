@@ -18,13 +18,13 @@ import psycopg
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
-from backfill_api.specdiff import APPLIED_SPEC_ANNOTATION, encode_applied, immutable_view
+from kube_support.emulator import ApiServerEmulator, declare_resources
+
+from backfill_api.kubeapi import KubeApi, backfill_path
 from backfill_api.model import BackfillSpec
+from backfill_api.specdiff import APPLIED_SPEC_ANNOTATION, encode_applied, immutable_view
 from backfill_worker.checkpoint import ShardCheckpoint
 from backfill_worker.kube_worker import KubeControl, StatusProgressStore, run_worker
-from backfill_api.kubeapi import KubeApi, backfill_path
-
-from kube_support.emulator import ApiServerEmulator, declare_resources
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(180)]
 NS = "shop"

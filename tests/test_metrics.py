@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backfill_api.serving import MetricsServer, serve
 from backfill_worker.events import (
     BatchCommitted,
     ReplicationLagObserved,
@@ -17,7 +18,6 @@ from backfill_worker.events import (
     RunStarted,
     Throttled,
 )
-from backfill_api.serving import MetricsServer, serve
 from backfill_worker.metrics import WorkerMetrics
 
 IDENTITY = "shop/customers-inactive"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import urllib.request
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.conninfo import conninfo_to_dict
 
-from backfill_worker.engine import run_backfill
 from backfill_api.manifest import parse_backfill
 from backfill_api.serving import serve
+from backfill_worker.engine import run_backfill
 from backfill_worker.metrics import WorkerMetrics
 
 ROWS = 2_000

@@ -8,9 +8,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from backfill_api.model import BackfillSpec
 from backfill_operator import rbac
 from backfill_operator.jobs import WorkerDefaults, render_job
-from backfill_api.model import BackfillSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

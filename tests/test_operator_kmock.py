@@ -15,16 +15,17 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
-from backfill_operator.main import OperatorConfig
+from kube_support.emulator import ApiServerEmulator, declare_resources
+from kube_support.operator_thread import operator_running_async
+from kube_support.waiting import call, eventually_async
+
 from backfill_api.kubeapi import (
     KubeApi,
     backfill_path,
     core_path,
     jobs_path,
 )
-from kube_support.emulator import ApiServerEmulator, declare_resources
-from kube_support.operator_thread import operator_running_async
-from kube_support.waiting import call, eventually_async
+from backfill_operator.main import OperatorConfig
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(120)]
 NS = "shop"

@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from backfill_operator import jobs
 from backfill_api.conditions import Condition, merge_conditions
-from backfill_operator.reconcile import Observed, SecretCheck, reconcile, status_patch
+from backfill_api.model import BackfillSpec
 from backfill_api.specdiff import (
     APPLIED_SPEC_ANNOTATION,
     changed_fields,
@@ -28,7 +27,8 @@ from backfill_api.status import (
     error_reasons,
     format_eta,
 )
-from backfill_api.model import BackfillSpec
+from backfill_operator import jobs
+from backfill_operator.reconcile import Observed, SecretCheck, reconcile, status_patch
 
 UID = "0f0e0d0c-1111-2222-3333-444455556666"
 SPEC: dict[str, Any] = {

@@ -24,12 +24,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
+from backfill_api.manifest import parse_backfill
 from backfill_operator.main import OperatorConfig
 from backfill_worker.engine import run_backfill
-from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_worker.localpg import LocalPostgres
-from backfill_api.manifest import parse_backfill
-from psycopg.conninfo import conninfo_to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: support_faults, kube_support
 from kube_support.emulator import ApiServerEmulator, declare_resources

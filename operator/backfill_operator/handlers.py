@@ -22,14 +22,14 @@ from typing import Any
 import kopf
 import urllib3
 
-from backfill_api.model import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec
-from backfill_api.status import StallReason
 from backfill_api.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
+from backfill_api.model import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec
+from backfill_api.specdiff import decode_applied, effective_spec
+from backfill_api.status import StallReason
 
 from . import jobs as jobs_mod
 from .metrics import OperatorMetrics
 from .reconcile import EventSpec, Observed, Plan, SecretCheck, reconcile, status_patch
-from backfill_api.specdiff import decode_applied, effective_spec
 
 log = logging.getLogger("backfill.operator")
 

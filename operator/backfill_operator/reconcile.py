@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from backfill_api.conditions import merge_conditions
 from backfill_api.manifest import describe_validation_error
 from backfill_api.model import BackfillSpec
 from backfill_api.specdiff import (
@@ -42,7 +43,6 @@ from backfill_api.status import (
     phase_conditions,
     stored_form,
 )
-from backfill_api.conditions import merge_conditions
 
 from . import jobs as jobs_mod
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from support_faults.app_threads import AppThreads
 
 

@@ -10,11 +10,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from backfill_worker.retry import DEADLOCK, LOCK_TIMEOUT
 from support_faults import ledger
 from support_faults.app_threads import AppThreads
 from support_faults.engine_run import EngineThread
 from support_faults.workload import Workload
+
+from backfill_worker.retry import DEADLOCK, LOCK_TIMEOUT
 
 ROWS = 300_000
 STEP = 2

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from backfill_operator.main import OperatorConfig
-from backfill_api.errors import AlreadyRunning
-from backfill_api.kubeapi import KubeApi, backfill_path, core_path
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig
 from support_faults.operator_async import operator_running
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
+
+from backfill_api.errors import AlreadyRunning
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path
+from backfill_operator.main import OperatorConfig
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(180), pytest.mark.slow]
 NS = "faults"

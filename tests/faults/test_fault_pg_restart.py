@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from support_faults import ledger
+from support_faults.engine_run import EngineThread
 
 from backfill_worker.localpg import LocalPostgres
 from backfill_worker.retry import CONNECTION
-from support_faults import ledger
-from support_faults.engine_run import EngineThread
 
 ROWS = 300_000
 BATCH = 2_000

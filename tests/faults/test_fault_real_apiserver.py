@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backfill_operator import rbac
-from backfill_api.crd import CRD_NAME, build_crd
-from backfill_operator.main import OperatorConfig
-from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
 from support_faults import ledger
 from support_faults.cli import backfill_executable
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
+
+from backfill_api.crd import CRD_NAME, build_crd
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
+from backfill_operator import rbac
+from backfill_operator.main import OperatorConfig
 
 ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
 _missing = missing_assets(ASSETS) or (

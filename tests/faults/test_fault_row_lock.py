@@ -14,11 +14,12 @@ import time
 
 import psycopg
 import pytest
-from backfill_worker.events import BatchCommitted, RetryScheduled
-from backfill_worker.retry import LOCK_TIMEOUT
 from support_faults import ledger
 from support_faults.app_threads import AppThreads
 from support_faults.engine_run import EngineThread
+
+from backfill_worker.events import BatchCommitted, RetryScheduled
+from backfill_worker.retry import LOCK_TIMEOUT
 
 ROWS = 200_000
 BATCH = 2_000

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from support_faults import ledger
 from support_faults.cli import start, wait_for_backends_gone, write_manifest
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
-
 
 
 def _progress(conn: psycopg.Connection, name: str) -> tuple[int, set[str]]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
-from backfill_api.errors import AlreadyRunning
 from support_faults import ledger
 from support_faults.cli import run, start, write_manifest
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
+
+from backfill_api.errors import AlreadyRunning
 
 CHECKSUM = "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i"
 

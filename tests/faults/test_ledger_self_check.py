@@ -4,7 +4,6 @@ tests could not fail)."""
 from __future__ import annotations
 
 import psycopg
-
 from support_faults import ledger
 
 

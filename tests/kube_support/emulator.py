@@ -21,8 +21,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import attrs
 import aiohttp.web
+import attrs
 from kmock import KubernetesEmulator, ResourceInfo, action
 
 _versions = itertools.count(1000)

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter
 
+from .durations import DURATION_PATTERN, format_duration
 from .model import (
     API_GROUP,
     API_VERSION,
@@ -32,7 +33,6 @@ from .model import (
     BackfillSpec,
 )
 from .status import BackfillStatus
-from .durations import DURATION_PATTERN, format_duration
 
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 CEL_INVISIBLE_FIELDS = ("key",)

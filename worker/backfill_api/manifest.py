@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .model import Backfill
 from .errors import ManifestError
+from .model import Backfill
 
 
 def field_path(location: tuple[int | str, ...]) -> str:

@@ -22,14 +22,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from backfill_api.errors import BackfillError, ValidationFailed
+from backfill_api.manifest import load_backfill
 from backfill_api.model import Backfill, CheckpointMode
+from backfill_api.status import format_eta
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
-from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_worker.events import Listener, StaticControl
-from backfill_api.manifest import load_backfill
 from backfill_worker.planner import Plan, plan_backfill
-from backfill_api.status import format_eta
 from backfill_worker.secrets import REDACTOR, redact
 from backfill_worker.signals import stop_on_signals
 
@@ -136,9 +136,10 @@ def print_report(report: RunReport, console: Console) -> None:
 
 def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
              store: JsonFileStore | None, description: str) -> RunReport:
-    from .progress import JsonProgress, ProgressBar
     from backfill_worker.logs import LogListener, bind_backfill
     from backfill_worker.metrics import process_listener
+
+    from .progress import JsonProgress, ProgressBar
 
     control = StaticControl()
     bind_backfill(backfill.identity)

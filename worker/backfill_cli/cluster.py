@@ -39,13 +39,12 @@ def worker(
     Logging and /metrics come from the root options (the Job sets BACKFILL_LOG_FORMAT=json,
     BACKFILL_LOG_LEVEL=INFO and BACKFILL_METRICS_PORT=9090).
     """
-    from backfill_worker.kube_worker import run_worker
     from backfill_api.kubeapi import KubeApi, KubeApiError
+    from backfill_operator.jobs import DSN_ENV, RUN_ENV
+    from backfill_worker.kube_worker import run_worker
     from backfill_worker.logs import LogListener, bind_backfill
     from backfill_worker.metrics import process_listener
     from backfill_worker.secrets import register_dsn
-
-    from backfill_operator.jobs import DSN_ENV, RUN_ENV
 
     bind_backfill(f"{namespace}/{name}", shard)
     dsn = os.environ.get(DSN_ENV)

@@ -12,8 +12,8 @@ from typing import IO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from backfill_worker.events import BatchCommitted, Event, RunFinished
 from backfill_api.status import format_eta
+from backfill_worker.events import BatchCommitted, Event, RunFinished
 from backfill_worker.progress import RunProgress
 
 

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import psycopg
 
 from backfill_api.errors import BackfillError, ConnectionFailed
+
 from .secrets import describe_dsn, redact, register_dsn, secrets_of
 
 CONNECT_TIMEOUT_SECONDS = 10

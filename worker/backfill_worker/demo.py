@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import psycopg
 
-from backfill_api.model import Backfill
 from backfill_api.manifest import parse_backfill
+from backfill_api.model import Backfill
 
 CUTOFF = "interval '365 days'"
 

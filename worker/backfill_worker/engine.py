@@ -22,11 +22,6 @@ from typing import TypeVar
 import psycopg
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
 
-from . import locking, prefetch, retry, sharding, statements, throttle, validation
-from backfill_api.model import Backfill, CheckpointMode
-from .batching import BatchSizer
-from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
-from .connection import connect, database_errors, first_line, open_connection
 from backfill_api.errors import (
     AlreadyRunning,
     BackfillError,
@@ -35,6 +30,12 @@ from backfill_api.errors import (
     RetriesExhausted,
     ValidationFailed,
 )
+from backfill_api.model import Backfill, CheckpointMode
+
+from . import locking, prefetch, retry, sharding, statements, throttle, validation
+from .batching import BatchSizer
+from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
+from .connection import connect, database_errors, first_line, open_connection
 from .events import (
     BatchCommitted,
     Event,

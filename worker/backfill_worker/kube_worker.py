@@ -24,10 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from backfill_api.specdiff import decode_applied, effective_spec
-from backfill_api.status import BackfillStatus, ShardState, ShardStatus, aggregate_progress, for_merge_patch
 from pydantic import ValidationError
 
+from backfill_api.errors import AlreadyRunning, BackfillError, ManifestError
+from backfill_api.kubeapi import KubeApi, KubeApiError, backfill_path
+from backfill_api.manifest import parse_backfill
 from backfill_api.model import (
     API_GROUP,
     API_VERSION,
@@ -37,12 +38,12 @@ from backfill_api.model import (
     CheckpointMode,
     LimitsSpec,
 )
+from backfill_api.specdiff import decode_applied, effective_spec
+from backfill_api.status import BackfillStatus, ShardState, ShardStatus, aggregate_progress, for_merge_patch
+
 from .checkpoint import ShardCheckpoint
 from .engine import run_backfill
-from backfill_api.errors import AlreadyRunning, BackfillError, ManifestError
 from .events import Event, RunFinished, Tuning
-from backfill_api.kubeapi import KubeApi, KubeApiError, backfill_path
-from backfill_api.manifest import parse_backfill
 from .progress import ShardProgress
 from .secrets import redact, secrets_of
 from .signals import stop_on_signals

@@ -15,8 +15,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import sharding, statements, validation
 from backfill_api.model import Backfill
+
+from . import sharding, statements, validation
 from .connection import connect, database_errors
 from .secrets import register_dsn, secrets_of
 from .statements import Style, Target

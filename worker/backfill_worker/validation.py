@@ -9,9 +9,10 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from . import statements
-from backfill_api.model import BackfillSpec
 from backfill_api.errors import ValidationFailed
+from backfill_api.model import BackfillSpec
+
+from . import statements
 from .introspect import TableInfo, UniqueIndex, find_table, kind_name
 from .secrets import redact
 from .statements import Target
