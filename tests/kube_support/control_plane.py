@@ -138,7 +138,7 @@ class ControlPlane:
                 raise RuntimeError(f"timed out waiting for {what}:\n{self.log_tail('kube-apiserver')}")
             time.sleep(0.3)
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         _certificates(self.dir)
         (self.dir / "tokens.csv").write_text(
             f'{self.admin_token},backfill-test-admin,admin,"system:masters"\n'

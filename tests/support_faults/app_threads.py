@@ -31,7 +31,7 @@ class AppThreads:
 
         self._threads.append(threading.Thread(target=guarded, daemon=True, name=name))
 
-    def start(self) -> "AppThreads":
+    def start(self) -> AppThreads:
         for thread in self._threads:
             thread.start()
         return self
@@ -44,7 +44,7 @@ class AppThreads:
         if self._errors:
             raise self._errors[0]
 
-    def __enter__(self) -> "AppThreads":
+    def __enter__(self) -> AppThreads:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -41,7 +41,7 @@ class EngineThread:
         except BaseException as error:  # re-raised by join()
             self.error = error
 
-    def start(self) -> "EngineThread":
+    def start(self) -> EngineThread:
         self._thread.start()
         return self
 

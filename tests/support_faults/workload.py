@@ -104,7 +104,7 @@ class Workload(AppThreads):
                         self.timeouts += 1
                 time.sleep(0.001)
 
-    def start(self, updaters: int = 2, deleters: int = 1, inserters: int = 1) -> "Workload":
+    def start(self, updaters: int = 2, deleters: int = 1, inserters: int = 1) -> Workload:
         plan = [[self._update_two]] * updaters + [[self._delete]] * deleters + [[self._insert]] * inserters
         for number, actions in enumerate(plan):
             self.spawn(self._worker, number, actions, name=f"app-{number}")

@@ -50,7 +50,7 @@ class KubeApi:
         self._timeout = timeout
 
     @classmethod
-    def from_environment(cls, kubeconfig: str | None = None, *, server: str | None = None) -> "KubeApi":
+    def from_environment(cls, kubeconfig: str | None = None, *, server: str | None = None) -> KubeApi:
         return cls(load_configuration(kubeconfig, server=server))
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ class BatchSpec(_Model):
     """Sleep after each committed batch, leaving room for the application."""
 
     @model_validator(mode="after")
-    def _bounds_are_ordered(self) -> "BatchSpec":
+    def _bounds_are_ordered(self) -> BatchSpec:
         if self.min_size > self.max_size:
             raise ValueError(f"minSize ({self.min_size}) must not exceed maxSize ({self.max_size})")
         if not self.min_size <= self.size <= self.max_size:

@@ -44,7 +44,7 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 DsnOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--dsn", envvar="BACKFILL_DSN", show_envvar=True, show_default=False,
                  help="libpq connection string or URI of the target database (never printed)."),
 ]
@@ -74,9 +74,9 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log engine events (stderr).")] = False,
     log_format: Annotated[str, typer.Option("--log-format", envvar="BACKFILL_LOG_FORMAT",
                                             help="Log lines as 'text' or 'json' (one object per line).")] = "text",
-    log_level: Annotated[Optional[str], typer.Option("--log-level", envvar="BACKFILL_LOG_LEVEL",
+    log_level: Annotated[str | None, typer.Option("--log-level", envvar="BACKFILL_LOG_LEVEL",
                                                      help="DEBUG, INFO, WARNING or ERROR (default: WARNING, INFO with -v).")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", envvar="BACKFILL_METRICS_PORT", min=0, max=65535,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", envvar="BACKFILL_METRICS_PORT", min=0, max=65535,
                                                         help="Serve engine metrics for Prometheus on this port (/metrics).")] = None,
 ) -> None:
     configure(verbose=verbose, log_format=log_format, log_level=log_level, metrics_port=metrics_port)
@@ -163,7 +163,7 @@ def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_pro
 def run(
     file: FileArgument,
     dsn: DsnOption = None,
-    shard: Annotated[Optional[list[int]], typer.Option("--shard", help="Run only this shard (repeatable).")] = None,
+    shard: Annotated[list[int] | None, typer.Option("--shard", help="Run only this shard (repeatable).")] = None,
     state_dir: StateDirOption = Path(".backfill-state"),
     json_progress: Annotated[bool, typer.Option("--json-progress", help="One JSON line per engine event instead of a progress bar.")] = False,
 ) -> None:

@@ -16,7 +16,7 @@ import typer
 if TYPE_CHECKING:
     from backfill_operator.jobs import WorkerDefaults
 KubeconfigOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--kubeconfig", envvar="KUBECONFIG", help="Outside a cluster: the kubeconfig to use (default: in-cluster)."),
 ]
 
@@ -77,7 +77,7 @@ def _json_env(variable: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value else None
 
 
-def worker_defaults(service_account: str | None, image: str | None) -> "WorkerDefaults":
+def worker_defaults(service_account: str | None, image: str | None) -> WorkerDefaults:
     """Operator-wide worker defaults; the Helm chart passes them as BACKFILL_WORKER_* env vars."""
     from backfill_operator.jobs import WorkerDefaults
 
@@ -98,12 +98,12 @@ def worker_defaults(service_account: str | None, image: str | None) -> "WorkerDe
 
 def operator(
     namespace: Annotated[
-        Optional[list[str]], typer.Option("--namespace", help="Watch only these namespaces (repeatable; default: all).")
+        list[str] | None, typer.Option("--namespace", help="Watch only these namespaces (repeatable; default: all).")
     ] = None,
-    liveness: Annotated[Optional[str], typer.Option("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.")] = None,
+    liveness: Annotated[str | None, typer.Option("--liveness", help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz.")] = None,
     metrics_port: Annotated[int, typer.Option("--metrics-port", help="Operator Prometheus /metrics port; 0 disables.")] = 9090,
     worker_image: Annotated[
-        Optional[str], typer.Option("--worker-image", envvar="BACKFILL_WORKER_IMAGE", help="Default worker image.")
+        str | None, typer.Option("--worker-image", envvar="BACKFILL_WORKER_IMAGE", help="Default worker image.")
     ] = None,
     worker_service_account: Annotated[
         str, typer.Option("--worker-service-account", envvar="BACKFILL_WORKER_SERVICE_ACCOUNT",

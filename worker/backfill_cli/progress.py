@@ -42,7 +42,7 @@ class ProgressBar:
         self._started = False
         self._task: TaskID = self._progress.add_task(description, total=100, rows="0", rate="-", eta="-", batch="-", throttle="")
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,7 +27,7 @@ class BatchSizer:
     def clamp(self, size: float) -> int:
         return max(self.min_size, min(self.max_size, int(size)))
 
-    def observe(self, keys: int, seconds: float) -> "BatchSizer":
+    def observe(self, keys: int, seconds: float) -> BatchSizer:
         """The sizer after a committed batch of ``keys`` keys whose transaction took ``seconds``."""
         if self.target_seconds <= 0 or keys <= 0:
             return self
@@ -43,11 +43,11 @@ class BatchSizer:
             wanted = min(wanted, self.size)
         return replace(self, size=self.clamp(wanted), seconds_per_key=smoothed)
 
-    def halve(self) -> "BatchSizer":
+    def halve(self) -> BatchSizer:
         """After repeated timeouts: the batch was too big for the current contention."""
         return replace(self, size=self.clamp(self.size / 2))
 
-    def retune(self, *, min_size: int, max_size: int, target_seconds: float, size: int | None = None) -> "BatchSizer":
+    def retune(self, *, min_size: int, max_size: int, target_seconds: float, size: int | None = None) -> BatchSizer:
         """Apply live tuning; ``size`` (a changed starting size) replaces the current size."""
         updated = replace(self, min_size=min_size, max_size=max_size, target_seconds=target_seconds)
         return replace(updated, size=updated.clamp(self.size if size is None else size))

@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,14 +69,14 @@ class ShardCheckpoint:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ShardCheckpoint":
+    def from_json(cls, data: dict[str, Any]) -> ShardCheckpoint:
         keys = {"lower_key", "upper_key", "last_key"}
         values = {k: (tuple(v) if k in keys and v is not None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
         if values.get("updated_at"):
             values["updated_at"] = datetime.fromisoformat(values["updated_at"])
         return cls(**values)
 
-    def after_batch(self, last_key: Key, rows: int, keys: int, done: bool) -> "ShardCheckpoint":
+    def after_batch(self, last_key: Key, rows: int, keys: int, done: bool) -> ShardCheckpoint:
         return replace(
             self,
             last_key=last_key,
@@ -84,7 +84,7 @@ class ShardCheckpoint:
             batches=self.batches + 1,
             keys_done=self.keys_done + keys,
             state=DONE if done else RUNNING,
-            updated_at=datetime.now(timezone.utc),
+            updated_at=datetime.now(UTC),
         )
 
 

@@ -83,7 +83,7 @@ class KubeControl:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="backfill-spec-poller", daemon=True)
 
-    def start(self) -> "KubeControl":
+    def start(self) -> KubeControl:
         self._thread.start()
         return self
 
@@ -185,7 +185,7 @@ class StatusReporter:
         self._thread = threading.Thread(target=self._loop, name="backfill-status-reporter", daemon=True)
         self.patches_sent = 0
 
-    def start(self) -> "StatusReporter":
+    def start(self) -> StatusReporter:
         self._thread.start()
         return self
 

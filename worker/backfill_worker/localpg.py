@@ -152,7 +152,7 @@ class LocalPostgres:
         }
         return " ".join(f"-c {key}={value}" for key, value in options.items())
 
-    def start(self) -> "LocalPostgres":
+    def start(self) -> LocalPostgres:
         self.initdb()
         self._chown(self.socket_dir)  # also for a data dir made elsewhere (a standby's base backup)
         result = self._run(
@@ -197,7 +197,7 @@ class LocalPostgres:
         except OSError:
             return ""
 
-    def make_standby(self, settings: Mapping[str, str] | None = None) -> "LocalPostgres":
+    def make_standby(self, settings: Mapping[str, str] | None = None) -> LocalPostgres:
         """A streaming replica of this (running) server, not yet started.
 
         ``pg_basebackup -R`` writes the primary's connection and ``standby.signal``; pass e.g.
@@ -227,7 +227,7 @@ class LocalPostgres:
         dsn = f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"
         return dsn + (f" password={password}" if password else "")
 
-    def __enter__(self) -> "LocalPostgres":
+    def __enter__(self) -> LocalPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
