@@ -15,9 +15,8 @@ def test_an_error_in_an_application_thread_fails_stop():
         raise RuntimeError("application crashed")
 
     threads.spawn(broken)
-    with pytest.raises(RuntimeError, match="application crashed"):
-        with threads:
-            pass
+    with pytest.raises(RuntimeError, match="application crashed"), threads:
+        pass
 
 
 def test_a_stuck_application_thread_fails_stop():
@@ -26,9 +25,8 @@ def test_a_stuck_application_thread_fails_stop():
     threads.JOIN_SECONDS = 0.2
     threads.spawn(release.wait)  # ignores the stop event: stuck
     try:
-        with pytest.raises(AssertionError, match="stuck"):
-            with threads:
-                pass
+        with pytest.raises(AssertionError, match="stuck"), threads:
+            pass
     finally:
         release.set()
 
