@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone, UTC
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, Protocol
 
