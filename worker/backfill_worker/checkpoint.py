@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
