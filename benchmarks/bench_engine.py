@@ -225,13 +225,13 @@ def paired_ratio(runs: list[Result], baseline: list[Result]) -> float:
 
     Runs of one repeat are seconds apart, so a shared machine's changing load hits both alike.
     """
-    return statistics.median(r.rows_per_second / b.rows_per_second for r, b in zip(runs, baseline))
+    return statistics.median(r.rows_per_second / b.rows_per_second for r, b in zip(runs, baseline, strict=False))
 
 
 def print_table(results: dict[str, list[Result]]) -> None:
     print("\n| Strategy | Rows updated | Wall s (median) | Rows/s (median) | × one UPDATE | × row-by-row | Longest txn (max over runs) | Txns |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, runs in results.items():
+    for runs in results.values():
         m = median_result(runs)
         longest = max(r.longest_txn for r in runs)
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -137,7 +138,7 @@ def test_parallel_shards_split_the_range_and_all_finish(database: str) -> None:
     assert sql_rows(database, "SELECT min(v), max(v) FROM t") == [(1, 1)]
     checkpoints = read_checkpoints(backfill, database)
     assert [cp.upper_key for cp in checkpoints][-1] == ("1000",)
-    for left, right in zip(checkpoints, checkpoints[1:]):
+    for left, right in itertools.pairwise(checkpoints):
         assert right.lower_key == left.upper_key  # contiguous, non-overlapping ranges
 
 
@@ -453,7 +454,7 @@ def test_concurrent_first_runs_of_separate_shards_create_the_checkpoint_table_on
         start.wait()
         try:
             outcomes[shard] = run_backfill(backfill, database, shards=[shard]).state
-        except Exception as error:  # noqa: BLE001  (recorded and asserted below)
+        except Exception as error:
             outcomes[shard] = repr(error)
 
     threads = [threading.Thread(target=run_shard, args=(s,)) for s in range(4)]

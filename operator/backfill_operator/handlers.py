@@ -185,7 +185,7 @@ class Controller:
         """Does the DSN Secret exist and hold the key? Only existence is checked: the value is never read out."""
         try:
             ref = BackfillSpec.model_validate(dict(raw_spec)).database.dsn_secret_ref
-        except Exception:
+        except (TypeError, ValueError):  # pydantic's ValidationError is a ValueError
             return SecretCheck(False, StallReason.INVALID_SPEC, "spec is invalid")
         if ref is None:
             return SecretCheck(

@@ -8,6 +8,7 @@ wait much longer than ``lockTimeout``, and the run finishes with the exact resul
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
@@ -99,7 +100,7 @@ def test_row_lock_held_10s_times_out_retries_smaller_and_never_blocks_the_app(da
     timeline = sorted(engine.timed(RetryScheduled) + engine.timed(BatchCommitted), key=lambda pair: pair[0])
     attempts = [
         later - earlier - first.delay_seconds
-        for (earlier, first), (later, second) in zip(timeline, timeline[1:])
+        for (earlier, first), (later, second) in itertools.pairwise(timeline)
         if isinstance(first, RetryScheduled) and isinstance(second, RetryScheduled)
     ]
     assert attempts and all(LOCK_TIMEOUT_SECONDS * 0.9 <= a <= LOCK_TIMEOUT_SECONDS + SCHEDULING_SLACK for a in attempts), attempts

@@ -66,7 +66,7 @@ class EngineThread:
 
     def timed(self, kind: type) -> list[tuple[float, Event]]:
         with self._lock:
-            return [(t, e) for t, e in zip(self.stamps, self.events) if isinstance(e, kind)]
+            return [(t, e) for t, e in zip(self.stamps, self.events, strict=False) if isinstance(e, kind)]
 
     def batches(self) -> list[BatchCommitted]:
         return self.of_type(BatchCommitted)

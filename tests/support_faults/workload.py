@@ -59,7 +59,7 @@ class Workload(AppThreads):
             ]
             time.sleep(0.003)  # hold the locks a moment, as real application transactions do
         with self._lock:
-            for key, n in zip(keys, changed):
+            for key, n in zip(keys, changed, strict=False):
                 self.increments[key] += n
 
     def _delete(self, conn: psycopg.Connection, rng: random.Random) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import timedelta
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -116,7 +116,7 @@ class LimitsSpec(_Model):
     """Consecutive failed attempts of one batch before the run gives up."""
 
 
-class CheckpointMode(str, Enum):
+class CheckpointMode(StrEnum):
     TRANSACTIONAL = "transactional"
     AT_LEAST_ONCE = "atLeastOnce"
 

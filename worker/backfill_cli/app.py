@@ -186,7 +186,7 @@ def run(
 
 def print_plan(plan: Plan, console: Console) -> None:
     console.print(f"[bold]Backfill[/] {plan.identity} on {plan.table}")
-    key = ", ".join(f"{c} {t}" for c, t in zip(plan.key, plan.key_types)) if plan.key_types else ", ".join(plan.key)
+    key = ", ".join(f"{c} {t}" for c, t in zip(plan.key, plan.key_types, strict=False)) if plan.key_types else ", ".join(plan.key)
     console.print(f"key: ({key}) via unique index {plan.key_index}")
     console.print(f"estimated keys: {plan.estimated_keys:,}   estimated rows to change: {plan.estimated_rows_to_change:,}   shards: {plan.parallelism}")
     for name, text in plan.statements.items():

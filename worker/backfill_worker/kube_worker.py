@@ -124,7 +124,7 @@ class KubeControl:
                     self.request_stop("deleted")
                 else:
                     log.warning("could not read Backfill %s/%s: %s", self._namespace, self._name, error)
-            except Exception as error:  # network trouble: keep running, try again next poll
+            except Exception as error:  # noqa: BLE001 - network trouble: keep running, try again next poll
                 log.warning("could not read Backfill %s/%s: %s", self._namespace, self._name, type(error).__name__)
 
 
@@ -218,7 +218,7 @@ class StatusReporter:
         try:
             self._api.merge_patch(backfill_path(self._namespace, self._name, status=True), {"status": for_merge_patch(patch)})
             self.patches_sent += 1
-        except Exception as error:  # the next flush carries the newest state anyway
+        except Exception as error:  # noqa: BLE001 - the next flush carries the newest state anyway
             with self._lock:
                 self._dirty = True
             log.warning("could not patch status of %s/%s: %s", self._namespace, self._name, type(error).__name__)
@@ -319,5 +319,5 @@ def _report_failure(api: KubeApi, namespace: str, name: str, shard: int, run: in
         shard_patch = shard_status(progress, run=run, error_reason=error.reason, secrets=secrets).to_wire()
         body = {"status": for_merge_patch({"shards": {str(shard): shard_patch}})}
         api.merge_patch(backfill_path(namespace, name, status=True), body)
-    except Exception as patch_error:
+    except Exception as patch_error:  # noqa: BLE001 - best effort: the Job's own failure still reaches the operator
         log.warning("could not report the failure of %s/%s: %s", namespace, name, type(patch_error).__name__)

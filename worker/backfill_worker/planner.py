@@ -86,9 +86,12 @@ def table_scans(explain_json: Sequence[dict[str, Any]], table: str) -> list[dict
     scans = []
     for node in _nodes(explain_json[0]["Plan"]):
         node_type = node.get("Node Type", "")
-        if node_type.endswith("Scan") and node_type not in ("Subquery Scan", "Function Scan", "Values Scan", "CTE Scan"):
-            if node.get("Relation Name") in (table, None) or node_type == "Bitmap Index Scan":
-                scans.append(node)
+        if (
+            node_type.endswith("Scan")
+            and node_type not in ("Subquery Scan", "Function Scan", "Values Scan", "CTE Scan")
+            and (node.get("Relation Name") in (table, None) or node_type == "Bitmap Index Scan")
+        ):
+            scans.append(node)
     return scans
 
 

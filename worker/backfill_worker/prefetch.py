@@ -41,7 +41,7 @@ class Bound:
 def probe(conn: psycopg.Connection, target: Target, lower: Key | None, run_upper: Key, size: int) -> Key | None:
     row = conn.execute(
         statements.probe_upper_bound(target, has_lower=lower is not None),
-        statements.range_params(lower, run_upper) + [size - 1],
+        [*statements.range_params(lower, run_upper), size - 1],
     ).fetchone()
     return tuple(row) if row else None
 
@@ -76,7 +76,7 @@ class BoundPrefetcher:
             return None
         try:
             bound = pending.result()
-        except Exception as error:  # the synchronous probe will retry properly
+        except Exception as error:  # noqa: BLE001 - the synchronous probe will retry properly
             log.debug("prefetch probe failed: %s", type(error).__name__)
             self._close_connection()
             return None

@@ -18,7 +18,7 @@ def secrets_of(dsn: str) -> list[str]:
     found = [dsn]
     try:
         password = conninfo_to_dict(dsn).get("password")
-    except Exception:  # an unparsable DSN is still a secret as a whole
+    except Exception:  # noqa: BLE001 - an unparsable DSN is still a secret as a whole
         password = None
         # libpq's parse errors quote the word they choke on ('missing "=" after "<word>"'): with
         # an unquoted password containing a space, that word is a piece of the password.
@@ -41,7 +41,7 @@ def describe_dsn(dsn: str) -> str:
     """``user@host:port/dbname`` for messages: enough to tell targets apart, nothing secret."""
     try:
         params = conninfo_to_dict(dsn)
-    except Exception:
+    except Exception:  # noqa: BLE001 - redaction must never fail
         return "(unparsable DSN)"
     host = params.get("host") or params.get("hostaddr") or "localhost"
     port = params.get("port") or "5432"

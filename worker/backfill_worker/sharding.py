@@ -49,7 +49,7 @@ def plan_shards(
     probe_first = statements.probe_upper_bound(target, has_lower=False)
     probe_next = statements.probe_upper_bound(target, has_lower=True)
     for _ in range(shard_count - 1):
-        params = statements.range_params(lower, run_max) + [step - 1]
+        params = [*statements.range_params(lower, run_max), step - 1]
         row = conn.execute(probe_next if lower is not None else probe_first, params).fetchone()
         if row is None or tuple(row) == run_max:
             break
