@@ -367,4 +367,5 @@ def status_patch(previous: Mapping[str, Any], desired: Mapping[str, Any]) -> dic
     quiet Backfill costs no writes. Empty strings travel as deletions (see ``for_merge_patch``).
     """
     changed = {key: value for key, value in desired.items() if stored_form(previous.get(key)) != stored_form(value)}
-    return for_merge_patch(changed)
+    patch: dict[str, Any] = for_merge_patch(changed)
+    return patch

@@ -101,7 +101,7 @@ def _immutability_rules() -> list[dict[str, str]]:
 def spec_schema() -> dict[str, Any]:
     raw = BackfillSpec.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
-    schema = _resolve(raw, defs)
+    schema: dict[str, Any] = _resolve(raw, defs)
     # `key` accepts a column name or a list of them; a structural schema cannot say "string or
     # array", so the field is free-form here and checked by the operator (InvalidSpec).
     schema["properties"]["key"] = {
@@ -125,7 +125,8 @@ def status_schema() -> dict[str, Any]:
     """
     raw = BackfillStatus.model_json_schema(by_alias=True, mode="serialization")
     defs = raw.pop("$defs", {})
-    return _without_defaults(_resolve(raw, defs))
+    schema: dict[str, Any] = _without_defaults(_resolve(raw, defs))
+    return schema
 
 
 def _without_defaults(node: Any) -> Any:
@@ -211,7 +212,8 @@ def without_cel(crd: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
-    return strip(crd)
+    stripped: dict[str, Any] = strip(crd)
+    return stripped
 
 
 class _NoAliasDumper(yaml.SafeDumper):

@@ -62,7 +62,7 @@ def configure(*, verbose: bool = False, log_format: str = "text", log_level: str
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(f"use one of: {', '.join(LOG_FORMATS)}", param_hint="--log-format")
     # Logs go to stderr; the progress bar and summaries to stdout. Warnings only, unless -v.
-    configure_logging(log_format, log_level or ("INFO" if verbose else "WARNING"))  # type: ignore[arg-type]
+    configure_logging(log_format, log_level or ("INFO" if verbose else "WARNING"))
     if metrics_port is not None:
         from backfill_worker.metrics import start_process_metrics
 

@@ -71,7 +71,7 @@ class ShardCheckpoint:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardCheckpoint:
         keys = {"lower_key", "upper_key", "last_key"}
-        values = {k: (tuple(v) if k in keys and v is not None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        values: dict[str, Any] = {k: (tuple(v) if k in keys and v is not None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
         if values.get("updated_at"):
             values["updated_at"] = datetime.fromisoformat(values["updated_at"])
         return cls(**values)
@@ -105,7 +105,8 @@ class JsonFileStore:
 
     def _read(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
+            data: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+            return data
         except FileNotFoundError:
             return {}
 

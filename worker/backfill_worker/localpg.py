@@ -58,7 +58,7 @@ def find_bindir() -> Path:
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def _runs_as_root() -> bool:
@@ -111,9 +111,9 @@ class LocalPostgres:
     def _run(
         self, *args: str, check: bool = True, env_extra: Mapping[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        user = {"user": self._user.pw_uid, "group": self._user.pw_gid} if self._user else {}
+        uid, gid = (self._user.pw_uid, self._user.pw_gid) if self._user else (None, None)
         env = {**os.environ, "LC_ALL": "C", "LANG": "C", **(env_extra or {})}
-        return subprocess.run(list(args), capture_output=True, text=True, check=check, env=env, **user)
+        return subprocess.run(list(args), capture_output=True, text=True, check=check, env=env, user=uid, group=gid)
 
     def _chown(self, path: Path) -> None:
         if self._user:

@@ -120,7 +120,8 @@ def projected_seconds(estimated_keys: int, sample: Sample | None, pause_seconds:
 def _explain(conn: psycopg.Connection, statement: sql.Composable, params: list[Any]) -> list[dict[str, Any]]:
     row = conn.execute(statements.explain(statement, json=True), params).fetchone()
     assert row is not None
-    return row[0]
+    plan: list[dict[str, Any]] = row[0]
+    return plan
 
 
 def _explain_generic(conn: psycopg.Connection, statement: sql.Composable, params: list[Any]) -> list[dict[str, Any]]:
@@ -136,7 +137,8 @@ def _explain_generic(conn: psycopg.Connection, statement: sql.Composable, params
             sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}({})").format(sql.Identifier(PREPARED_NAME), arguments)
         ).fetchone()
         assert row is not None
-        return row[0]
+        plan: list[dict[str, Any]] = row[0]
+        return plan
     finally:
         conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(PREPARED_NAME)))
 

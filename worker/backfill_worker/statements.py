@@ -114,7 +114,7 @@ def _where(target: Target, binder: _Binder) -> sql.Composable:
     return sql.SQL(" AND (\n{}\n)").format(binder.fragment(target.where))
 
 
-def range_params(lower: Sequence[str] | None, upper: Sequence[str]) -> list[str]:
+def range_params(lower: Sequence[str | None] | None, upper: Sequence[str | None]) -> list[str | None]:
     """Parameters for :func:`_range`, in placeholder order."""
     return [*(lower or ()), *upper]
 

@@ -6,6 +6,8 @@ compiled with ``EXPLAIN`` / ``LIMIT 0`` inside a transaction that is always roll
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import psycopg
 from psycopg import sql
 
@@ -129,7 +131,7 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
 
 
 def _compile(
-    conn: psycopg.Connection, statement: sql.Composed, params: list[object], field: str, dsn_secrets: list[str]
+    conn: psycopg.Connection, statement: sql.Composed, params: Sequence[object], field: str, dsn_secrets: list[str]
 ) -> psycopg.Cursor:
     """Run ``statement`` inside a savepoint; attribute a failure to ``field``.
 
