@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import socket
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,13 +23,11 @@ import psycopg
 import pytest
 import yaml
 from psycopg import sql
+from support_faults.secrets import CANARY_PASSWORD, assert_absent
 from typer.testing import CliRunner
 
 from backfill_cli.app import app
 from backfill_worker.localpg import LocalPostgres
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: for support_faults
-from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 ROLE_PASSWORD = "role-Pw-51c0ffee"
 WRONG_PASSWORD = "wrong-Pw-0badc0de"
@@ -361,8 +358,8 @@ import asyncio  # noqa: E402
 import base64  # noqa: E402
 
 from kube_support.emulator import ApiServerEmulator, declare_resources  # noqa: E402
+from kube_support.operator_thread import operator_running_async  # noqa: E402
 from support_faults.kubelet import FakeKubelet, write_kubeconfig  # noqa: E402
-from support_faults.operator_async import operator_running  # noqa: E402
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path  # noqa: E402
 from backfill_operator.main import OperatorConfig  # noqa: E402
@@ -415,7 +412,7 @@ async def test_operator_path_bad_input_is_a_condition_and_changes_nothing(kmock,
     config = OperatorConfig(namespaces=(KNS,), server=str(kmock.url), metrics_port=None, resync_seconds=0.3)
     results: dict[str, dict[str, Any]] = {}
     try:
-        async with operator_running(config):
+        async with operator_running_async(config):
             for case in KUBE_CATALOGUE:
                 document = base_manifest(**case.spec)
                 document["metadata"] = {"name": case.id, "namespace": KNS}

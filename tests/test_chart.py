@@ -6,21 +6,17 @@ cannot be downloaded.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import helm_binary
 import kubernetes_validate
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helm_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "backfill-operator"
@@ -226,10 +222,7 @@ def grants(rules: Iterable[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 def test_chart_grants_exactly_what_the_operator_and_worker_declare(helm):
     """Least privilege both ways: everything rbac.py needs, and nothing more."""
-    try:
-        rbac = importlib.import_module("backfill_operator.rbac")
-    except ModuleNotFoundError:
-        pytest.skip("backfill_operator/rbac.py has not landed yet (operator issue)")
+    from backfill_operator import rbac
     docs = render(helm)
     (cluster_role,) = find(docs, "ClusterRole")
     assert grants(cluster_role["rules"]) == grants(rbac.OPERATOR_RULES + rbac.OPERATOR_CLUSTER_RULES)
@@ -245,13 +238,9 @@ def operator_command_context(args: list[str]) -> tuple[Any, Any]:
     """Parse ``backfill ARGS`` with the real CLI (click), without running anything."""
     import typer
 
-    try:
-        cli = importlib.import_module("backfill_cli.app")
-    except ModuleNotFoundError:
-        pytest.skip("backfill_worker/cli.py has not landed yet")
+    from backfill_cli import app as cli
+
     group = typer.main.get_command(cli.app)
-    if "operator" not in group.commands:
-        pytest.skip("`backfill operator` has not been registered yet (operator issue)")
     # The chart passes no root options: the first argument is the subcommand.
     command = group.commands[args[0]]
     return command, command.make_context(args[0], list(args[1:]))
@@ -271,10 +260,9 @@ def test_the_operator_command_accepts_every_argument_the_chart_passes(helm):
 def test_every_environment_variable_the_chart_sets_is_read_by_the_operator(helm):
     import typer
 
-    cli = importlib.import_module("backfill_cli.app")
+    from backfill_cli import app as cli
+
     group = typer.main.get_command(cli.app)
-    if "operator" not in group.commands:
-        pytest.skip("`backfill operator` has not been registered yet (operator issue)")
     options = [*group.params, *group.commands["operator"].params]
     envvars = {e for p in options for e in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or [])}
     packages = (ROOT / "operator" / "backfill_operator", ROOT / "worker" / "backfill_cli")
@@ -294,6 +282,6 @@ def test_versions_agree_across_package_chart_and_image():
     assert chart["appVersion"] == version
     assert f"ARG VERSION={version}" in (ROOT / "Dockerfile").read_text()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    jobs = importlib.import_module("backfill_operator.jobs")
+    from backfill_operator import jobs
     # The operator's built-in worker image default is the chart's default image.
     assert jobs.WorkerDefaults().image == f"{values['image']['repository']}:{version}"

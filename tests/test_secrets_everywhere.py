@@ -13,7 +13,6 @@ import asyncio
 import base64
 import json
 import logging
-import sys
 import time
 import traceback
 import urllib.error
@@ -24,21 +23,19 @@ from typing import Any
 
 import psycopg
 import pytest
+from kube_support.emulator import ApiServerEmulator, declare_resources
+from kube_support.operator_thread import operator_running_async
+from kube_support.waiting import call, eventually_async
 from psycopg.conninfo import conninfo_to_dict
+from support_faults import cli, ledger
+from support_faults.kubelet import FakeKubelet, free_port, write_kubeconfig
+from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_api.manifest import parse_backfill
 from backfill_operator.main import OperatorConfig
 from backfill_worker.engine import run_backfill
 from backfill_worker.localpg import LocalPostgres
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: support_faults, kube_support
-from kube_support.emulator import ApiServerEmulator, declare_resources
-from kube_support.waiting import call, eventually_async
-from support_faults import cli, ledger
-from support_faults.kubelet import FakeKubelet, free_port, write_kubeconfig
-from support_faults.operator_async import operator_running
-from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 
 def secrets_of(dsn: str) -> list[str]:
@@ -238,7 +235,7 @@ async def test_cluster_status_events_logs_metrics_never_hold_the_password(
     kubelet_task = asyncio.create_task(kubelet.run(stop))
     captured: dict[str, str] = {}
     try:
-        async with operator_running(config):
+        async with operator_running_async(config):
             for document in backfills.values():
                 document["metadata"]["namespace"] = NS
                 await call(api.create, backfill_path(NS), document)

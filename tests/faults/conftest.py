@@ -3,19 +3,15 @@ it) never disturbs the rest of the suite, and the same canary password as every 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-from backfill_worker.localpg import LocalPostgres
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: for support_faults
 
 # Same value as tests/conftest.py's CANARY_PASSWORD: the suite-wide hook fails a test whose
 # output shows it, and support_faults asserts its absence in everything a run produces.
 from support_faults.secrets import CANARY_PASSWORD
+
+from backfill_worker.localpg import LocalPostgres
 
 
 @pytest.fixture

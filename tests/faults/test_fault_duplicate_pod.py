@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from kube_support.emulator import ApiServerEmulator, declare_resources
+from kube_support.operator_thread import operator_running_async
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig
-from support_faults.operator_async import operator_running
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 from backfill_api.errors import AlreadyRunning
@@ -52,7 +52,7 @@ async def test_duplicate_pod_exits_3_and_does_not_disturb_the_status(kmock, data
     path = backfill_path(NS, NAME)
     observed: list[tuple[str | None, str | None]] = []
     try:
-        async with operator_running(config):
+        async with operator_running_async(config):
             await call(api.create, backfill_path(NS), document)
             while True:
                 status = (await call(api.get, path)).get("status") or {}

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 from kube_support.emulator import ApiServerEmulator, declare_resources
+from kube_support.operator_thread import operator_running_async
 from kube_support.waiting import call, eventually_async
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig
-from support_faults.operator_async import operator_running
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
@@ -53,7 +53,7 @@ async def test_operator_restart_mid_run_no_second_job_and_exact_result(kmock, da
     kubelet_task = asyncio.create_task(kubelet.run(stop))
     path = backfill_path(NS, NAME)
     try:
-        async with operator_running(config):
+        async with operator_running_async(config):
             await call(api.create, backfill_path(NS), document)
             running = await eventually_async(
                 lambda: (b := api.get(path))["status"].get("phase") == "Running"
@@ -66,7 +66,7 @@ async def test_operator_restart_mid_run_no_second_job_and_exact_result(kmock, da
         await eventually_async(lambda: api.get(path)["status"]["shards"]["0"]["rowsUpdated"] > shard_rows_at_stop,
                     "the worker's own progress while the operator is down")
         still_running = kubelet.pods[f"{NAME}-s0-r1"].process.poll() is None
-        async with operator_running(config):
+        async with operator_running_async(config):
             done = await eventually_async(lambda: (b := api.get(path))["status"].get("phase") == "Succeeded" and b,
                                "Succeeded after the restart", timeout=180)
             await asyncio.sleep(1.0)  # a few more resync passes of the new operator: still one Job

@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 import pytest
 from kube_support.emulator import ApiServerEmulator, declare_resources
+from kube_support.operator_thread import operator_running_async
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig
-from support_faults.operator_async import operator_running
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path
@@ -67,7 +67,7 @@ async def test_worker_pod_killed_repeatedly_resumes_and_succeeds(kmock, database
     config = OperatorConfig(namespaces=(NS,), server=str(kmock.url), metrics_port=None, resync_seconds=0.3)
     killed_at: list[int] = []
     try:
-        async with operator_running(config):
+        async with operator_running_async(config):
             await call(api.create, backfill_path(NS), document)
             for kill in range(KILLS):
                 # Wait until the current pod has committed past a random further point.
