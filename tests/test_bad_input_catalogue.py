@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from manifests import backfill_document
 from psycopg import sql
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
 from typer.testing import CliRunner
@@ -135,8 +136,7 @@ def snapshot(dsn: str) -> dict[str, Any]:
 def base_manifest(**spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"table": "items", "set": {"counter": "counter + 1"}, "where": "grp < 5"}
     body.update(spec)
-    return {"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill",
-            "metadata": {"name": "catalogue", "namespace": "bad"}, "spec": body}
+    return backfill_document("catalogue", "bad", **body)
 
 
 def without(document: dict[str, Any], *path: str) -> dict[str, Any]:

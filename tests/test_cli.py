@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
+from manifests import backfill_document, write_manifest
 from typer.testing import CliRunner
 
 from backfill_cli.app import app
@@ -23,10 +23,7 @@ BACKFILL = str(Path(sys.executable).parent / "backfill")
 
 
 def manifest(tmp_path: Path, name: str = "cli", **spec: Any) -> str:
-    document = {"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": name, "namespace": "t"}, "spec": spec}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return str(path)
+    return str(write_manifest(tmp_path, backfill_document(name, "t", **spec), f"{name}.yaml"))
 
 
 def password_of(dsn: str) -> str:

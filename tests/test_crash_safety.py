@@ -7,7 +7,6 @@ checkpoint was lost, shows up as a counter of 2 (or 0) on some row.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 import yaml
+from support_faults.seeds import seeded_random
 
 BACKFILL = str(Path(sys.executable).parent / "backfill")
 ROWS = 60_000
@@ -44,7 +44,7 @@ def test_sigkill_at_random_moments_changes_every_matching_row_exactly_once(datab
     path = tmp_path / "crash.yaml"
     path.write_text(yaml.safe_dump(document))
     env = {**os.environ, "BACKFILL_DSN": database}
-    rng = random.Random(20261128)
+    rng = seeded_random("crash_safety", default=20261128)
 
     kills = 0
     started = time.monotonic()

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from manifests import backfill_document
 
 from backfill_api.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
 from backfill_api.manifest import parse_backfill
@@ -27,9 +28,7 @@ from backfill_worker.validation import resolve_target
 
 
 def make(name: str = "bf", **spec: Any) -> Backfill:
-    return parse_backfill(
-        {"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": name, "namespace": "t"}, "spec": spec}
-    )
+    return parse_backfill(backfill_document(name, "t", **spec))
 
 
 def small_batches(size: int = 7) -> dict[str, Any]:

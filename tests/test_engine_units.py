@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from manifests import backfill_document
 
 from backfill_api.status import format_eta
 from backfill_worker import statements
@@ -183,8 +184,7 @@ def test_shard_selection() -> None:
     from backfill_api.manifest import parse_backfill
     from backfill_worker.engine import _shard_numbers
 
-    backfill = parse_backfill({"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "x"},
-                               "spec": {"table": "t", "set": {"v": "1"}, "parallelism": 3}})
+    backfill = parse_backfill(backfill_document("x", table="t", set={"v": "1"}, parallelism=3))
     assert _shard_numbers(backfill, None) == [0, 1, 2]
     assert _shard_numbers(backfill, [2, 2, 0]) == [2, 0]
     for bad in ([], [3], [-1]):

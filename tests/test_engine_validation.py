@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from manifests import backfill_document
 
 from backfill_api.errors import ValidationFailed
 from backfill_api.manifest import parse_backfill
@@ -37,7 +38,7 @@ def db(database: str) -> str:
 
 
 def make(**spec: Any) -> Any:
-    return parse_backfill({"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "v"}, "spec": spec})
+    return parse_backfill(backfill_document("v", **spec))
 
 
 def untouched(dsn: str) -> bool:

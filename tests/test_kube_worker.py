@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from kube_support.emulator import ApiServerEmulator, declare_resources
+from manifests import backfill_document
 
 from backfill_api.kubeapi import KubeApi, backfill_path
 from backfill_api.model import BackfillSpec
@@ -45,19 +46,14 @@ def table_state(dsn: str) -> dict[str, int]:
 
 
 def backfill(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "backfill.dev/v1alpha1",
-        "kind": "Backfill",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "database": {"dsnSecretRef": {"name": "db"}},
-            "table": "customers",
-            "set": {"counter": "counter + 1", "status": "'inactive'"},
-            "where": "status IS NULL",
-            "batch": {"size": 100, "minSize": 10, "maxSize": 1000, "targetDuration": "0"},
-            **spec,
-        },
-    }
+    return backfill_document(name, NS, **{
+        "database": {"dsnSecretRef": {"name": "db"}},
+        "table": "customers",
+        "set": {"counter": "counter + 1", "status": "'inactive'"},
+        "where": "status IS NULL",
+        "batch": {"size": 100, "minSize": 10, "maxSize": 1000, "targetDuration": "0"},
+        **spec,
+    })
 
 
 async def call(fn, *args, **kwargs):

@@ -6,14 +6,14 @@ server; the test talks to the same server with the same client, as ``kubectl`` w
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
 import pytest
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.operator_thread import operator_running_async
-from kube_support.waiting import call, eventually_async
+from kube_support.waiting import call, eventually_async, operator_has_looked
+from manifests import backfill_document
 
 from backfill_api.kubeapi import (
     KubeApi,
@@ -29,18 +29,13 @@ PASSWORD = "s3cr3t-kmock-pw"
 
 
 def backfill(name: str = "customers-inactive", **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "backfill.dev/v1alpha1",
-        "kind": "Backfill",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "database": {"dsnSecretRef": {"name": "shop-db", "key": "dsn"}},
-            "table": "public.customers",
-            "set": {"status": "'inactive'"},
-            "where": "status IS NULL",
-            **spec,
-        },
-    }
+    return backfill_document(name, NS, **{
+        "database": {"dsnSecretRef": {"name": "shop-db", "key": "dsn"}},
+        "table": "public.customers",
+        "set": {"status": "'inactive'"},
+        "where": "status IS NULL",
+        **spec,
+    })
 
 
 def secret() -> dict[str, Any]:
@@ -95,7 +90,7 @@ async def test_backfill_runs_to_succeeded_with_progress_events_and_restart(clust
 
     # Operator restart while running: the new instance adopts, never duplicates.
     async with operator_running_async(config(kmock)):
-        await asyncio.sleep(1.5)  # several resync passes
+        await operator_has_looked(api, backfill_path(NS, "customers-inactive"), "the restarted operator")
         jobs = await call(api.list, jobs_path(NS))
         assert [j["metadata"]["name"] for j in jobs] == ["customers-inactive-s0-r1"]
 

@@ -13,6 +13,7 @@ import pytest
 from support_faults import ledger
 from support_faults.app_threads import AppThreads
 from support_faults.engine_run import EngineThread
+from support_faults.seeds import random_seed
 from support_faults.workload import Workload
 
 from backfill_worker.retry import DEADLOCK, LOCK_TIMEOUT
@@ -111,12 +112,13 @@ class Reactivator(AppThreads):
         self.activated: set[int] = set()
         self.deleted: set[int] = set()
         self.deadlocks = 0
+        self._seed = random_seed("concurrent_app reactivator")  # thread i draws from seed + i
         super().__init__()
         for number in range(threads):
             self.spawn(self._run, number)
 
-    def _run(self, seed: int) -> None:
-        rng = random.Random(seed)
+    def _run(self, number: int) -> None:
+        rng = random.Random(self._seed + number)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("SET statement_timeout = '5s'")
             conn.execute("SET deadlock_timeout = '50ms'")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.operator_thread import operator_running_async
-from kube_support.waiting import call, eventually_async
+from kube_support.waiting import call, eventually_async, operator_has_looked
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
@@ -69,7 +69,7 @@ async def test_operator_restart_mid_run_no_second_job_and_exact_result(kmock, da
         async with operator_running_async(config):
             done = await eventually_async(lambda: (b := api.get(path))["status"].get("phase") == "Succeeded" and b,
                                "Succeeded after the restart", timeout=180)
-            await asyncio.sleep(1.0)  # a few more resync passes of the new operator: still one Job
+            await operator_has_looked(api, path, "after Succeeded")  # and then: still one Job
             jobs = await call(api.list, jobs_path(NS))
             await kubelet.wait_finished(f"{NAME}-s0-r1")
     finally:

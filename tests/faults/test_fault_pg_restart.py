@@ -11,6 +11,7 @@ import time
 import pytest
 from support_faults import ledger
 from support_faults.engine_run import EngineThread
+from support_faults.seeds import seeded_random
 
 from backfill_worker.localpg import LocalPostgres
 from backfill_worker.retry import CONNECTION
@@ -65,7 +66,6 @@ def test_engine_survives_its_sessions_being_terminated_over_and_over(database: s
     """``pg_terminate_backend`` on the engine's session every 30-150 ms for the whole run: many
     of the kills land inside a batch transaction or on its COMMIT (whose acknowledgement is then
     lost: the engine must re-read its checkpoint to know whether the batch counted)."""
-    import random
     import threading
 
     import psycopg
@@ -80,8 +80,9 @@ def test_engine_survives_its_sessions_being_terminated_over_and_over(database: s
     stop = threading.Event()
     kills: list[str] = []
 
+    rng = seeded_random("pg_restart killer")
+
     def killer() -> None:
-        rng = random.Random()
         with psycopg.connect(database, autocommit=True) as conn:
             while not stop.wait(rng.uniform(0.03, 0.15)):
                 rows = conn.execute(

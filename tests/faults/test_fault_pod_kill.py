@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import random
 import signal
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from kube_support.operator_thread import operator_running_async
 from support_faults import ledger
 from support_faults.kubelet import FakeKubelet, write_kubeconfig
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
+from support_faults.seeds import seeded_random
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path
 from backfill_operator.main import OperatorConfig
@@ -47,7 +47,7 @@ def checkpoint_rows(dsn: str) -> int:
 
 
 async def test_worker_pod_killed_repeatedly_resumes_and_succeeds(kmock, database: str, tmp_path: Path) -> None:
-    rng = random.Random()
+    rng = seeded_random("pod_kill")
     declare_resources(kmock)
     api = KubeApi.from_environment(server=str(kmock.url))
     await call(ledger.seed, database, ROWS)

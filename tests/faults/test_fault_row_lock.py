@@ -18,6 +18,7 @@ import pytest
 from support_faults import ledger
 from support_faults.app_threads import AppThreads
 from support_faults.engine_run import EngineThread
+from support_faults.seeds import random_seed
 
 from backfill_worker.events import BatchCommitted, RetryScheduled
 from backfill_worker.retry import LOCK_TIMEOUT
@@ -37,6 +38,7 @@ class Prober(AppThreads):
         self.dsn, self.engine, self.skip = dsn, engine, skip
         self.latencies: list[float] = []
         self.increments: dict[int, int] = {}
+        self._seed = random_seed("row_lock prober")  # thread i draws from seed + i
         super().__init__()
         for number in range(threads):
             self.spawn(self._run, number)
@@ -47,7 +49,7 @@ class Prober(AppThreads):
         return min(ROWS, max(1, position + rng.randrange(0, 2 * BATCH)))
 
     def _run(self, number: int) -> None:
-        rng = random.Random(number)
+        rng = random.Random(self._seed + number)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self._stop.is_set():
                 key = self._next_key(rng)

@@ -12,16 +12,17 @@ several shards' batches at once.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
+from manifests import write_manifest
 from support_faults import ledger
-from support_faults.cli import start, wait_for_backends_gone, write_manifest
+from support_faults.cli import start, wait_for_backends_gone
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
+from support_faults.seeds import seeded_random
 
 
 def _progress(conn: psycopg.Connection, name: str) -> tuple[int, set[str]]:
@@ -59,10 +60,7 @@ def test_sigkill_at_random_moments_changes_every_row_exactly_once(
 ) -> None:
     name = f"sigkill-{parallelism}"
     application = f"backfill faults/{name}"  # prefix of every engine session's application_name
-    rng = random.Random()
-    seed = rng.randrange(2**32)
-    rng.seed(seed)
-    print(f"random seed: {seed}")
+    rng = seeded_random(name)
     ledger.seed(database, rows)
     # maxSize bounds how far one batch round jumps (shards x maxSize keys), so kill points stay spread.
     document = ledger.manifest(
@@ -147,7 +145,7 @@ def test_sigkill_in_at_least_once_mode_with_an_idempotent_set(database: str, tmp
     documented) the result is still exact. A row trigger counts every committed update of each
     row, so re-applied rows are counted exactly."""
     rows, kills_wanted = 300_000, 8
-    rng = random.Random()
+    rng = seeded_random("sigkill atLeastOnce")
     ledger.seed(database, rows)
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(

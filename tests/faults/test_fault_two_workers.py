@@ -9,8 +9,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from manifests import write_manifest
 from support_faults import ledger
-from support_faults.cli import run, start, write_manifest
+from support_faults.cli import run, start
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 from backfill_api.errors import AlreadyRunning

@@ -50,3 +50,21 @@ async def eventually_async(probe: Callable[[], Any], what: str, timeout: float =
             return last
         await asyncio.sleep(INTERVAL)
     raise _timed_out(what, last)
+
+
+async def operator_has_looked(api: Any, path: str, what: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Proof that the running operator reconciled the Backfill at ``path`` after this call.
+
+    For absence checks ("still one Job"): instead of sleeping and hoping some passes ran, make a
+    harmless live edit (``spec.batch.pause``, a tunable) that bumps ``metadata.generation`` and
+    wait until the operator reports it as ``status.observedGeneration``. The pass that wrote it
+    also decided on the Jobs, so what the test checks next reflects a decision made after now.
+    """
+    current = await call(api.get, path)
+    pause = "1ms" if ((current.get("spec") or {}).get("batch") or {}).get("pause") != "1ms" else "2ms"
+    edited = await call(api.merge_patch, path, {"spec": {"batch": {"pause": pause}}})
+    generation = edited["metadata"]["generation"]
+    return await eventually_async(
+        lambda: (b := api.get(path)).get("status", {}).get("observedGeneration") == generation and b,
+        f"the operator to observe generation {generation} ({what})", timeout=timeout,
+    )

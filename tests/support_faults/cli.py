@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-import yaml
 
 
 def backfill_executable() -> list[str]:
@@ -21,12 +20,6 @@ def backfill_executable() -> list[str]:
         return [str(script)]
     found = shutil.which("backfill")
     return [found] if found else [sys.executable, "-c", "from backfill_cli.app import app; app()"]
-
-
-def write_manifest(directory: Path, document: dict, name: str = "backfill.yaml") -> Path:
-    path = directory / name
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return path
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import psycopg
+from manifests import backfill_document
 from psycopg import sql
 
 TABLE = "items"
@@ -56,12 +57,7 @@ def manifest(name: str, **spec: object) -> dict:
     """A Backfill document for the seeded table; ``spec`` overrides/extends the defaults."""
     body: dict = {"table": TABLE, "set": dict(SET), "where": WHERE}
     body.update(spec)
-    return {
-        "apiVersion": "backfill.dev/v1alpha1",
-        "kind": "Backfill",
-        "metadata": {"name": name, "namespace": "faults"},
-        "spec": body,
-    }
+    return backfill_document(name, "faults", **body)
 
 
 @dataclass(frozen=True)
