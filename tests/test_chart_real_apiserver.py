@@ -1,9 +1,9 @@
-"""README's install-and-watch commands, verbatim, against a REAL kube-apiserver with the chart's RBAC.
+"""The manual's (docs/operations.md) install-and-watch commands, verbatim, against a REAL kube-apiserver with the chart's RBAC.
 
 ``helm install`` of the chart, then the operator and a worker run exactly as the chart's
 Deployment and the operator's Job describe them (command, args, env, ServiceAccount token): the
 test plays the kubelet, with free ports instead of the fixed 8080/9090 so that test sessions can
-run side by side. Every ``helm``/``kubectl`` line of README's "Install with Helm", "Watching a backfill" and
+run side by side. Every ``helm``/``kubectl`` line of docs/operations.md's "Install with Helm", "Watching a backfill" and
 "GitOps" sections must be run here (checked at the end).
 
 Skipped, with the reason, unless ``KUBEBUILDER_ASSETS`` holds etcd and kube-apiserver.
@@ -45,16 +45,18 @@ pytestmark = [
     pytest.mark.skipif(missing_assets(ASSETS) is not None, reason=str(missing_assets(ASSETS))),
 ]
 ROOT = Path(__file__).resolve().parent.parent
-README_SECTIONS = ("Install with Helm", "Watching a backfill", "GitOps (Argo CD, Flux)")
+# The manual's install, watch and GitOps sections (docs/), whose commands run verbatim here.
+MANUAL_SECTIONS = (("operations.md", "Install with Helm"), ("operations.md", "Watching a backfill"),
+                   ("gitops.md", "GitOps (Argo CD, Flux)"))
 NS, RELEASE_NS, NAME = "shop", "backfill-system", "customers-inactive"
 BACKFILL_CLI = str(Path(sys.executable).parent / "backfill")
 
 
 def readme_commands() -> list[str]:
-    """The helm/kubectl lines of README's install and watch sections, in order."""
-    text = (ROOT / "README.md").read_text()
+    """The helm/kubectl lines of the manual's install and watch sections, in order."""
     commands: list[str] = []
-    for title in README_SECTIONS:
+    for document, title in MANUAL_SECTIONS:
+        text = (ROOT / "docs" / document).read_text()
         section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
         for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():

@@ -406,9 +406,9 @@ def test_lock_lost_during_reconnect_stops_the_runner(database: str) -> None:
 
 
 def test_readme_checkpoint_ddl_lets_a_restricted_role_run_transactionally(database: str) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    ddl = re.search(r"\*\*Restricted roles\.\*\*.*?```sql\n(.*?)```", readme, re.S)
-    assert ddl, "README lost the checkpoint DDL"
+    manual = (Path(__file__).parent.parent / "docs" / "engine.md").read_text()
+    ddl = re.search(r"\*\*Restricted roles\.\*\*.*?```sql\n(.*?)```", manual, re.S)
+    assert ddl, "docs/engine.md lost the checkpoint DDL"
     role = f"app_{uuid.uuid4().hex[:8]}"
     password = str(psycopg.conninfo.conninfo_to_dict(database)["password"])
     dbname = str(psycopg.conninfo.conninfo_to_dict(database)["dbname"])

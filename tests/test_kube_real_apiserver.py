@@ -62,8 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_install_commands() -> str:
-    """The first ``sh`` block of the README's "Running in Kubernetes (operator)" section."""
-    text = (ROOT / "README.md").read_text()
+    """The first ``sh`` block of the manual's "Running in Kubernetes (operator)" section."""
+    text = (ROOT / "docs" / "operations.md").read_text()
     section = text.split("## Running in Kubernetes (operator)", 1)[1].split("\n## ", 1)[0]
     return section.split("```sh\n", 1)[1].split("```", 1)[0]
 

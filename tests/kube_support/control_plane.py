@@ -35,7 +35,7 @@ REQUIRED = ("etcd", "kube-apiserver")
 def missing_assets(assets: str | None) -> str | None:
     """Why the real-server tests cannot run, or None when they can."""
     if not assets:
-        return "KUBEBUILDER_ASSETS is not set (see README: Testing against a real API server)"
+        return "KUBEBUILDER_ASSETS is not set (see docs/testing.md: Testing against a real API server)"
     absent = [b for b in REQUIRED if not os.access(Path(assets) / b, os.X_OK)]
     return f"KUBEBUILDER_ASSETS={assets} lacks {', '.join(absent)}" if absent else None
 

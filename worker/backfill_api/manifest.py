@@ -30,7 +30,7 @@ def describe_validation_error(error: ValidationError) -> list[str]:
         location = tuple(part for part in problem["loc"] if part not in ("function-after", "function-before"))
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            message = "unknown field: remove it or check its spelling (see the manifest reference in README.md)"
+            message = "unknown field: remove it or check its spelling (see docs/reference.md)"
         elif problem["type"] == "missing":
             message = "required field is missing"
         message = message.removeprefix("Value error, ")
