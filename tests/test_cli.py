@@ -175,3 +175,62 @@ def test_parallel_at_least_once_run_keeps_every_shard_in_the_state_file(table: s
     assert sum(s["rows_updated"] for s in saved.values()) == 500
     status = invoke("status", path, "--dsn", table, "--state-dir", str(tmp_path / "state"))
     assert status.exit_code == 0 and len(re.findall(r"│ +done +│", status.output)) == 3
+
+
+# -- what a new user tripped over --------------------------------------------------------------
+
+
+def test_resumed_run_rate_counts_only_this_runs_rows() -> None:
+    from backfill_cli.app import summary_line
+    from backfill_worker.engine import RunReport, ShardReport
+
+    report = RunReport((ShardReport(0, "done", 1_000, 10, 0, 2.0),), duration=2.0)
+    line = summary_line(report, rows_before=800)
+    assert "rows_updated=1000 rows_this_run=200" in line and line.endswith("rows_per_second=100")
+    assert summary_line(report).endswith("rows_per_second=500")
+
+
+def test_a_resumed_run_reports_what_earlier_runs_did(table: str, tmp_path: Path) -> None:
+    from backfill_api.manifest import load_backfill
+    from backfill_worker.engine import run_backfill
+    from backfill_worker.events import BatchCommitted, Event, StaticControl
+
+    path = manifest(tmp_path, table="t", set={"v": "v + 1"}, batch={"size": 100, "maxSize": 100, "minSize": 100})
+    control = StaticControl()
+
+    def stop_after_two_batches(event: Event) -> None:
+        if isinstance(event, BatchCommitted) and event.total_batches == 2:
+            control.request_stop("test")
+
+    first = run_backfill(load_backfill(path), table, listeners=[stop_after_two_batches], control=control)
+    assert first.state == "paused" and first.rows_updated == 200
+    result = invoke("run", path, "--dsn", table)
+    assert result.exit_code == 0, result.output
+    assert "rows_updated=500 rows_this_run=300" in result.output
+    assert "resumed: 200 rows were already updated by earlier runs" in result.output
+
+
+def test_help_shows_no_type_after_flags() -> None:
+    for args in (["--help"], ["run", "--help"], ["worker", "--help"]):
+        result = runner.invoke(app, args, terminal_width=80)
+        assert result.exit_code == 0 and "<bool>" not in result.output, result.output
+        assert "--help" in result.output
+
+
+def test_plan_says_where_its_row_estimate_comes_from() -> None:
+    from backfill_cli.app import estimate_lines
+    from backfill_worker.planner import Plan, Sample
+
+    plan = Plan("t/p", "public.t", ("id",), ("int",), "t_pkey", 10_000, 123, 1, {}, (), Sample(100, 100, 25, 0.01), 1.0)
+    lines = estimate_lines(plan)
+    assert "an estimate" in lines[0]
+    assert "~2,500 by the sample batch's ratio (25 of its 100 keys matched" in lines[1]
+    assert "query planner's guess: ~123" in lines[2] and "ANALYZE" in lines[2]
+
+
+def test_tables_are_not_cut_at_80_columns_off_a_terminal(table: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, table="t", set={"v": "v + 1"}, where="flag", batch={"size": 50, "minSize": 10})
+    assert invoke("run", path, "--dsn", table).exit_code == 0
+    result = invoke("status", path, "--dsn", table)  # CliRunner is no terminal: rich assumes 80 columns
+    row = next(line for line in result.output.splitlines() if re.match(r"\s*0\s", line))
+    assert re.search(r"\(start, 500\]\s*│\s*\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", row), result.output

@@ -26,6 +26,7 @@ import pytest
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.operator_thread import operator_running_async
 from kube_support.waiting import call, eventually_async
+from manifests import write_manifest
 from psycopg.conninfo import conninfo_to_dict
 from support_faults import cli, ledger
 from support_faults.kubelet import FakeKubelet, free_port, write_kubeconfig
@@ -61,9 +62,9 @@ def scrape(port: int) -> str | None:
 
 def test_cli_runs_never_print_the_password(database: str, tmp_path: Path) -> None:
     ledger.seed(database, 20_000)
-    good = cli.write_manifest(tmp_path, ledger.manifest(
+    good = write_manifest(tmp_path, ledger.manifest(
         "secrets-cli", batch={"size": 500, "minSize": 100, "maxSize": 500, "targetDuration": "0s", "pause": "30ms"}), "good.yaml")
-    bad = cli.write_manifest(tmp_path, ledger.manifest("secrets-bad", where="no_such_column > 0"), "bad.yaml")
+    bad = write_manifest(tmp_path, ledger.manifest("secrets-bad", where="no_such_column > 0"), "bad.yaml")
     port = free_port()
     captured: dict[str, str] = {}
 
@@ -129,7 +130,7 @@ MALFORMED = {
 @pytest.mark.parametrize("label", sorted(MALFORMED))
 def test_malformed_dsns_never_echo_the_password(label: str, tmp_path: Path) -> None:
     dsn = MALFORMED[label].format(port=free_port(), pw=CANARY_PASSWORD)
-    manifest = cli.write_manifest(tmp_path, ledger.manifest("malformed"))
+    manifest = write_manifest(tmp_path, ledger.manifest("malformed"))
     result = cli.run(["run", str(manifest)], dsn)
     assert result.returncode == 4, result.stderr
     assert "cannot connect" in result.stderr

@@ -28,20 +28,25 @@ from backfill_api.model import Backfill, CheckpointMode
 from backfill_api.status import format_eta
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
-from backfill_worker.events import Listener, StaticControl
+from backfill_worker.events import Event, Listener, RunStarted, StaticControl
 from backfill_worker.planner import Plan, plan_backfill
 from backfill_worker.secrets import REDACTOR, redact
 from backfill_worker.signals import stop_on_signals
 
 app = typer.Typer(
     name="backfill",
+    # Plain click help: the rich panels print a type after every flag (`--help <bool>`) and
+    # squeeze the help text into a narrow column.
+    rich_markup_mode=None,
     help="Run large PostgreSQL data backfills as keyset-batched, committed, throttled, restart-safe UPDATEs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a message is never cut or hard-wrapped at 80 columns when the output is not a
+# terminal (CI logs, pipes); the terminal wraps it instead.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DsnOption = Annotated[
     str | None,
@@ -118,24 +123,64 @@ def _store(backfill: Backfill, state_dir: Path) -> JsonFileStore | None:
     return None
 
 
-def print_report(report: RunReport, console: Console) -> None:
+def print_wide(console: Console, table: Table) -> None:
+    """A table at its natural width: off a terminal rich assumes 80 columns and would wrap cells
+    (timestamps, key ranges) across lines; the terminal soft-wraps a long line instead."""
+    needed = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+    previous = console.width
+    console.width = max(previous, needed)  # print(width=) can only narrow
+    try:
+        console.print(table)
+    finally:
+        console.width = previous
+
+
+class RowsAtStart:
+    """Engine listener: the rows each shard's checkpoint already counted when this run started."""
+
+    def __init__(self) -> None:
+        self.by_shard: dict[int, int] = {}
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.by_shard.setdefault(event.shard, event.rows_updated)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.by_shard.values())
+
+
+def summary_line(report: RunReport, rows_before: int = 0) -> str:
+    """The machine-readable last line of ``run``: totals, and this run's own rate (PURE).
+
+    ``rows_updated`` counts every run of this backfill (the checkpoint's total); the rate divides
+    only the rows of this run by this run's seconds, so a resumed run does not look faster.
+    """
+    this_run = max(0, report.rows_updated - rows_before)
+    rate = this_run / report.duration if report.duration > 0 else 0.0
+    remaining = "-" if report.remaining_matches is None else report.remaining_matches
+    return (
+        f"state={report.state} rows_updated={report.rows_updated} rows_this_run={this_run} "
+        f"batches={report.batches} remaining_matches={remaining} "
+        f"seconds={report.duration:.2f} rows_per_second={rate:.0f}"
+    )
+
+
+def print_report(report: RunReport, console: Console, *, rows_before: int = 0) -> None:
     table = Table(title=f"Backfill {report.state}", show_edge=False)
     for column in ("shard", "state", "rows updated", "batches", "still matching where", "seconds"):
         table.add_column(column, justify="right" if column not in ("state",) else "left")
     for s in report.shards:
         remaining = "-" if s.remaining_matches is None else f"{s.remaining_matches:,}"
         table.add_row(str(s.shard), s.state, f"{s.rows_updated:,}", f"{s.batches:,}", remaining, f"{s.duration:.1f}")
-    console.print(table)
-    rate = report.rows_updated / report.duration if report.duration > 0 else 0.0
-    console.print(
-        f"state={report.state} rows_updated={report.rows_updated} batches={report.batches} "
-        f"remaining_matches={'-' if report.remaining_matches is None else report.remaining_matches} "
-        f"seconds={report.duration:.2f} rows_per_second={rate:.0f}"
-    )
+    print_wide(console, table)
+    if rows_before:
+        console.print(f"resumed: {rows_before:,} rows were already updated by earlier runs")
+    console.print(summary_line(report, rows_before), markup=False)
 
 
 def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
-             store: JsonFileStore | None, description: str) -> RunReport:
+             store: JsonFileStore | None, description: str, start: RowsAtStart | None = None) -> RunReport:
     from backfill_worker.logs import LogListener, bind_backfill
     from backfill_worker.metrics import process_listener
 
@@ -143,7 +188,7 @@ def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_pro
 
     control = StaticControl()
     bind_backfill(backfill.identity)
-    listeners: list[Listener] = [LogListener()]
+    listeners: list[Listener] = [LogListener(), *([start] if start is not None else [])]
     if (metrics := process_listener()) is not None:
         listeners.append(metrics)
     announce = lambda text: err.print(f"[yellow]{text}[/]")  # noqa: E731
@@ -175,20 +220,40 @@ def run(
             print_plan(result, out)
             err.print("spec.dryRun is true: planned only, nothing was changed")
             raise typer.Exit(0 if result.index_ok else 1)
+        start = RowsAtStart()
         report = _execute(backfill, _require_dsn(dsn), shards=shard, json_progress=json_progress,
-                          store=_store(backfill, state_dir), description=backfill.identity)
+                          store=_store(backfill, state_dir), description=backfill.identity, start=start)
         if not json_progress:
-            print_report(report, out)
+            print_report(report, out, rows_before=start.rows)
         if report.state == "paused":
             err.print("paused: rerun the same command to continue from the checkpoint")
         raise typer.Exit(1 if report.state == "failed" else 0)
+
+
+def estimate_lines(plan: Plan) -> list[str]:
+    """What ``plan`` knows about the size of the job, saying where each number comes from (PURE)."""
+    lines = [f"keys in range: ~{plan.estimated_keys:,} (an estimate: table statistics, or a count for small tables)"
+             f"   shards: {plan.parallelism}"]
+    sample = plan.sample
+    if sample is not None and sample.keys > 0:
+        by_sample = round(plan.estimated_keys * sample.rows / sample.keys)
+        lines.append(
+            f"rows to change: ~{by_sample:,} by the sample batch's ratio ({sample.rows:,} of its "
+            f"{sample.keys:,} keys matched; the first keys may not be typical)"
+        )
+    lines.append(
+        f"rows to change, the query planner's guess: ~{plan.estimated_rows_to_change:,} "
+        "(from table statistics; far off if the table was never ANALYZEd)"
+    )
+    return lines
 
 
 def print_plan(plan: Plan, console: Console) -> None:
     console.print(f"[bold]Backfill[/] {plan.identity} on {plan.table}")
     key = ", ".join(f"{c} {t}" for c, t in zip(plan.key, plan.key_types, strict=False)) if plan.key_types else ", ".join(plan.key)
     console.print(f"key: ({key}) via unique index {plan.key_index}")
-    console.print(f"estimated keys: {plan.estimated_keys:,}   estimated rows to change: {plan.estimated_rows_to_change:,}   shards: {plan.parallelism}")
+    for line in estimate_lines(plan):
+        console.print(line, markup=False)
     for name, text in plan.statements.items():
         console.print(f"\n[bold]{name} statement[/] (per batch):")
         console.print(text, markup=False, soft_wrap=True)
@@ -236,7 +301,7 @@ def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], co
             f"{cp.keys_done:,}/{cp.estimated_keys:,}", "-" if cp.last_key is None else ",".join(cp.last_key),
             f"({lower}, {upper}]", cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
         )
-    console.print(table)
+    print_wide(console, table)
     if checkpoints[0].fingerprint != backfill.spec.fingerprint():
         console.print("[red]the checkpoint belongs to a different spec: `backfill reset` to start over[/]")
 
