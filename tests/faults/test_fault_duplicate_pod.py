@@ -39,7 +39,7 @@ async def test_duplicate_pod_exits_3_and_does_not_disturb_the_status(kmock, data
     await call(ledger.seed, database, ROWS)
     document = ledger.manifest(
         NAME, database={"dsnSecretRef": {"name": "db"}},
-        batch={"size": 1_000, "minSize": 100, "maxSize": 1_000, "targetDuration": "0s", "pause": "50ms"},
+        batch={"size": 1_000, "minSize": 100, "maxSize": 1_000, "targetDuration": "0s", "pause": "120ms"},  # >= 12 s: a loaded machine needs seconds to start the duplicate
     )
     document["metadata"]["namespace"] = NS
     await call(api.create, core_path(NS, "secrets"), {
@@ -60,12 +60,18 @@ async def test_duplicate_pod_exits_3_and_does_not_disturb_the_status(kmock, data
                     break
                 await asyncio.sleep(0.1)
             duplicate = await kubelet.start_duplicate(JOB)
-            # Watch the status closely while the duplicate starts, fails and is gone, and a bit after.
-            while duplicate.process.poll() is None or len(observed) < 40:
+            # Watch the status closely while the duplicate starts, fails and is gone, and a bit after
+            # (at most 40 samples, and only while the original has not finished: then it says done).
+            async def sample() -> tuple[str | None, str | None]:
                 status = (await call(api.get, path)).get("status") or {}
-                observed.append((status.get("phase"), (status.get("shards") or {}).get("0", {}).get("state")))
                 await asyncio.sleep(0.05)
-            original_alive = kubelet.pods[JOB].process.poll() is None
+                return status.get("phase"), (status.get("shards") or {}).get("0", {}).get("state")
+
+            while duplicate.process.poll() is None:
+                observed.append(await sample())
+            original_alive = kubelet.pods[JOB].process.poll() is None  # the refusal happened mid-run
+            while len(observed) < 40 and (seen := await sample())[1] != "done":
+                observed.append(seen)
             while (await call(api.get, path))["status"].get("phase") not in ("Succeeded", "Failed"):
                 await asyncio.sleep(0.2)
             done = await call(api.get, path)
