@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import psycopg
 
+from . import session_settings
 from .errors import BackfillError, ConnectionFailed
 from .secrets import describe_dsn, redact, register_dsn, secrets_of
 
@@ -26,9 +27,11 @@ def open_connection(dsn: str, application_name: str = "backfill") -> psycopg.Con
     conn = psycopg.connect(
         dsn, autocommit=True, application_name=application_name[:63], connect_timeout=CONNECT_TIMEOUT_SECONDS
     )
-    # Keys travel as text and are stored in checkpoints: ISO output keeps dates and timestamps
-    # parseable whatever the role's DateStyle is.
-    conn.execute("SET datestyle TO 'ISO'")
+    try:
+        session_settings.pin(conn)  # keys travel as text: their text form must not depend on the role
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from . import statements
+from . import key_types, statements
 from .api import BackfillSpec
 from .errors import ValidationFailed
 from .introspect import TableInfo, UniqueIndex, find_table, kind_name
@@ -37,6 +37,7 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
                 "spec.key",
                 f"key column {column!r} is nullable: rows with NULL keys would be skipped; add NOT NULL or choose another key",
             )
+    _check_key_types(conn, table, key)
     for column in spec.set:
         if column not in table.columns:
             raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
@@ -55,6 +56,20 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
         where=spec.where,
         key_types=tuple(table.columns[c].type for c in key),
     )
+
+
+def _check_key_types(conn: psycopg.Connection, table: TableInfo, key: tuple[str, ...]) -> None:
+    oids = key_types.column_type_oids(conn, table.oid, key)
+    for column in key:
+        inexact = key_types.first_inexact(conn, oids[column])
+        if inexact is not None:
+            raise ValidationFailed(
+                "spec.key",
+                f"key column {column!r} is of type {table.columns[column].type}, and values of type {inexact} are not known "
+                "to read back exactly from their text form (keys are carried and checkpointed as text): rows could be "
+                "skipped or changed twice. Use a key of an exact type (integer, bigint, numeric, text, uuid, date, "
+                "timestamp, timestamptz, or a composite of those), e.g. a unique index on another column",
+            )
 
 
 def _key_index(table: TableInfo, key: list[str] | None) -> UniqueIndex:
