@@ -351,6 +351,11 @@ class _Shard:
         else:
             found = prefetch.probe(conn, self.target, lower, run_upper, size)
         upper: Key = found if found is not None else run_upper
+        if upper == lower:  # a key whose text form does not read back: the walk would never advance
+            raise BackfillError(
+                f"shard {self.shard}: the key walk did not advance past {list(upper)} (its text form does not read back "
+                "to the same key); nothing of this batch was committed. Choose a key of an exact type (spec.key)"
+            )
         if found is not None:
             keys = size
         else:
