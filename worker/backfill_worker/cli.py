@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import checkpoint_guard
 from .api import Backfill, CheckpointMode
 from .checkpoint import JsonFileStore, ShardCheckpoint
 from .engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
@@ -174,8 +175,11 @@ def run(
             print_plan(result, out)
             err.print("spec.dryRun is true: planned only, nothing was changed")
             raise typer.Exit(0 if result.index_ok else 1)
+        store = _store(backfill, state_dir)
+        if store is None:  # transactional: an atLeastOnce progress file means the mode was switched
+            checkpoint_guard.refuse_file_progress(JsonFileStore(state_dir, backfill.identity), backfill)
         report = _execute(backfill, _require_dsn(dsn), shards=shard, json_progress=json_progress,
-                          store=_store(backfill, state_dir), description=backfill.identity)
+                          store=store, description=backfill.identity)
         if not json_progress:
             print_report(report, out)
         if report.state == "paused":

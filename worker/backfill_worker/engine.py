@@ -22,7 +22,7 @@ from typing import TypeVar
 import psycopg
 from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt
 
-from . import locking, prefetch, retry, sharding, statements, throttle, validation
+from . import checkpoint_guard, locking, prefetch, retry, sharding, statements, throttle, validation
 from .api import Backfill, CheckpointMode
 from .batching import BatchSizer
 from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
@@ -494,6 +494,7 @@ def _transactional_checkpoints(
             "run `backfill reset FILE` to start over"
         )
     if not found:
+        checkpoint_guard.refuse_if_elsewhere(conn, backfill, table.schema)
         with conn.transaction():
             locking.lock_planning(conn, backfill.identity)  # concurrent shard workers: first planner wins
             planned = sharding.plan_shards(
@@ -517,6 +518,8 @@ def _stored_checkpoints(
         return loaded
 
     found = load_all()
+    if not found:
+        checkpoint_guard.refuse_if_elsewhere(conn, backfill, None)
     if len(found) < count:
         # Shard workers of one backfill may start together: plan under the same advisory lock as
         # transactional mode and look again once we hold it, so exactly one plan is ever saved.
