@@ -59,10 +59,11 @@ def load_backfill(path: str | Path) -> Backfill:
     try:
         size = Path(path).stat().st_size
         if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(source, [
+            problem = (
                 f"(file): {size:,} bytes is larger than the {MAX_MANIFEST_BYTES:,} bytes the Kubernetes API accepts; "
                 "move long SQL into a database function and call it from spec.set/spec.where"
-            ])
+            )
+            raise ManifestError(source, [problem])
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ManifestError(source, [f"(file): cannot read: {error.strerror}"]) from None
