@@ -84,13 +84,24 @@ def _key_index(table: TableInfo, key: list[str] | None) -> UniqueIndex:
             raise ValidationFailed(
                 "spec.key", f"the primary key {primary.name} cannot drive a keyset walk: set spec.key to another unique index's columns"
             )
-        return primary
+        key = list(primary.columns)
     for column in key:
         if column not in table.columns:
             raise ValidationFailed("spec.key", f"key column {column!r} does not exist in {table.schema}.{table.name}")
-    for index in usable:
-        if set(index.columns) == set(key):
-            return index
+    covering = [index for index in usable if set(index.columns) == set(key)]
+    serving = [index for index in covering if index.order_problem is None]
+    if serving:
+        return serving[0]
+    if covering:
+        index = covering[0]
+        raise ValidationFailed(
+            "spec.key",
+            f"the unique index {index.name} cannot serve the key's order: {index.order_problem}. Every batch compares "
+            "keys with the column's collation and its type's default operators, so this index would not be used and "
+            "each batch would scan the whole table. Create a unique index that can, e.g. "
+            f"CREATE UNIQUE INDEX ON {table.schema}.{table.name} ({', '.join(index.columns)}), "
+            "or give the column the index's collation",
+        )
     raise ValidationFailed(
         "spec.key",
         f"no unique index covers exactly {key} (a key must be unique: rows would be skipped or repeated); "
