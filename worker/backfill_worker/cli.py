@@ -240,6 +240,9 @@ def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], co
             f"({lower}, {upper}]", cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
         )
     console.print(table)
+    for cp in checkpoints:
+        if cp.state == "failed":
+            console.print(f"shard {cp.shard} failed: {cp.last_error or '(no reason recorded)'}", markup=False)
     if checkpoints[0].fingerprint != backfill.spec.fingerprint():
         console.print("[red]the checkpoint belongs to a different spec: `backfill reset` to start over[/]")
 

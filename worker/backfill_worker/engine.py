@@ -25,7 +25,7 @@ from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, s
 from . import checkpoint_guard, locking, prefetch, retry, sharding, statements, throttle, validation
 from .api import Backfill, CheckpointMode
 from .batching import BatchSizer
-from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
+from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
 from .connection import connect, database_errors, first_line, open_connection
 from .errors import (
     AlreadyRunning,
@@ -165,6 +165,8 @@ class _Shard:
         except _StopRequested:
             state = PAUSED
         except BackfillError as error:
+            if not isinstance(error, AlreadyRunning):  # another runner owns the shard now: not ours to label
+                self._persist_failure(str(error))
             self._finish(FAILED, None, str(error))
             raise
         except psycopg.Error as error:  # not transient (constraint violation, division by zero...)
@@ -172,6 +174,7 @@ class _Shard:
                 f"shard {self.shard}: the batch after key {list(self.checkpoint.resume_after or ())} failed: "
                 f"{self._redact(first_line(error))}; nothing of that batch was committed"
             )
+            self._persist_failure(str(failure))
             self._finish(FAILED, None, str(failure))
             raise failure from None
         finally:
@@ -196,6 +199,8 @@ class _Shard:
     def _loop(self) -> str:
         if self.checkpoint.state == DONE:
             return DONE
+        if self.checkpoint.state == FAILED:
+            self._persist_state(RUNNING)  # a new attempt: clears the last run's reason
         if self.checkpoint.empty:
             self.checkpoint = replace(self.checkpoint, state=DONE)
             self._persist_state(DONE)
@@ -417,7 +422,7 @@ class _Shard:
     # -- end of shard -----------------------------------------------------------------------
 
     def _persist_state(self, state: str) -> None:
-        self.checkpoint = replace(self.checkpoint, state=state)
+        self.checkpoint = replace(self.checkpoint, state=state, last_error=None)
         if self.store is not None:
             self.store.save(self.shard, self.checkpoint)
         if self.table is not None and self.conn is not None and not self.conn.closed:
@@ -425,6 +430,22 @@ class _Shard:
                 self.table.set_state(self.conn, self.identity, self.shard, state)
             except psycopg.Error as error:  # the batch data is safe either way; only the label is stale
                 log.warning("shard %s: could not record state %s: %s", self.shard, state, self._redact(first_line(error)))
+
+    def _persist_failure(self, reason: str) -> None:
+        """State ``failed`` and the reason, for ``backfill status`` (on a fresh session if the shard's broke)."""
+        self.checkpoint = replace(self.checkpoint, state=FAILED, last_error=reason)
+        if self.store is not None:
+            self.store.save(self.shard, self.checkpoint)
+        if self.table is None:
+            return
+        try:
+            if self.conn is not None and not self.conn.closed:
+                self.table.set_state(self.conn, self.identity, self.shard, FAILED, reason)
+            else:
+                with open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}") as conn:
+                    self.table.set_state(conn, self.identity, self.shard, FAILED, reason)
+        except psycopg.Error as error:  # the database is unreachable: the label stays as it was
+            log.warning("shard %s: could not record state failed: %s", self.shard, self._redact(first_line(error)))
 
     def _verify(self) -> int | None:
         """Rows of the shard's range still matching ``where`` (None without ``where``)."""
