@@ -122,3 +122,31 @@ def test_exact_key_types_are_accepted(database: str, column_sql: str) -> None:
         conn.execute("CREATE DOMAIN dint AS int CHECK (VALUE > 0)")
         conn.execute(f"CREATE TABLE t ({column_sql}, grp int NOT NULL)")
     assert run_backfill(make(table="t", set={"grp": "0"}), database).state == "done"
+
+
+def test_tcp_keepalives_are_set_unless_the_dsn_sets_them() -> None:
+    from backfill_worker.connection import TCP_DEFAULTS, tcp_options
+
+    assert tcp_options("host=db dbname=x") == TCP_DEFAULTS
+    assert tcp_options("host=db keepalives_idle=60 tcp_user_timeout=0") == {
+        k: v for k, v in TCP_DEFAULTS.items() if k not in ("keepalives_idle", "tcp_user_timeout")
+    }
+    assert "keepalives_count" not in tcp_options("postgresql://db/x?keepalives_count=9")
+
+
+def test_engine_sessions_carry_the_pinned_settings(database: str) -> None:
+    from backfill_worker.connection import open_connection
+    from backfill_worker.session_settings import (
+        SERVER_KEEPALIVE_SETTINGS,
+        TEXT_IO_SETTINGS,
+        current,
+    )
+
+    with role_with_settings(database, HOSTILE_SETTINGS) as dsn, open_connection(dsn) as conn:
+        pinned = current(conn)
+        keepalives = dict(conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", [list(SERVER_KEEPALIVE_SETTINGS)]
+        ).fetchall())
+    assert pinned["extra_float_digits"] == TEXT_IO_SETTINGS["extra_float_digits"]
+    assert pinned["DateStyle"] == "ISO, YMD" and pinned["TimeZone"] == "UTC" and pinned["bytea_output"] == "hex"
+    assert keepalives == SERVER_KEEPALIVE_SETTINGS

@@ -133,8 +133,13 @@ class _Shard:
     throttle_reason: str = ""
     consecutive_timeouts: int = 0
     prefetcher: prefetch.BoundPrefetcher | None = None
+    backend_pid: int | None = None
+    lost_backend_pid: int | None = None
+    """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
 
     def __post_init__(self) -> None:
+        if self.conn is not None:
+            self.backend_pid = self.conn.info.backend_pid
         batch = self.tuning.batch
         self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
 
@@ -322,12 +327,16 @@ class _Shard:
         if self.conn is not None and not self.conn.closed:
             return self.conn
         conn = open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}")
-        if not locking.try_lock(conn, self.identity, self.shard):
+        stale = self.lost_backend_pid
+        if not locking.try_lock(conn, self.identity, self.shard) and not (
+            stale is not None and locking.take_over_from_own_session(conn, self.identity, self.shard, stale)
+        ):
             conn.close()
             raise AlreadyRunning(
                 f"shard {self.shard} of {self.identity}: another runner took over while this one was reconnecting; stopping"
             )
         self.conn = conn
+        self.backend_pid = conn.info.backend_pid
         if self.table is not None:
             # A COMMIT whose acknowledgement was lost may or may not have happened: the table knows.
             reloaded = next((c for c in self.table.load(conn, self.identity) if c.shard == self.shard), None)
@@ -337,6 +346,7 @@ class _Shard:
 
     def _drop_connection(self) -> None:
         if self.conn is not None:
+            self.lost_backend_pid = self.backend_pid  # may live on, server-side, after a partition
             try:
                 self.conn.close()
             except Exception:  # already broken
