@@ -617,6 +617,7 @@ def run_backfill(
         )
     main = connect(dsn, f"backfill {backfill.identity}")
     conns: dict[int, psycopg.Connection] = {}
+    runners: list[_Shard] = []
     try:
         with database_errors(dsn):
             target = _validate(main, backfill, dsn)
@@ -638,6 +639,8 @@ def run_backfill(
         for shard, conn in conns.items():
             if conn is not main:
                 conn.close()
+        for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
+            runner._drop_connection()
         main.close()
     report = RunReport(tuple(sorted(reports, key=lambda r: r.shard)), time.monotonic() - started)
     if errors:
