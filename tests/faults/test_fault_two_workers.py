@@ -9,7 +9,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from backfill_worker.engine import reset_checkpoints
 from backfill_worker.errors import AlreadyRunning
 from backfill_worker.manifest import parse_backfill
@@ -75,10 +74,11 @@ def test_second_worker_exits_3_and_touches_nothing(database: str, tmp_path: Path
 def test_two_workers_started_together_exactly_one_runs(database: str, tmp_path: Path) -> None:
     ledger.seed(database, 20_000)
     pairs, results = 3, []
+    previous: dict | None = None
     for pair in range(pairs):
-        if pair:  # the same change again under a new name is refused unless the old checkpoint is reset
-            reset_checkpoints(parse_backfill(document), database)
-        document = ledger.manifest(
+        if previous is not None:  # the same change again under a new name is refused unless the old checkpoint is reset
+            reset_checkpoints(parse_backfill(previous), database)
+        document = previous = ledger.manifest(
             f"together-{pair}",
             set={"counter": "counter + 1"},
             batch={"size": 1_000, "minSize": 100, "maxSize": 1_000, "targetDuration": "0s", "pause": "100ms"},
