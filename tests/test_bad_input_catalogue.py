@@ -185,6 +185,15 @@ CATALOGUE: list[Case] = [
     Case("bad-metadata-name", 2, ("metadata.name", "[a-z0-9]"), {**M(), "metadata": {"name": "Not_A_DNS_Name"}}),
     Case("yaml-syntax-error", 2, ("(yaml)",), raw="apiVersion: backfill.dev/v1alpha1\nkind: Backfill\nspec: [unclosed\n"),
     Case("not-a-mapping", 2, ("expected a YAML mapping",), raw="- just\n- a list\n"),
+    Case("duplicate-where", 2, ("spec.where", "duplicate key"),
+         raw="apiVersion: backfill.dev/v1alpha1\nkind: Backfill\nmetadata: {name: dup, namespace: t}\n"
+             "spec:\n  table: items\n  set: {counter: counter + 1}\n  where: grp < 5\n  where: grp < 9\n"),
+    Case("duplicate-set-column", 2, ("spec.set.counter", "duplicate key"),
+         raw="apiVersion: backfill.dev/v1alpha1\nkind: Backfill\nmetadata: {name: dup, namespace: t}\n"
+             "spec:\n  table: items\n  set:\n    counter: counter + 1\n    counter: counter + 2\n"),
+    Case("where-10-megabytes", 2, ("(file)", "larger than the 3,145,728 bytes"), M(where="grp < 5 OR " * 1_000_000 + "true")),
+    Case("where-1-megabyte", 2, ("spec.where", "at most 65536 characters"), M(where="grp < 5 OR " * 100_000 + "true")),
+    Case("set-expression-too-long", 2, ("spec.set.counter", "at most 65536 characters"), M(set={"counter": "1" + " + 1" * 20_000})),
     # -- the spec does not fit the database --------------------------------------------------
     Case("unknown-table", 2, ("spec.table", "'no_such_table' not found"), M(table="no_such_table")),
     Case("unknown-schema", 2, ("spec.table", "not found in that schema"), M(table="nope.items")),

@@ -65,10 +65,19 @@ def _split_parts(text: str) -> list[tuple[str, bool]]:
     return parts
 
 
+_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_unquoted(name: str) -> str:
+    """PostgreSQL's ``downcase_identifier`` in a multi-byte encoding: only ASCII ``A-Z`` become
+    lower case (``ÄB`` -> ``Äb``), unlike ``str.lower()`` (``äb``), which names another table."""
+    return name.translate(_ASCII_UPPER)
+
+
 def parse_qualified_name(text: str) -> QualifiedName:
     """``customers`` / ``public.customers`` / ``"odd.schema"."we;ird"``.
 
-    Unquoted parts are folded to lower case, as PostgreSQL does; quoted parts are kept verbatim.
+    Unquoted parts are folded as PostgreSQL folds them (:func:`fold_unquoted`); quoted parts are kept verbatim.
     """
     raw = text.strip()
     if not raw:
@@ -78,7 +87,7 @@ def parse_qualified_name(text: str) -> QualifiedName:
         raise ValueError(f"table {text!r} has {len(parts)} parts: use 'table' or 'schema.table' (quote names containing dots)")
     if any(not part for part, _ in parts):
         raise ValueError(f"table {text!r} has an empty part")
-    folded = [part if quoted else part.lower() for part, quoted in parts]
+    folded = [part if quoted else fold_unquoted(part) for part, quoted in parts]
     if len(folded) == 1:
         return QualifiedName(None, folded[0])
     return QualifiedName(folded[0], folded[1])

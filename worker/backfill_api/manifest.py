@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import ManifestError
+from .manifest_yaml import MAX_MANIFEST_BYTES, DuplicateKeyError, load_documents
 from .model import Backfill
 
 
@@ -33,6 +34,11 @@ def describe_validation_error(error: ValidationError) -> list[str]:
             message = "unknown field: remove it or check its spelling (see docs/reference.md)"
         elif problem["type"] == "missing":
             message = "required field is missing"
+        elif problem["type"] == "string_too_long":
+            message = (
+                f"{message}: SQL fragments are bounded so a runaway manifest is refused before anything is compiled; "
+                "put long logic into a database function and call it here"
+            )
         message = message.removeprefix("Value error, ")
         lines.append(f"{field_path(location)}: {message}")
     return lines
@@ -51,11 +57,20 @@ def load_backfill(path: str | Path) -> Backfill:
     """Read the single ``Backfill`` document in ``path``."""
     source = str(path)
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            problem = (
+                f"(file): {size:,} bytes is larger than the {MAX_MANIFEST_BYTES:,} bytes the Kubernetes API accepts; "
+                "move long SQL into a database function and call it from spec.set/spec.where"
+            )
+            raise ManifestError(source, [problem])
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ManifestError(source, [f"(file): cannot read: {error.strerror}"]) from None
     try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        documents = load_documents(text)
+    except DuplicateKeyError as error:
+        raise ManifestError(source, [str(error)]) from None
     except yaml.YAMLError as error:
         raise ManifestError(source, [f"(yaml): {error}"]) from None
     backfills = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == "Backfill"]

@@ -161,6 +161,10 @@ class WorkerSpec(_Model):
     active_deadline_seconds: int | None = Field(default=None, ge=1)
 
 
+MAX_FRAGMENT_CHARS = 65536
+"""Upper bound on one ``set`` expression or the ``where`` predicate (checked before any SQL runs)."""
+
+
 class BackfillSpec(_Model):
     """What to change, where, and how gently."""
 
@@ -169,9 +173,9 @@ class BackfillSpec(_Model):
     """Target table, ``schema.table`` or ``table``; double-quote parts containing dots or quotes."""
     key: list[str] | None = None
     """Keyset columns; default: the table's primary key. Must be covered by a unique index."""
-    set: dict[str, str] = Field(min_length=1)
+    set: dict[str, Annotated[str, Field(max_length=MAX_FRAGMENT_CHARS)]] = Field(min_length=1)
     """Column -> SQL expression (trusted input, may reference the row's columns)."""
-    where: str | None = None
+    where: str | None = Field(default=None, max_length=MAX_FRAGMENT_CHARS)
     """SQL predicate selecting the rows that still need the change (trusted input)."""
     batch: BatchSpec = Field(default_factory=BatchSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)

@@ -26,6 +26,7 @@ from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import load_backfill
 from backfill_api.model import Backfill, CheckpointMode
 from backfill_api.status import format_eta
+from backfill_worker import checkpoint_guard
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
 from backfill_worker.events import Event, Listener, RunStarted, StaticControl
@@ -221,8 +222,11 @@ def run(
             err.print("spec.dryRun is true: planned only, nothing was changed")
             raise typer.Exit(0 if result.index_ok else 1)
         start = RowsAtStart()
+        store = _store(backfill, state_dir)
+        if store is None:  # transactional: an atLeastOnce progress file means the mode was switched
+            checkpoint_guard.refuse_file_progress(JsonFileStore(state_dir, backfill.identity), backfill)
         report = _execute(backfill, _require_dsn(dsn), shards=shard, json_progress=json_progress,
-                          store=_store(backfill, state_dir), description=backfill.identity, start=start)
+                          store=store, description=backfill.identity, start=start)
         if not json_progress:
             print_report(report, out, rows_before=start.rows)
         if report.state == "paused":
@@ -302,6 +306,9 @@ def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], co
             f"({lower}, {upper}]", cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
         )
     print_wide(console, table)
+    for cp in checkpoints:
+        if cp.state == "failed":
+            console.print(f"shard {cp.shard} failed: {cp.last_error or '(no reason recorded)'}", markup=False)
     if checkpoints[0].fingerprint != backfill.spec.fingerprint():
         console.print("[red]the checkpoint belongs to a different spec: `backfill reset` to start over[/]")
 

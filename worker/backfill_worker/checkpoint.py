@@ -54,6 +54,8 @@ class ShardCheckpoint:
     estimated_keys: int = 0
     state: str = PENDING
     updated_at: datetime | None = None
+    last_error: str | None = None
+    """Why the last run failed (state ``failed``); cleared by the next committed batch."""
 
     @property
     def resume_after(self) -> Key | None:
@@ -182,11 +184,13 @@ class CheckpointTable:
                                 state text NOT NULL,
                                 created_at timestamptz NOT NULL DEFAULT now(),
                                 updated_at timestamptz NOT NULL DEFAULT now(),
+                                last_error text,
                                 PRIMARY KEY (identity, shard)
                             )
                             """
                         ).format(self.table)
                     )
+                self._add_error_column(conn)
                 row = conn.execute(
                     "SELECT has_table_privilege(%s, 'SELECT, INSERT, UPDATE, DELETE')", [self.table.as_string(conn)]
                 ).fetchone()
@@ -201,12 +205,31 @@ class CheckpointTable:
                 "(a crash may then apply the last batch twice: only for idempotent set expressions)"
             ) from None
 
+    def has_error_column(self, conn: psycopg.Connection) -> bool:
+        """Tables created before ``last_error`` existed lack it (and a restricted role may not add it)."""
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'last_error' "
+            "AND NOT attisdropped)",
+            [self.table.as_string(conn)],
+        ).fetchone()
+        return bool(row and row[0])
+
+    def _add_error_column(self, conn: psycopg.Connection) -> None:
+        if self.has_error_column(conn):
+            return
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS last_error text").format(self.table))
+        except psycopg.errors.InsufficientPrivilege:  # a DBA-made table: failures then show without their reason
+            pass
+
     def load(self, conn: psycopg.Connection, identity: str) -> list[ShardCheckpoint]:
         if not self.exists(conn):
             return []
+        error = sql.SQL(", last_error") if self.has_error_column(conn) else sql.SQL(", NULL AS last_error")
         with conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(
-                sql.SQL("SELECT {} FROM {} WHERE identity = %s ORDER BY shard").format(sql.SQL(_COLUMNS), self.table),
+                sql.SQL("SELECT {}{} FROM {} WHERE identity = %s ORDER BY shard").format(sql.SQL(_COLUMNS), error, self.table),
                 [identity],
             ).fetchall()
         return [_from_row(row) for row in rows]
@@ -229,10 +252,15 @@ class CheckpointTable:
             "keys_done = keys_done + %s, state = %s, updated_at = now() WHERE identity = %s AND shard = %s"
         ).format(self.table)
 
-    def set_state(self, conn: psycopg.Connection, identity: str, shard: int, state: str) -> None:
+    def set_state(self, conn: psycopg.Connection, identity: str, shard: int, state: str, error: str | None = None) -> None:
+        """Label the shard (never a ``done`` one); ``last_error`` is set to ``error`` (None clears it)."""
+        error_column = sql.SQL(", last_error = %s") if self.has_error_column(conn) else sql.SQL("")
+        params: list[object] = [state, *([error] if self.has_error_column(conn) else []), identity, shard, DONE]
         conn.execute(
-            sql.SQL("UPDATE {} SET state = %s, updated_at = now() WHERE identity = %s AND shard = %s AND state <> %s").format(self.table),
-            [state, identity, shard, DONE],
+            sql.SQL("UPDATE {} SET state = %s{}, updated_at = now() WHERE identity = %s AND shard = %s AND state <> %s").format(
+                self.table, error_column
+            ),
+            params,
         )
 
     def delete(self, conn: psycopg.Connection, identity: str) -> int:
@@ -265,4 +293,5 @@ def _from_row(row: dict[str, Any]) -> ShardCheckpoint:
         estimated_keys=row["estimated_keys"],
         state=row["state"],
         updated_at=row["updated_at"],
+        last_error=row.get("last_error"),
     )

@@ -10,6 +10,7 @@ import psycopg
 
 from backfill_api.errors import BackfillError, ConnectionFailed
 
+from . import session_settings
 from .secrets import describe_dsn, redact, register_dsn, secrets_of
 
 CONNECT_TIMEOUT_SECONDS = 10
@@ -22,14 +23,37 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+TCP_DEFAULTS: dict[str, str] = {
+    "keepalives": "1",
+    "keepalives_idle": "5",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "20000",
+}
+"""libpq TCP options the engine sets unless the DSN gives its own: a silent network partition
+(packets dropped, no reset) is noticed within about 25 s, whether the session waits for a result
+(keepalive probes unanswered: first after 5 s idle, the socket is closed once nothing was acked
+for 20 s) or has data in flight (``tcp_user_timeout``). Without them libpq inherits the OS's
+keepalive time, often 2 hours. Ignored over Unix sockets."""
+
+
+def tcp_options(dsn: str) -> dict[str, str]:
+    """The :data:`TCP_DEFAULTS` the DSN does not set itself (PURE apart from parsing the DSN)."""
+    given = psycopg.conninfo.conninfo_to_dict(dsn)
+    return {name: value for name, value in TCP_DEFAULTS.items() if name not in given}
+
+
 def open_connection(dsn: str, application_name: str = "backfill") -> psycopg.Connection:
     """An autocommit session (transactions are always explicit); raises psycopg errors."""
     conn = psycopg.connect(
-        dsn, autocommit=True, application_name=application_name[:63], connect_timeout=CONNECT_TIMEOUT_SECONDS
+        psycopg.conninfo.make_conninfo(dsn, **tcp_options(dsn)), autocommit=True,
+        application_name=application_name[:63], connect_timeout=CONNECT_TIMEOUT_SECONDS,
     )
-    # Keys travel as text and are stored in checkpoints: ISO output keeps dates and timestamps
-    # parseable whatever the role's DateStyle is.
-    conn.execute("SET datestyle TO 'ISO'")
+    try:
+        session_settings.pin(conn)  # keys travel as text: their text form must not depend on the role
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

@@ -32,9 +32,9 @@ from backfill_api.errors import (
 )
 from backfill_api.model import Backfill, CheckpointMode
 
-from . import locking, prefetch, retry, sharding, statements, throttle, validation
+from . import checkpoint_guard, locking, prefetch, retry, sharding, statements, throttle, validation
 from .batching import BatchSizer
-from .checkpoint import DONE, FAILED, PAUSED, CheckpointTable, Key, ProgressStore, ShardCheckpoint
+from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
 from .connection import connect, database_errors, first_line, open_connection
 from .events import (
     BatchCommitted,
@@ -134,8 +134,13 @@ class _Shard:
     throttle_reason: str = ""
     consecutive_timeouts: int = 0
     prefetcher: prefetch.BoundPrefetcher | None = None
+    backend_pid: int | None = None
+    lost_backend_pid: int | None = None
+    """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
 
     def __post_init__(self) -> None:
+        if self.conn is not None:
+            self.backend_pid = self.conn.info.backend_pid
         batch = self.tuning.batch
         self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
 
@@ -166,6 +171,8 @@ class _Shard:
         except _StopRequested:
             state = PAUSED
         except BackfillError as error:
+            if not isinstance(error, AlreadyRunning):  # another runner owns the shard now: not ours to label
+                self._persist_failure(str(error))
             self._finish(FAILED, None, str(error))
             raise
         except psycopg.Error as error:  # not transient (constraint violation, division by zero...)
@@ -173,6 +180,7 @@ class _Shard:
                 f"shard {self.shard}: the batch after key {list(self.checkpoint.resume_after or ())} failed: "
                 f"{self._redact(first_line(error))}; nothing of that batch was committed"
             )
+            self._persist_failure(str(failure))
             self._finish(FAILED, None, str(failure))
             raise failure from None
         finally:
@@ -197,6 +205,8 @@ class _Shard:
     def _loop(self) -> str:
         if self.checkpoint.state == DONE:
             return DONE
+        if self.checkpoint.state == FAILED:
+            self._persist_state(RUNNING)  # a new attempt: clears the last run's reason
         if self.checkpoint.empty:
             self.checkpoint = replace(self.checkpoint, state=DONE)
             self._persist_state(DONE)
@@ -318,12 +328,16 @@ class _Shard:
         if self.conn is not None and not self.conn.closed:
             return self.conn
         conn = open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}")
-        if not locking.try_lock(conn, self.identity, self.shard):
+        stale = self.lost_backend_pid
+        if not locking.try_lock(conn, self.identity, self.shard) and not (
+            stale is not None and locking.take_over_from_own_session(conn, self.identity, self.shard, stale)
+        ):
             conn.close()
             raise AlreadyRunning(
                 f"shard {self.shard} of {self.identity}: another runner took over while this one was reconnecting; stopping"
             )
         self.conn = conn
+        self.backend_pid = conn.info.backend_pid
         if self.table is not None:
             # A COMMIT whose acknowledgement was lost may or may not have happened: the table knows.
             reloaded = next((c for c in self.table.load(conn, self.identity) if c.shard == self.shard), None)
@@ -333,6 +347,7 @@ class _Shard:
 
     def _drop_connection(self) -> None:
         if self.conn is not None:
+            self.lost_backend_pid = self.backend_pid  # may live on, server-side, after a partition
             try:
                 self.conn.close()
             except Exception:  # already broken
@@ -352,6 +367,11 @@ class _Shard:
         else:
             found = prefetch.probe(conn, self.target, lower, run_upper, size)
         upper: Key = found if found is not None else run_upper
+        if upper == lower:  # a key whose text form does not read back: the walk would never advance
+            raise BackfillError(
+                f"shard {self.shard}: the key walk did not advance past {list(upper)} (its text form does not read back "
+                "to the same key); nothing of this batch was committed. Choose a key of an exact type (spec.key)"
+            )
         if found is not None:
             keys = size
         else:
@@ -413,7 +433,7 @@ class _Shard:
     # -- end of shard -----------------------------------------------------------------------
 
     def _persist_state(self, state: str) -> None:
-        self.checkpoint = replace(self.checkpoint, state=state)
+        self.checkpoint = replace(self.checkpoint, state=state, last_error=None)
         if self.store is not None:
             self.store.save(self.shard, self.checkpoint)
         if self.table is not None and self.conn is not None and not self.conn.closed:
@@ -421,6 +441,22 @@ class _Shard:
                 self.table.set_state(self.conn, self.identity, self.shard, state)
             except psycopg.Error as error:  # the batch data is safe either way; only the label is stale
                 log.warning("shard %s: could not record state %s: %s", self.shard, state, self._redact(first_line(error)))
+
+    def _persist_failure(self, reason: str) -> None:
+        """State ``failed`` and the reason, for ``backfill status`` (on a fresh session if the shard's broke)."""
+        self.checkpoint = replace(self.checkpoint, state=FAILED, last_error=reason)
+        if self.store is not None:
+            self.store.save(self.shard, self.checkpoint)
+        if self.table is None:
+            return
+        try:
+            if self.conn is not None and not self.conn.closed:
+                self.table.set_state(self.conn, self.identity, self.shard, FAILED, reason)
+            else:
+                with open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}") as conn:
+                    self.table.set_state(conn, self.identity, self.shard, FAILED, reason)
+        except psycopg.Error as error:  # the database is unreachable: the label stays as it was
+            log.warning("shard %s: could not record state failed: %s", self.shard, self._redact(first_line(error)))
 
     def _verify(self) -> int | None:
         """Rows of the shard's range still matching ``where`` (None without ``where``)."""
@@ -490,6 +526,7 @@ def _transactional_checkpoints(
             "run `backfill reset FILE` to start over"
         )
     if not found:
+        checkpoint_guard.refuse_if_elsewhere(conn, backfill, table.schema)
         with conn.transaction():
             locking.lock_planning(conn, backfill.identity)  # concurrent shard workers: first planner wins
             planned = sharding.plan_shards(
@@ -513,6 +550,8 @@ def _stored_checkpoints(
         return loaded
 
     found = load_all()
+    if not found:
+        checkpoint_guard.refuse_if_elsewhere(conn, backfill, None)
     if len(found) < count:
         # Shard workers of one backfill may start together: plan under the same advisory lock as
         # transactional mode and look again once we hold it, so exactly one plan is ever saved.
@@ -579,6 +618,7 @@ def run_backfill(
         )
     main = connect(dsn, f"backfill {backfill.identity}")
     conns: dict[int, psycopg.Connection] = {}
+    runners: list[_Shard] = []
     try:
         with database_errors(dsn):
             target = _validate(main, backfill, dsn)
@@ -600,6 +640,8 @@ def run_backfill(
         for shard, conn in conns.items():
             if conn is not main:
                 conn.close()
+        for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
+            runner._drop_connection()
         main.close()
     report = RunReport(tuple(sorted(reports, key=lambda r: r.shard)), time.monotonic() - started)
     if errors:

@@ -7,10 +7,14 @@ Read-only queries against ``pg_catalog``; names are compared as exact strings (t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from backfill_api.identifiers import QualifiedName
+
+if TYPE_CHECKING:
+    from .statements import Target
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,9 @@ class UniqueIndex:
     primary: bool
     usable: bool
     """Valid, btree, not partial, plain columns only, ascending: fit to walk a keyset."""
+    order_problem: str | None = None
+    """Why the index cannot serve the key's ordering although ``usable`` (another collation than
+    the column's, or a non-default operator class such as ``text_pattern_ops``); None if it can."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,20 @@ def _unique_indexes(conn: psycopg.Connection, oid: int) -> tuple[UniqueIndex, ..
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord),
                i.indisvalid AND i.indisready AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL
                  AND am.amname = 'btree' AND 0 <> ALL (i.indkey[0:i.indnkeyatts - 1])
-                 AND (SELECT coalesce(bool_and(o = 0), true) FROM unnest(i.indoption::int2[]) AS o)
+                 AND (SELECT coalesce(bool_and(o = 0), true) FROM unnest(i.indoption::int2[]) AS o),
+               (SELECT string_agg(CASE
+                         WHEN k.coll <> a.attcollation THEN format(
+                           'column %%I is compared with collation %%s in the index but %%s in the table',
+                           a.attname, (SELECT quote_ident(collname) FROM pg_collation WHERE oid = k.coll),
+                           (SELECT quote_ident(collname) FROM pg_collation WHERE oid = a.attcollation))
+                         WHEN NOT opc.opcdefault THEN format(
+                           'column %%I uses the operator class %%s, not the default one of its type',
+                           a.attname, opc.opcname)
+                       END, '; ' ORDER BY k.ord)
+                FROM unnest(i.indkey[0:i.indnkeyatts - 1], i.indcollation::oid[], i.indclass::oid[])
+                       WITH ORDINALITY AS k(attnum, coll, opclass, ord)
+                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                JOIN pg_opclass opc ON opc.oid = k.opclass)
         FROM pg_index i
         JOIN pg_class ic ON ic.oid = i.indexrelid
         JOIN pg_am am ON am.oid = ic.relam
@@ -123,7 +143,9 @@ def _unique_indexes(conn: psycopg.Connection, oid: int) -> tuple[UniqueIndex, ..
         """,
         [oid],
     ).fetchall()
-    return tuple(UniqueIndex(name, tuple(columns), primary, usable) for name, primary, columns, usable in rows)
+    return tuple(
+        UniqueIndex(name, tuple(columns), primary, usable, problem) for name, primary, columns, usable, problem in rows
+    )
 
 
 def _estimated_rows(conn: psycopg.Connection, oid: int) -> int:
@@ -138,3 +160,33 @@ def _estimated_rows(conn: psycopg.Connection, oid: int) -> int:
         [oid],
     ).fetchone()
     return int(row[0]) if row else -1
+
+
+def hierarchy_key_indexes(conn: psycopg.Connection, target: Target) -> dict[str, frozenset[str]]:
+    """The target table, its partitions and inheritance children (recursively), each with its
+    btree indexes whose leading columns are the key columns in order, in the key's collations
+    and default operator classes: the indexes that can serve a batch's key walk on it."""
+    rows = conn.execute(
+        """
+        WITH RECURSIVE tree(oid) AS (
+            SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+            UNION SELECT h.inhrelid FROM pg_inherits h JOIN tree ON h.inhparent = tree.oid
+        )
+        SELECT c.relname,
+               array(SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                     JOIN pg_am am ON am.oid = ic.relam
+                     WHERE i.indrelid = c.oid AND am.amname = 'btree' AND i.indpred IS NULL AND i.indexprs IS NULL
+                       AND i.indnkeyatts >= cardinality(%(key)s::text[])
+                       AND (SELECT bool_and(a.attname = (%(key)s::text[])[k.ord] AND k.coll = a.attcollation AND opc.opcdefault)
+                            FROM unnest(i.indkey[0:cardinality(%(key)s::text[]) - 1], i.indcollation::oid[], i.indclass::oid[])
+                                   WITH ORDINALITY AS k(attnum, coll, opclass, ord)
+                            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                            JOIN pg_opclass opc ON opc.oid = k.opclass
+                            WHERE k.ord <= cardinality(%(key)s::text[])))
+        FROM tree JOIN pg_class c ON c.oid = tree.oid
+        """,
+        {"schema": target.schema, "table": target.table, "key": list(target.key)},
+    ).fetchall()
+    found = {name: frozenset(indexes) for name, indexes in rows}
+    return {**found, target.table: found.get(target.table, frozenset()) | {target.key_index}}

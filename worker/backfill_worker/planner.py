@@ -8,7 +8,7 @@ sample batch inside a transaction that is rolled back.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from psycopg import sql
 
 from backfill_api.model import Backfill
 
-from . import sharding, statements, validation
+from . import introspect, sharding, statements, validation
 from .connection import connect, database_errors
 from .secrets import register_dsn, secrets_of
 from .statements import Style, Target
@@ -76,30 +76,67 @@ class Plan:
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The plan's nodes, without those of subqueries (``SubPlan``/``InitPlan``): a ``set`` or
+    ``where`` subquery reads other rows (often of other tables) and is not the batch's walk."""
     yield plan
     for child in plan.get("Plans", ()):
-        yield from _nodes(child)
+        if child.get("Parent Relationship") not in ("SubPlan", "InitPlan"):
+            yield from _nodes(child)
 
 
-def table_scans(explain_json: Sequence[dict[str, Any]], table: str) -> list[dict[str, Any]]:
-    """Scan nodes of ``EXPLAIN (FORMAT JSON)`` output that read ``table`` (or any index of it)."""
+KeyIndexes = Mapping[str, Collection[str]]
+"""Relation name -> the indexes on it that serve the key order (the target, and its partitions
+or inheritance children, each with its own index)."""
+
+
+def table_scans(explain_json: Sequence[dict[str, Any]], relations: str | KeyIndexes) -> list[dict[str, Any]]:
+    """Scan nodes of ``EXPLAIN (FORMAT JSON)`` output that read one of ``relations`` (or an index of one)."""
+    key_indexes = _as_key_indexes(relations)
+    names = set(key_indexes)
     scans = []
     for node in _nodes(explain_json[0]["Plan"]):
         node_type = node.get("Node Type", "")
-        if (
-            node_type.endswith("Scan")
-            and node_type not in ("Subquery Scan", "Function Scan", "Values Scan", "CTE Scan")
-            and (node.get("Relation Name") in (table, None) or node_type == "Bitmap Index Scan")
-        ):
-            scans.append(node)
+        if node_type.endswith("Scan") and node_type not in ("Subquery Scan", "Function Scan", "Values Scan", "CTE Scan"):
+            if node_type == "Bitmap Index Scan":
+                if any(node.get("Index Name") in indexes for indexes in key_indexes.values()) or not _index_elsewhere(node, names):
+                    scans.append(node)
+            elif node.get("Relation Name") in names or node.get("Relation Name") is None:
+                scans.append(node)
     return scans
 
 
-def uses_key_index(explain_json: Sequence[dict[str, Any]], table: str, index: str) -> bool:
-    """Every read of the table goes through ``index`` (no sequential scan anywhere)."""
-    scans = table_scans(explain_json, table)
+def _index_elsewhere(node: dict[str, Any], names: set[str]) -> bool:
+    # A bitmap index scan names only its index; below a Bitmap Heap Scan of another table it is not ours.
+    return bool(node.get("_parent_relation")) and node["_parent_relation"] not in names
+
+
+def _as_key_indexes(relations: str | KeyIndexes) -> KeyIndexes:
+    return {relations: ()} if isinstance(relations, str) else relations
+
+
+def _mark_bitmap_parents(plan: dict[str, Any], relation: str | None = None) -> None:
+    """Record on each Bitmap Index Scan the relation of the Bitmap Heap Scan above it."""
+    if plan.get("Node Type") == "Bitmap Heap Scan":
+        relation = plan.get("Relation Name")
+    elif plan.get("Node Type") == "Bitmap Index Scan" and relation is not None:
+        plan["_parent_relation"] = relation
+    for child in plan.get("Plans", ()):
+        _mark_bitmap_parents(child, relation)
+
+
+def reads_only_through(explain_json: Sequence[dict[str, Any]], key_indexes: KeyIndexes) -> bool:
+    """Every read of the target (and of each partition or child) goes through a key index of that
+    relation: no sequential scan, no other index. Subqueries' scans are not the batch's walk."""
+    _mark_bitmap_parents(explain_json[0]["Plan"])
+    scans = table_scans(explain_json, key_indexes)
     reads = [s for s in scans if s["Node Type"] != "Bitmap Heap Scan"]
-    return bool(reads) and all(s["Node Type"] in INDEX_NODES and s.get("Index Name") == index for s in reads)
+    allowed = {index for indexes in key_indexes.values() for index in indexes}
+    return bool(reads) and all(s["Node Type"] in INDEX_NODES and s.get("Index Name") in allowed for s in reads)
+
+
+def uses_key_index(explain_json: Sequence[dict[str, Any]], table: str, index: str) -> bool:
+    """Every read of the (unpartitioned) table goes through ``index`` (no sequential scan anywhere)."""
+    return reads_only_through(explain_json, {table: (index,)})
 
 
 def describe_scan(node: dict[str, Any]) -> str:
@@ -148,6 +185,7 @@ def check_index_use(
 ) -> list[IndexCheck]:
     """Custom and generic plans of the probe and the UPDATE of a real batch after ``lower``."""
     checks = []
+    key_indexes = introspect.hierarchy_key_indexes(conn, target)
     probe_params = [*statements.range_params(lower, run_upper), size - 1]
     row = conn.execute(statements.probe_upper_bound(target, has_lower=True), probe_params).fetchone()
     batch_upper = tuple(row) if row else tuple(run_upper)
@@ -163,8 +201,8 @@ def check_index_use(
                     plan = _explain_generic(conn, build(target, has_lower=True, style=Style.DOLLAR), params)
                 else:
                     plan = _explain(conn, build(target, has_lower=True), params)
-                scans = table_scans(plan, target.table)
-                uses = uses_key_index(plan, target.table, target.key_index)
+                scans = table_scans(plan, key_indexes)
+                uses = reads_only_through(plan, key_indexes)
                 required = not (whole_table and name == "update")
                 checks.append(IndexCheck(name, generic, uses, tuple(describe_scan(s) for s in scans), required))
     return checks

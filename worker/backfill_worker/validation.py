@@ -14,7 +14,7 @@ from psycopg import sql
 from backfill_api.errors import ValidationFailed
 from backfill_api.model import BackfillSpec
 
-from . import statements
+from . import key_types, statements
 from .introspect import TableInfo, UniqueIndex, find_table, kind_name
 from .secrets import redact
 from .statements import Target
@@ -40,6 +40,7 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
                 "spec.key",
                 f"key column {column!r} is nullable: rows with NULL keys would be skipped; add NOT NULL or choose another key",
             )
+    _check_key_types(conn, table, key)
     for column in spec.set:
         if column not in table.columns:
             raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
@@ -60,6 +61,20 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
     )
 
 
+def _check_key_types(conn: psycopg.Connection, table: TableInfo, key: tuple[str, ...]) -> None:
+    oids = key_types.column_type_oids(conn, table.oid, key)
+    for column in key:
+        inexact = key_types.first_inexact(conn, oids[column])
+        if inexact is not None:
+            raise ValidationFailed(
+                "spec.key",
+                f"key column {column!r} is of type {table.columns[column].type}, and values of type {inexact} are not known "
+                "to read back exactly from their text form (keys are carried and checkpointed as text): rows could be "
+                "skipped or changed twice. Use a key of an exact type (integer, bigint, numeric, text, uuid, date, "
+                "timestamp, timestamptz, or a composite of those), e.g. a unique index on another column",
+            )
+
+
 def _key_index(table: TableInfo, key: list[str] | None) -> UniqueIndex:
     usable = [index for index in table.unique_indexes if index.usable]
     if key is None:
@@ -72,13 +87,24 @@ def _key_index(table: TableInfo, key: list[str] | None) -> UniqueIndex:
             raise ValidationFailed(
                 "spec.key", f"the primary key {primary.name} cannot drive a keyset walk: set spec.key to another unique index's columns"
             )
-        return primary
+        key = list(primary.columns)
     for column in key:
         if column not in table.columns:
             raise ValidationFailed("spec.key", f"key column {column!r} does not exist in {table.schema}.{table.name}")
-    for index in usable:
-        if set(index.columns) == set(key):
-            return index
+    covering = [index for index in usable if set(index.columns) == set(key)]
+    serving = [index for index in covering if index.order_problem is None]
+    if serving:
+        return serving[0]
+    if covering:
+        index = covering[0]
+        raise ValidationFailed(
+            "spec.key",
+            f"the unique index {index.name} cannot serve the key's order: {index.order_problem}. Every batch compares "
+            "keys with the column's collation and its type's default operators, so this index would not be used and "
+            "each batch would scan the whole table. Create a unique index that can, e.g. "
+            f"CREATE UNIQUE INDEX ON {table.schema}.{table.name} ({', '.join(index.columns)}), "
+            "or give the column the index's collation",
+        )
     raise ValidationFailed(
         "spec.key",
         f"no unique index covers exactly {key} (a key must be unique: rows would be skipped or repeated); "
