@@ -113,6 +113,24 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
+def _impact_status_schema() -> dict[str, Any]:
+    number = {"type": "number"}
+    return {
+        "type": "object",
+        "description": "What the application-impact throttle (spec.limits.applicationImpact) is doing and why.",
+        "properties": {
+            "summary": {"type": "string", "description": "e.g. 'duty 35% (throughput 1.10)'"},
+            "applicationPresent": {"type": "boolean"},
+            "dutyPercent": number, "pressure": number,
+            "limitedBy": {"type": "string", "description": "throughput, latency, activeSessions, lockWaits or empty"},
+            "pauseMs": number, "batchTargetMs": number, "throughputRatio": number,
+            "appTransactionsPerSecond": number, "baselineTransactionsPerSecond": number,
+            "activeSessions": number, "lockWaiters": {"type": "integer"}, "walBytesPerSecond": number,
+            "statementMs": number,
+        },
+    }
+
+
 def _shard_status_schema() -> dict[str, Any]:
     integer = {"type": "integer"}
     number = {"type": "number"}
@@ -127,7 +145,7 @@ def _shard_status_schema() -> dict[str, Any]:
             "rowsPerSecond": number, "percent": integer, "etaSeconds": number,
             "throttleReason": string, "lastError": string, "lastErrorReason": string,
             "remainingMatches": integer, "estimatedKeys": integer, "keysDone": integer,
-            "run": integer, "updatedAt": string,
+            "run": integer, "updatedAt": string, "impact": _impact_status_schema(),
             "checkpoint": {
                 "type": "string",
                 "description": "checkpoint.mode atLeastOnce only: the shard's progress record as JSON (kept here, not in the database).",
@@ -173,7 +191,7 @@ def status_schema() -> dict[str, Any]:
                     "rowsUpdated": integer, "batches": integer,
                     "percent": {"type": "integer", "minimum": 0, "maximum": 100},
                     "rowsPerSecond": {"type": "number"}, "eta": string, "batchSize": integer,
-                    "throttleReason": string,
+                    "throttleReason": string, "impact": _impact_status_schema(),
                 },
             },
             "shards": {"type": "object", "additionalProperties": _shard_status_schema()},
@@ -195,6 +213,8 @@ PRINTER_COLUMNS = [
     {"name": "Table", "type": "string", "jsonPath": ".spec.table", "priority": 1},
     {"name": "Batch", "type": "integer", "jsonPath": ".status.progress.batchSize", "priority": 1},
     {"name": "Throttle", "type": "string", "jsonPath": ".status.progress.throttleReason", "priority": 1},
+    {"name": "Impact", "type": "string", "jsonPath": ".status.progress.impact.summary", "priority": 1,
+     "description": "application-impact throttle: duty cycle and the limiting signal"},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 

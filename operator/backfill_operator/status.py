@@ -54,6 +54,9 @@ def aggregate_progress(shards: Mapping[str, Mapping[str, Any]], parallelism: int
     if succeeded:
         percent, eta = 100.0, ""
     throttle = next((str(r["throttleReason"]) for r in active if r.get("throttleReason")), "")
+    # The most throttled running shard's application-impact state (the one holding the run back).
+    impacts = [r["impact"] for r in active if isinstance(r.get("impact"), Mapping)]
+    impact = min(impacts, key=lambda i: _number(i.get("dutyPercent"), 100.0)) if impacts else None
     return {
         "rowsUpdated": int(sum(_number(r.get("rowsUpdated")) for r in reports)),
         "batches": int(sum(_number(r.get("batches")) for r in reports)),
@@ -62,6 +65,7 @@ def aggregate_progress(shards: Mapping[str, Mapping[str, Any]], parallelism: int
         "eta": eta,
         "batchSize": int(max((_number(r.get("batchSize")) for r in reports), default=0)),
         "throttleReason": throttle,
+        "impact": dict(impact) if impact is not None else None,
     }
 
 

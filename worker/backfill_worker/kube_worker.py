@@ -40,7 +40,7 @@ from .api import (
 from .checkpoint import ShardCheckpoint
 from .engine import run_backfill
 from .errors import AlreadyRunning, BackfillError, ManifestError
-from .events import Event, RunFinished, Tuning
+from .events import Event, ImpactObserved, RunFinished, Tuning
 from .kubeapi import KubeApi, KubeApiError, backfill_path
 from .manifest import parse_backfill
 from .progress import ShardProgress
@@ -127,6 +127,26 @@ class KubeControl:
                 log.warning("could not read Backfill %s/%s: %s", self._namespace, self._name, type(error).__name__)
 
 
+def impact_status(impact: ImpactObserved) -> dict[str, Any]:
+    """``status.shards.<i>.impact``: what the application-impact throttle does and why (PURE)."""
+    return {
+        "summary": impact.summary,
+        "applicationPresent": impact.present,
+        "dutyPercent": round(impact.duty * 100, 1),
+        "pressure": round(impact.pressure, 2),
+        "limitedBy": impact.limited_by,
+        "pauseMs": round(impact.pause_seconds * 1000, 1),
+        "batchTargetMs": round(impact.batch_target_seconds * 1000, 1),
+        "throughputRatio": round(impact.throughput_ratio, 3) if impact.throughput_ratio is not None else None,
+        "appTransactionsPerSecond": round(impact.app_write_rate, 1),
+        "baselineTransactionsPerSecond": round(impact.baseline_write_rate, 1),
+        "activeSessions": round(impact.active_sessions, 2),
+        "lockWaiters": impact.lock_waiters,
+        "walBytesPerSecond": round(impact.wal_bytes_per_second),
+        "statementMs": round(impact.statement_ms, 3) if impact.statement_ms is not None else None,
+    }
+
+
 def shard_status(
     progress: ShardProgress, *, run: int | None, error_reason: str = "", secrets: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -144,6 +164,7 @@ def shard_status(
         "estimatedKeys": progress.estimated_keys,
         "keysDone": progress.keys_done,
         "throttleReason": progress.throttle_reason,
+        "impact": impact_status(progress.impact) if progress.impact is not None else None,
         "lastError": redact(progress.error, secrets) if progress.error else "",
         "lastErrorReason": error_reason,
         "remainingMatches": progress.remaining_matches,
