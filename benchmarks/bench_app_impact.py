@@ -49,14 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
-
 from backfill_worker import impact_governor
 from backfill_worker.checkpoint import CheckpointTable
 from backfill_worker.engine import run_backfill
 from backfill_worker.events import BatchCommitted, Event, ImpactObserved, Throttled
 from backfill_worker.localpg import LocalPostgres
 from backfill_worker.manifest import parse_backfill
+from psycopg import sql
 
 SETTINGS = {"fsync": "on", "synchronous_commit": "on", "shared_buffers": "1GB", "max_wal_size": "4GB"}
 SEED_DB, CAUSES_DB, RUN_DB = "app_seed", "app_seed_causes", "app_run"
@@ -111,7 +110,7 @@ class Run:
 def psql(dsn: str, *statements: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in statements:
-            conn.execute(statement)  # type: ignore[arg-type]  (benchmark's own fixed SQL)
+            conn.execute(statement)  # type: ignore[arg-type]
 
 
 def seed(server: LocalPostgres, scale: int, causes: bool) -> None:
@@ -320,8 +319,8 @@ def _span(values: list[float], digits: int = 2) -> str:
 def table(runs: list[Run], apps: list[str], phases: list[str]) -> str:
     """Medians over repeats of per-repeat ratios (min–max in brackets)."""
     lines = [
-        "| application | phase | backfill rows/s vs one UPDATE | app tps vs no backfill | app p99 vs no backfill "
-        "| app max latency ms | longest backfill txn ms | backfill s | load avg |",
+        ("| application | phase | backfill rows/s vs one UPDATE | app tps vs no backfill | app p99 vs no backfill "
+         "| app max latency ms | longest backfill txn ms | backfill s | load avg |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r.repeat, r.app, r.phase): r for r in runs}

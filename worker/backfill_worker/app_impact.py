@@ -16,8 +16,10 @@ probes for the speed the budget allows). A lock wait on one of the backfill's ro
 batch duration instead (and holds the duty), because that duration is what the waiting
 application transaction pays. Measurements are smoothed over windows (``SMOOTHING``) so one
 noisy half-second on a busy machine does not whipsaw the duty.
-With no application at all (no commits, no active sessions) every pressure is 0 and the duty
-climbs to 1: the backfill runs as fast as ``mode: fast``.
+With no application at all (no write transactions, no active sessions) the duty is 1 and the
+batches use the spec's ``targetDuration``: the backfill runs as fast as ``mode: fast``. An
+application that arrives mid-run cuts the duty to ``START_DUTY_BUSY`` and is measured alone in
+the next pause; one that leaves doubles the duty per window.
 """
 
 from __future__ import annotations
@@ -183,6 +185,13 @@ class Controller:
             return replace(
                 self, duty=min(self.duty, START_DUTY_BUSY), needs_baseline=True, present=True, last=now,
                 lock_hold_seconds=self.lock_hold_seconds or self.budget.max_lock_hold_seconds,
+            )
+        if not now.present:
+            # Nobody there (no writes, no session running a statement), or the application went
+            # quiet: nothing to protect until it returns, which the arrival rule above catches.
+            return replace(
+                self, baseline=replace(now, lock_waiters=0) if baseline.present else baseline,
+                duty=min(1.0, self.duty * 2 + ADDITIVE_STEP), pressure=0.0, limited_by="", present=False, last=None,
             )
         smoothed = now if self.last is None else blend(self.last, now, SMOOTHING)
         smoothed = replace(smoothed, seconds=now.seconds, lock_waiters=now.lock_waiters)
