@@ -83,10 +83,10 @@ def test_severe_overload_cuts_harder() -> None:
 
 
 def test_low_pressure_grows_the_duty_additively_up_to_one() -> None:
-    c = replace(started(), duty=0.9)
+    c = replace(started(), duty=0.5)
     c = c.observe(busy(0.99))
-    assert c.duty == pytest.approx(0.95) and c.limited_by == ""
-    for _ in range(5):
+    assert c.duty == pytest.approx(0.5 + ai.ADDITIVE_STEP) and c.limited_by == ""
+    for _ in range(round(0.5 / ai.ADDITIVE_STEP)):
         c = c.observe(busy(0.99))
     assert c.duty == 1.0 and c.pause_after(0.02) == 0.0
 
@@ -130,16 +130,18 @@ def test_a_nearly_idle_baseline_does_not_turn_one_active_session_into_pressure()
     assert ai.pressures(BUDGET, base, busy(1.0, active=1.0)).get(ai.ACTIVE_SESSIONS) == 0.0
 
 
-def test_lock_waits_halve_the_batch_duration_and_hold_the_duty() -> None:
+def test_lock_waits_halve_the_batch_duration_but_do_not_cut_the_duty() -> None:
     c = replace(started(), duty=0.5)
     c = c.observe(busy(1.0, lock_waiters=2))
-    assert c.duty == pytest.approx(0.5) and c.limited_by == ai.LOCK_WAITS
+    assert c.duty == pytest.approx(0.5 + ai.ADDITIVE_STEP) and c.limited_by == ai.LOCK_WAITS
     assert c.batch_target_seconds() == pytest.approx(0.01)
+    assert replace(c, duty=0.5).observe(busy(0.5, lock_waiters=1)).duty < 0.5  # ...the throughput signal does
     for _ in range(10):
         c = c.observe(busy(1.0, lock_waiters=1))
     assert c.batch_target_seconds() == pytest.approx(ai.MIN_LOCK_HOLD_SECONDS)
     for _ in range(30):
         c = c.observe(busy(1.0))
+    assert c.limited_by == ""
     assert c.batch_target_seconds() == pytest.approx(0.02)  # recovered, but never above the budget
 
 
@@ -153,7 +155,7 @@ def test_a_throughput_drop_with_idle_sessions_is_the_application_asking_for_less
 def test_application_leaving_doubles_the_duty_and_restores_big_batches() -> None:
     c = replace(started(), duty=0.2)
     after = c.observe(IDLE)
-    assert after.duty == pytest.approx(0.45) and not after.present
+    assert after.duty == pytest.approx(0.4 + ai.ADDITIVE_STEP) and not after.present
     assert after.batch_target_seconds() == 0.2
     assert after.observe(IDLE).observe(IDLE).duty == 1.0
 

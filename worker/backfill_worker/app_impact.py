@@ -13,8 +13,8 @@ Decision: each signal becomes a pressure, 1.0 meaning "exactly at the budget"
 does on congestion: above the budget the duty is cut multiplicatively (at once, so a hurt
 application recovers within a window), well below it the duty grows additively (slowly, so it
 probes for the speed the budget allows). A lock wait on one of the backfill's rows halves the
-batch duration instead (and holds the duty), because that duration is what the waiting
-application transaction pays. Measurements are smoothed over windows (``SMOOTHING``) so one
+batch duration instead (down to ``MIN_LOCK_HOLD_SECONDS``), because that duration is what the
+waiting application transaction pays; what the waits cost overall shows in the other signals. Measurements are smoothed over windows (``SMOOTHING``) so one
 noisy half-second on a busy machine does not whipsaw the duty.
 With no application at all (no write transactions, no active sessions) the duty is 1 and the
 batches use the spec's ``targetDuration``: the backfill runs as fast as ``mode: fast``. An
@@ -30,7 +30,7 @@ MIN_DUTY = 0.02
 """Never stop completely: a backfill at 2 % still finishes, and keeps measuring."""
 START_DUTY_BUSY = 0.25
 """Duty of the first batches when the baseline shows an application at work."""
-ADDITIVE_STEP = 0.05
+ADDITIVE_STEP = 0.1
 DECREASE_FACTOR = 0.7
 """Duty multiplier when the pressure exceeds the budget; ``SEVERE_FACTOR`` when it doubles it."""
 SEVERE_FACTOR = 0.5
@@ -40,7 +40,7 @@ BUSY_RATE = 20.0
 """Transactions per second of other sessions above which the application counts as present."""
 BUSY_ACTIVE = 0.5
 """Mean number of other active sessions above which the application counts as present."""
-MIN_LOCK_HOLD_SECONDS = 0.004
+MIN_LOCK_HOLD_SECONDS = 0.008
 """Floor of the batch duration after lock waits (the per-batch overhead dominates below it)."""
 LOCK_HOLD_RECOVERY = 1.25
 """Growth per lock-free window of the batch duration, back up to ``maxLockHold``."""
@@ -50,6 +50,9 @@ BASELINE_WEIGHT = 0.3
 """Weight of a new clean window (a long pause) in the baseline average."""
 SMOOTHING = 0.5
 """Weight of the newest window in the smoothed activity the pressures are computed from."""
+
+LOCK_WAIT_PRESSURE = 0.5
+"""Pressure reported for lock waits: below ``HOLD_BELOW`` (the duty may still grow)."""
 
 THROUGHPUT = "throughput"
 LATENCY = "latency"
@@ -132,8 +135,9 @@ def pressures(budget: Budget, baseline: Activity, now: Activity) -> dict[str, fl
         found[ACTIVE_SESSIONS] = max(0.0, now.active / max(baseline.active, 1.0) - 1.0) / allowed
     if now.lock_waiters > 0:
         # What a waiter pays is the rest of our batch: the answer is a shorter batch (halved in
-        # ``observe``), not fewer batches. So the duty is held, not cut.
-        found[LOCK_WAITS] = HOLD_BELOW
+        # ``observe``), not fewer batches; whether the waits cost the application throughput
+        # or latency, the other signals tell. So lock waits alone never cut the duty.
+        found[LOCK_WAITS] = LOCK_WAIT_PRESSURE
     return found
 
 
@@ -198,6 +202,8 @@ class Controller:
         found = pressures(self.budget, baseline, smoothed)
         pressure = max(found.values(), default=0.0)
         limited_by = max(found, key=lambda k: found[k]) if pressure >= HOLD_BELOW else ""
+        if not limited_by and now.lock_waiters > 0:
+            limited_by = LOCK_WAITS  # the batch duration is what is being limited
         if pressure > 2.0:
             duty = self.duty * SEVERE_FACTOR
         elif pressure > 1.0:
