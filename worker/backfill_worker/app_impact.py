@@ -78,7 +78,7 @@ class Activity:
 
     seconds: float
     write_rate: float
-    """Write transactions per second (transaction ids assigned, server-wide)."""
+    """Write transactions completed per second (server-wide, from transaction ids)."""
     commit_rate: float
     """Commits + rollbacks per second in this database (``pg_stat_database``): reported, not used
     for decisions (backends publish these counters about once a second: too coarse)."""

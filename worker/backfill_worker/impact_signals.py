@@ -23,7 +23,7 @@ SAMPLE_QUERY = """
 SELECT
   (SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()),
   pg_snapshot_xmax(pg_current_snapshot())::text::bigint,
-  (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint,
+  (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint,
   (SELECT count(*) FROM pg_stat_activity
      WHERE state = 'active' AND backend_type = 'client backend' AND pid <> pg_backend_pid()
        AND coalesce(application_name, '') NOT LIKE %(own)s),
@@ -33,8 +33,8 @@ SELECT
              SELECT pid FROM pg_stat_activity WHERE application_name LIKE %(own)s)
            ELSE false END)
 """
-"""Commits of this database, the next transaction id (so: write transactions started, server-
-wide, exact and immediate), the WAL position, other sessions running a statement, and other
+"""Commits of this database, the snapshot's xmax (latest completed transaction id + 1: its
+deltas count completed write transactions, server-wide, exact and immediate), the WAL position, other sessions running a statement, and other
 sessions waiting for a lock one of the backfill's sessions holds."""
 
 LOCK_WAITERS_QUERY = (
