@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 import urllib.request
 from dataclasses import replace
 
+import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from backfill_operator.crd import PRINTER_COLUMNS, build_crd
 from backfill_operator.status import aggregate_progress
+from backfill_worker.connection import open_connection
 from backfill_worker.events import ImpactObserved
+from backfill_worker.impact_signals import Sampler, lock_waiters
 from backfill_worker.kube_worker import shard_status
 from backfill_worker.metrics import WorkerMetrics, serve
 from backfill_worker.progress import ShardProgress
@@ -74,14 +79,6 @@ def test_impact_gauges_follow_the_events() -> None:
 
 
 def test_sampler_sees_other_sessions_and_who_waits_for_our_row_locks(database: str) -> None:
-    import threading
-    import time
-
-    import psycopg
-
-    from backfill_worker.connection import open_connection
-    from backfill_worker.impact_signals import Sampler, lock_waiters
-
     setup = psycopg.connect(database, autocommit=True)
     setup.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
     setup.execute("INSERT INTO t SELECT g, 0 FROM generate_series(1, 10) g")
