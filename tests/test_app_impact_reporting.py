@@ -9,8 +9,6 @@ import urllib.request
 from dataclasses import replace
 
 import psycopg
-from prometheus_client.parser import text_string_to_metric_families
-
 from backfill_operator.crd import PRINTER_COLUMNS, build_crd
 from backfill_operator.status import aggregate_progress
 from backfill_worker.connection import open_connection
@@ -19,6 +17,7 @@ from backfill_worker.impact_signals import Sampler, lock_waiters
 from backfill_worker.kube_worker import shard_status
 from backfill_worker.metrics import WorkerMetrics, serve
 from backfill_worker.progress import ShardProgress
+from prometheus_client.parser import text_string_to_metric_families
 
 IDENTITY = "shop/customers-inactive"
 LABELS = {"namespace": "shop", "name": "customers-inactive", "shard": "0"}
