@@ -5,7 +5,10 @@ checkpoint to find the batch's upper bound; (2) one short transaction: ``SET LOC
 one set-based ``UPDATE ... WHERE key > lo AND key <= hi AND (where)``, the checkpoint row,
 ``COMMIT``. Row locks are held only for (2). The probe of the next batch runs on a second
 connection during (2) (``prefetch.py``); all but the last batch commit asynchronously (data and
-checkpoint are one transaction, so a server crash loses both or neither). Decisions (SQL text,
+checkpoint are one transaction, so a server crash loses both or neither). Under
+``limits.applicationImpact.mode: protect`` (the default) a governor (``impact_governor.py``)
+measures the other sessions before the first batch and between batches and sets the pause and
+the batch duration (``app_impact.py``, pure). Decisions (SQL text,
 batch size, waits, progress) live in pure modules; this module does the I/O and the ordering.
 """
 
