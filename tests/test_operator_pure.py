@@ -146,10 +146,22 @@ def test_progress_aggregates_shards_by_estimated_keys():
     progress = aggregate_progress(shards, 2).to_wire()
     assert progress == {
         "rowsUpdated": 150, "batches": 3, "percent": 50, "rowsPerSecond": 25.0, "eta": "8s",
-        "batchSize": 80, "throttleReason": "maxRowsPerSecond",
+        "batchSize": 80, "throttleReason": "maxRowsPerSecond", "impact": None,
     }
     assert aggregate_progress({}, 3).percent == 0 and aggregate_progress({}, 3).eta == ""
     assert aggregate_progress(shards, 2, succeeded=True).percent == 100
+
+
+def test_progress_shows_the_most_throttled_running_shards_impact():
+    gentle = {"summary": "duty 20% (throughput 1.10)", "dutyPercent": 20.0, "limitedBy": "throughput"}
+    eager = {"summary": "duty 90%", "dutyPercent": 90.0, "limitedBy": ""}
+    shards = {
+        "0": {"state": "running", "impact": eager},
+        "1": {"state": "running", "impact": gentle},
+        "2": {"state": "done", "impact": {"summary": "duty 5%", "dutyPercent": 5.0}},
+    }
+    assert aggregate_progress(shards, 3)["impact"] == gentle
+    assert aggregate_progress({"0": {"state": "done", "impact": gentle}}, 1)["impact"] is None
 
 
 # -- spec diff -------------------------------------------------------------------------------

@@ -164,6 +164,8 @@ PRINTER_COLUMNS = [
     _column("Table", ".spec.table", priority=1),
     _column("Batch", ".status.progress.batchSize", priority=1),
     _column("Throttle", ".status.progress.throttleReason", priority=1),
+    _column("Impact", ".status.progress.impact.summary", priority=1,
+            description="application-impact throttle: duty cycle and the limiting signal"),
     _column("Message", ".status.message", priority=1),
 ]
 

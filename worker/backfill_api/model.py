@@ -101,6 +101,43 @@ class BatchSpec(_Model):
         return self
 
 
+class ImpactMode(StrEnum):
+    """``spec.limits.applicationImpact.mode``."""
+
+    PROTECT = "protect"
+    FAST = "fast"
+
+
+class ApplicationImpactSpec(_Model):
+    """How much the backfill may slow the other sessions of the database (the application).
+
+    ``protect`` measures the application before the run and while it runs (its transaction
+    rate, active sessions, sessions waiting for the backfill's row locks, ``pg_stat_statements``
+    latency where installed) and adapts the pause and the batch duration to stay within this
+    budget; with nobody else on the database it runs at full speed. ``fast`` ignores the
+    application (batch and limits only): for maintenance windows."""
+
+    mode: ImpactMode = ImpactMode.PROTECT
+    """``protect`` (default) or ``fast``."""
+    min_throughput_ratio: float = Field(default=0.8, ge=0.01, le=0.99)
+    """Keep the other sessions' transaction rate at least this fraction of what it was without
+    the backfill."""
+    max_latency_ratio: float = Field(default=1.5, ge=1.01, le=100)
+    """Keep their mean statement latency (``pg_stat_statements``) and their number of active
+    sessions within this multiple of what it was without the backfill."""
+    max_lock_hold: Duration = Field(default=timedelta(milliseconds=20))
+    """While an application is present, batch transactions last about this long at most: the
+    longest an application transaction should wait for a row the backfill holds (halved at
+    each observed lock wait)."""
+
+    @field_validator("max_lock_hold")
+    @classmethod
+    def _lock_hold_positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("maxLockHold must be positive, e.g. 20ms (use mode: fast to switch the throttle off)")
+        return value
+
+
 class LimitsSpec(_Model):
     """Safety limits that keep the live application's latency intact."""
 
@@ -114,6 +151,8 @@ class LimitsSpec(_Model):
     """Wait while any replica lags more than this (read from pg_stat_replication); 0 disables."""
     max_retries: int = Field(default=10, ge=0, le=1000)
     """Consecutive failed attempts of one batch before the run gives up."""
+    application_impact: ApplicationImpactSpec = Field(default_factory=ApplicationImpactSpec)
+    """The application-aware throttle (on by default: ``mode: protect``)."""
 
 
 class CheckpointMode(StrEnum):

@@ -139,6 +139,39 @@ class _StatusModel(BaseModel):
             return cls()
 
 
+class ImpactStatus(_StatusModel):
+    """What the application-impact throttle (``spec.limits.applicationImpact``) is doing and why."""
+
+    summary: str = ""
+    """For a human, e.g. ``duty 35% (throughput 1.10)``."""
+    application_present: bool = False
+    """Whether other sessions are writing (an application to protect)."""
+    duty_percent: float = 100.0
+    """Share of wall time the backfill spends in batches."""
+    pressure: float = 0.0
+    """The strongest signal relative to its budget (1.0 = exactly at the budget)."""
+    limited_by: str = ""
+    """The signal holding the backfill back: throughput, latency, activeSessions, lockWaits, or empty."""
+    pause_ms: float = 0.0
+    """Pause after each batch."""
+    batch_target_ms: float = 0.0
+    """Target duration of one batch transaction."""
+    throughput_ratio: float | None = None
+    """The application's write rate now over its baseline."""
+    app_transactions_per_second: float = 0.0
+    """Other sessions' completed write transactions per second."""
+    baseline_transactions_per_second: float = 0.0
+    """The same, measured while the backfill paused."""
+    active_sessions: float = 0.0
+    """Other sessions running a statement (smoothed)."""
+    lock_waiters: int = 0
+    """Sessions waiting on rows the backfill holds."""
+    wal_bytes_per_second: float = 0.0
+    """WAL written per second, all sessions."""
+    statement_ms: float | None = None
+    """Mean statement latency from pg_stat_statements, where installed."""
+
+
 class ShardStatus(_StatusModel):
     """Progress of one key-range shard, written by its worker."""
 
@@ -172,6 +205,8 @@ class ShardStatus(_StatusModel):
     """The launch (``status.run``) whose worker wrote this report."""
     updated_at: str = ""
     """When the worker last reported (RFC 3339)."""
+    impact: ImpactStatus | None = None
+    """The application-impact throttle's state in this shard."""
     checkpoint: str | None = Field(
         default=None,
         description="checkpoint.mode atLeastOnce only: the shard's progress record as JSON "
@@ -196,6 +231,8 @@ class Progress(_StatusModel):
     """Largest current batch size (the biggest transaction in flight)."""
     throttle_reason: str = ""
     """Why a running shard is waiting, if one is."""
+    impact: ImpactStatus | None = None
+    """The application-impact state of the most throttled running shard (the one holding the run back)."""
 
 
 class StatusCondition(_StatusModel):
@@ -293,6 +330,7 @@ def aggregate_progress(
     eta = format_eta(max(known)) if etas and len(known) == len(etas) else ""
     if succeeded:
         percent, eta = 100.0, ""
+    impacts = [r.impact for r in active if r.impact is not None]
     return Progress(
         rows_updated=sum(r.rows_updated for r in reports),
         batches=sum(r.batches for r in reports),
@@ -301,6 +339,7 @@ def aggregate_progress(
         eta=eta,
         batch_size=max((r.batch_size for r in reports), default=0),
         throttle_reason=next((r.throttle_reason for r in active if r.throttle_reason), ""),
+        impact=min(impacts, key=lambda i: i.duty_percent) if impacts else None,
     )
 
 

@@ -5,7 +5,10 @@ checkpoint to find the batch's upper bound; (2) one short transaction: ``SET LOC
 one set-based ``UPDATE ... WHERE key > lo AND key <= hi AND (where)``, the checkpoint row,
 ``COMMIT``. Row locks are held only for (2). The probe of the next batch runs on a second
 connection during (2) (``prefetch.py``); all but the last batch commit asynchronously (data and
-checkpoint are one transaction, so a server crash loses both or neither). Decisions (SQL text,
+checkpoint are one transaction, so a server crash loses both or neither). Under
+``limits.applicationImpact.mode: protect`` (the default) a governor (``impact_governor.py``)
+measures the other sessions before the first batch and between batches and sets the pause and
+the batch duration (``app_impact.py``, pure). Decisions (SQL text,
 batch size, waits, progress) live in pure modules; this module does the I/O and the ordering.
 """
 
@@ -30,9 +33,20 @@ from backfill_api.errors import (
     RetriesExhausted,
     ValidationFailed,
 )
-from backfill_api.model import Backfill, CheckpointMode
+from backfill_api.model import Backfill, CheckpointMode, ImpactMode
 
-from . import checkpoint_guard, locking, prefetch, retry, sharding, statements, throttle, validation
+from . import (
+    checkpoint_guard,
+    impact_governor,
+    impact_signals,
+    locking,
+    prefetch,
+    retry,
+    sharding,
+    statements,
+    throttle,
+    validation,
+)
 from .batching import BatchSizer
 from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
 from .connection import connect, database_errors, first_line, open_connection
@@ -137,12 +151,29 @@ class _Shard:
     backend_pid: int | None = None
     lost_backend_pid: int | None = None
     """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
+    own: impact_governor.OwnActivity = field(default_factory=impact_governor.OwnActivity)
+    """The backfill's own transactions over all shards (the application-impact throttle's input)."""
+    governor: impact_governor.Governor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.conn is not None:
             self.backend_pid = self.conn.info.backend_pid
         batch = self.tuning.batch
         self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
+        self._set_governor()
+
+    def _set_governor(self) -> None:
+        """``applicationImpact.mode: protect`` gets a governor (kept across live re-tuning)."""
+        spec = self.tuning.limits.application_impact
+        if spec.mode != ImpactMode.PROTECT:
+            self.governor = None
+        elif self.governor is None:
+            self.governor = impact_governor.Governor(
+                spec, identity=self.identity, shard=self.shard, table=(self.target.schema, self.target.table),
+                checkpoint_schema=self.backfill.spec.checkpoint.schema_name, own=self.own, emit=self.emit,
+            )
+        else:
+            self.governor.retune(spec, self.tuning.batch.target_duration.total_seconds())
 
     @property
     def identity(self) -> str:
@@ -216,6 +247,7 @@ class _Shard:
             if self.control.stop_reason():
                 return PAUSED
             self._retune()
+            self._begin_impact_control()
             if self.tuning.limits.max_replication_lag.total_seconds() > 0 and time.monotonic() >= next_lag_check:
                 self._wait_for_replicas()
                 next_lag_check = time.monotonic() + throttle.LAG_POLL_SECONDS
@@ -226,14 +258,45 @@ class _Shard:
             if self.checkpoint.state == DONE:
                 return DONE
             limits, batch = self.tuning.limits, self.tuning.batch
+            work_seconds = time.monotonic() - batch_started
             wait = throttle.after_batch(
                 event.rows_updated,
-                time.monotonic() - batch_started,
+                work_seconds,
                 batch.pause.total_seconds(),
                 throttle.per_runner_rate(limits.max_rows_per_second, self.checkpoint.shard_count),
             )
-            if wait is not None:
+            if self.governor is not None:
+                self._impact_throttle(self.governor, wait, work_seconds)
+            elif wait is not None:
                 self._throttle(wait)
+
+    def _begin_impact_control(self) -> None:
+        """Before the first batch (or when re-tuned to ``protect``): measure the application alone."""
+        governor = self.governor
+        if governor is None or governor.controller is not None:
+            return
+        target = self.tuning.batch.target_duration.total_seconds()
+        self._with_retries(lambda: governor.begin(self._connection(), self._sleep, target))
+        self._impact_batch_target(governor)
+
+    def _impact_throttle(self, governor: impact_governor.Governor, wait: throttle.Wait | None, work_seconds: float) -> None:
+        """The longer of the spec's wait and the controller's pause; a long one measures the app alone."""
+        pause = self._with_retries(lambda: governor.pause_after(self._connection(), work_seconds))
+        self._impact_batch_target(governor)
+        if wait is None or pause > wait.seconds:
+            wait = throttle.Wait(impact_governor.APPLICATION_IMPACT, pause) if pause > 0 else None
+        chosen = wait
+        self._with_retries(
+            lambda: governor.measure_pause(
+                self._connection(), chosen.seconds if chosen else 0.0, lambda: self._throttle(chosen) if chosen else None
+            )
+        )
+
+    def _impact_batch_target(self, governor: impact_governor.Governor) -> None:
+        batch = self.tuning.batch
+        self.sizer = self.sizer.retune(
+            min_size=batch.min_size, max_size=batch.max_size, target_seconds=governor.batch_target_seconds()
+        )
 
     def _retune(self) -> None:
         tuning = self.control.tuning()
@@ -246,6 +309,7 @@ class _Shard:
             size=new.size if new.size != old.size or new.target_duration.total_seconds() <= 0 else None,
         )
         self.tuning = tuning
+        self._set_governor()
 
     def _throttle(self, wait: throttle.Wait) -> None:
         self.throttle_reason = wait.reason
@@ -389,7 +453,11 @@ class _Shard:
         # (the rerun redoes them: still exactly-once), and the backend need not wait for a WAL flush
         # per batch (about 10% of a 30 ms batch). The last batch commits with the session's setting,
         # which also flushes every earlier commit before the run reports ``done``.
-        asynchronous = self.table is not None and not last
+        asynchronous = self.table is not None and not last and (
+            self.governor is None or not self.governor.synchronous_commit
+        )
+        if self.governor is not None:
+            self.governor.note_batch()
         with conn.transaction():
             conn.execute(
                 "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
@@ -400,6 +468,8 @@ class _Shard:
             rows = conn.execute(
                 statements.update_batch(self.target, has_lower=has_lower), statements.range_params(lower, upper)
             ).rowcount
+            if self.governor is not None:  # now we hold every row lock of the batch: who waits for them?
+                self.governor.note_lock_waiters(impact_signals.lock_waiters(conn))
             if self.table is not None:
                 recorded = conn.execute(
                     self.table.record_batch_statement(),
@@ -630,9 +700,10 @@ def run_backfill(
                 assert at_least_once_store is not None
                 checkpoints = _stored_checkpoints(main, at_least_once_store, backfill, target)
         tuning = Tuning(batch=spec.batch, limits=spec.limits)
+        own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another
         runners = [
             _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, table,
-                   at_least_once_store if at_least_once else None, tuning)
+                   at_least_once_store if at_least_once else None, tuning, own=own)
             for s in selected
         ]
         reports, errors = _run_all(runners, dsn)

@@ -54,7 +54,7 @@ class Throttled:
     identity: str
     shard: int
     reason: str
-    """``pause``, ``maxRowsPerSecond`` or ``replicationLag``."""
+    """``pause``, ``maxRowsPerSecond``, ``replicationLag`` or ``applicationImpact``."""
     seconds: float
 
 
@@ -64,6 +64,34 @@ class ReplicationLagObserved:
     shard: int
     lag_seconds: float | None
     """Largest replay lag over connected replicas; None when there are none."""
+
+
+@dataclass(frozen=True)
+class ImpactObserved:
+    """A decision of the application-impact throttle (``spec.limits.applicationImpact``)."""
+
+    identity: str
+    shard: int
+    present: bool
+    """Another session's activity was seen (else the backfill runs flat out)."""
+    duty: float
+    """Fraction of wall time the backfill may spend in batches, 0..1."""
+    pressure: float
+    """Largest signal relative to the budget: 1.0 = exactly at it."""
+    limited_by: str
+    """The signal that limits the speed (``throughput``, ``latency``, ``activeSessions``,
+    ``lockWaits``), ``""`` when none is near the budget."""
+    batch_target_seconds: float
+    pause_seconds: float
+    throughput_ratio: float | None
+    """Other sessions' write rate over the baseline's; None when the baseline was idle."""
+    app_write_rate: float
+    baseline_write_rate: float
+    active_sessions: float
+    lock_waiters: int
+    wal_bytes_per_second: float
+    statement_ms: float | None
+    summary: str
 
 
 @dataclass(frozen=True)
@@ -92,7 +120,9 @@ class RunFinished:
     error: str | None = None
 
 
-Event = RunStarted | BatchCommitted | Throttled | ReplicationLagObserved | RetryScheduled | RunFinished
+Event = (
+    RunStarted | BatchCommitted | Throttled | ReplicationLagObserved | RetryScheduled | RunFinished | ImpactObserved
+)
 Listener = Callable[[Event], None]
 
 

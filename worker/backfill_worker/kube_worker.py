@@ -39,11 +39,18 @@ from backfill_api.model import (
     LimitsSpec,
 )
 from backfill_api.specdiff import decode_applied, effective_spec
-from backfill_api.status import BackfillStatus, ShardState, ShardStatus, aggregate_progress, for_merge_patch
+from backfill_api.status import (
+    BackfillStatus,
+    ImpactStatus,
+    ShardState,
+    ShardStatus,
+    aggregate_progress,
+    for_merge_patch,
+)
 
 from .checkpoint import ShardCheckpoint
 from .engine import run_backfill
-from .events import Event, RunFinished, Tuning
+from .events import Event, ImpactObserved, RunFinished, Tuning
 from .progress import ShardProgress
 from .secrets import redact, secrets_of
 from .signals import stop_on_signals
@@ -128,6 +135,26 @@ class KubeControl:
                 log.warning("could not read Backfill %s/%s: %s", self._namespace, self._name, type(error).__name__)
 
 
+def impact_status(impact: ImpactObserved) -> ImpactStatus:
+    """``status.shards.<i>.impact``: what the application-impact throttle does and why (PURE)."""
+    return ImpactStatus(
+        summary=impact.summary,
+        application_present=impact.present,
+        duty_percent=round(impact.duty * 100, 1),
+        pressure=round(impact.pressure, 2),
+        limited_by=impact.limited_by,
+        pause_ms=round(impact.pause_seconds * 1000, 1),
+        batch_target_ms=round(impact.batch_target_seconds * 1000, 1),
+        throughput_ratio=round(impact.throughput_ratio, 3) if impact.throughput_ratio is not None else None,
+        app_transactions_per_second=round(impact.app_write_rate, 1),
+        baseline_transactions_per_second=round(impact.baseline_write_rate, 1),
+        active_sessions=round(impact.active_sessions, 2),
+        lock_waiters=impact.lock_waiters,
+        wal_bytes_per_second=round(impact.wal_bytes_per_second),
+        statement_ms=round(impact.statement_ms, 3) if impact.statement_ms is not None else None,
+    )
+
+
 def shard_status(
     progress: ShardProgress, *, run: int | None, error_reason: str = "", secrets: Sequence[str] = ()
 ) -> ShardStatus:
@@ -146,6 +173,7 @@ def shard_status(
         estimated_keys=progress.estimated_keys,
         keys_done=progress.keys_done,
         throttle_reason=progress.throttle_reason,
+        impact=impact_status(progress.impact) if progress.impact is not None else None,
         last_error=redact(progress.error, secrets) if progress.error else "",
         last_error_reason=error_reason,
         remaining_matches=progress.remaining_matches,

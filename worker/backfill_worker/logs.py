@@ -21,6 +21,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 from .events import (
     BatchCommitted,
     Event,
+    ImpactObserved,
     ReplicationLagObserved,
     RetryScheduled,
     RunFinished,
@@ -236,10 +237,16 @@ class LogListener:
         elif isinstance(event, Throttled):
             # Pauses happen after every batch when configured: routine, so DEBUG. The others
             # mean the database (or the rate limit) is holding the run back: worth an INFO.
-            level = log.debug if event.reason == "pause" else log.info
+            level = log.debug if event.reason in ("pause", "applicationImpact") else log.info
             level("throttled", reason=event.reason, seconds=round(event.seconds, 3))
         elif isinstance(event, ReplicationLagObserved):
             log.debug("replication lag", lag_seconds=event.lag_seconds)
+        elif isinstance(event, ImpactObserved):
+            log.debug(
+                "application impact", summary=event.summary, duty=round(event.duty, 3),
+                pressure=round(event.pressure, 2), limited_by=event.limited_by,
+                pause_ms=round(event.pause_seconds * 1000, 1), lock_waiters=event.lock_waiters,
+            )
         elif isinstance(event, RetryScheduled):
             log.warning(
                 "batch failed, retrying", error_kind=event.error_kind, attempt=event.attempt,

@@ -15,6 +15,13 @@ event's identity (``namespace/name``), never from anything that could hold a sec
 | ``backfill_retries_total`` | counter | ``kind`` | failed batch attempts by cause (lockTimeout, deadlock, ...) |
 | ``backfill_progress_ratio`` | gauge | | estimated fraction of the shard's keys done, 0..1 |
 | ``backfill_shard_state`` | gauge | ``state`` | 1 for the shard's current state (running, done, paused, failed) |
+| ``backfill_app_impact_duty_ratio`` | gauge | | application-impact throttle: fraction of time the shard may spend in batches |
+| ``backfill_app_impact_pressure`` | gauge | | largest application signal relative to its budget (1 = at the budget) |
+| ``backfill_app_impact_pause_seconds`` | gauge | | pause the throttle wants after each batch |
+| ``backfill_app_throughput_ratio`` | gauge | | other sessions' write rate over their rate without the backfill (NaN: idle baseline) |
+| ``backfill_app_lock_waiters`` | gauge | | most sessions seen waiting for the backfill's row locks in the last window |
+| ``backfill_app_active_sessions`` | gauge | | mean number of other sessions running a statement |
+| ``backfill_wal_bytes_per_second`` | gauge | | server-wide WAL rate over the last window |
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from backfill_api.status import ShardState
 from .events import (
     BatchCommitted,
     Event,
+    ImpactObserved,
     ReplicationLagObserved,
     RetryScheduled,
     RunFinished,
@@ -79,6 +87,16 @@ class WorkerMetrics:
         self.retries = Counter("backfill_retries", "Failed batch attempts, by cause.", (*LABELS, "kind"), registry=r)
         self.progress = Gauge("backfill_progress_ratio", "Estimated fraction of the shard's keys done.", LABELS, registry=r)
         self.state = Gauge("backfill_shard_state", "1 for the shard's current state.", (*LABELS, "state"), registry=r)
+        impact = {
+            "duty": ("backfill_app_impact_duty_ratio", "Fraction of time the shard may spend in batches (applicationImpact)."),
+            "pressure": ("backfill_app_impact_pressure", "Largest application signal relative to its budget (1 = at it)."),
+            "pause": ("backfill_app_impact_pause_seconds", "Pause the application-impact throttle wants after each batch."),
+            "throughput": ("backfill_app_throughput_ratio", "Other sessions' write rate over their rate without the backfill."),
+            "lock_waiters": ("backfill_app_lock_waiters", "Most sessions seen waiting for the backfill's row locks."),
+            "active": ("backfill_app_active_sessions", "Mean number of other sessions running a statement."),
+            "wal": ("backfill_wal_bytes_per_second", "Server-wide WAL bytes per second over the last window."),
+        }
+        self.impact = {key: Gauge(name, doc, LABELS, registry=r) for key, (name, doc) in impact.items()}
         self._estimated_keys: dict[tuple[str, str, str], int] = {}
         self._keys_done: dict[tuple[str, str, str], int] = {}
 
@@ -110,6 +128,14 @@ class WorkerMetrics:
         elif isinstance(event, ReplicationLagObserved):
             lag = math.nan if event.lag_seconds is None else event.lag_seconds
             self.replication_lag.labels(*labels).set(lag)
+        elif isinstance(event, ImpactObserved):
+            values = {
+                "duty": event.duty, "pressure": event.pressure, "pause": event.pause_seconds,
+                "throughput": math.nan if event.throughput_ratio is None else event.throughput_ratio,
+                "lock_waiters": event.lock_waiters, "active": event.active_sessions, "wal": event.wal_bytes_per_second,
+            }
+            for key, value in values.items():
+                self.impact[key].labels(*labels).set(value)
         elif isinstance(event, RetryScheduled):
             self.retries.labels(*labels, event.error_kind).inc()
             self.batch_size.labels(*labels).set(event.next_batch_size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .events import BatchCommitted, Event, RunFinished, RunStarted, Throttled
+from .events import BatchCommitted, Event, ImpactObserved, RunFinished, RunStarted, Throttled
 
 RATE_WINDOW_SECONDS = 10.0
 
@@ -65,6 +65,8 @@ class ShardProgress:
     batch_size: int = 0
     last_key: tuple[str, ...] = ()
     throttle_reason: str = ""
+    impact: ImpactObserved | None = None
+    """The application-impact throttle's latest decision (None under ``mode: fast``)."""
     remaining_matches: int | None = None
     error: str | None = None
     rate: RateWindow = field(default_factory=RateWindow)
@@ -91,6 +93,8 @@ class ShardProgress:
             self.rate.add(now, event.rows_updated, event.keys_scanned)
         elif isinstance(event, Throttled):
             self.throttle_reason = event.reason
+        elif isinstance(event, ImpactObserved):
+            self.impact = event
         elif isinstance(event, RunFinished):
             self.state = event.state
             self.rows_updated = event.rows_updated

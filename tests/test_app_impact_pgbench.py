@@ -1,0 +1,106 @@
+"""The application-impact throttle against a real application: pgbench on the suite's PostgreSQL.
+
+Direction, not timings: while pgbench runs the throttle must see it and back off (pauses, short
+batches); once pgbench is gone it must speed up again; and the data must come out exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from backfill_api.manifest import parse_backfill
+from backfill_worker.engine import run_backfill
+from backfill_worker.events import BatchCommitted, Event, ImpactObserved, Throttled
+
+pytestmark = pytest.mark.skipif(shutil.which("pgbench") is None, reason="pgbench (postgresql-client) not installed")
+
+SCALE = 2
+ROWS = 100_000 * SCALE
+
+
+def pgbench_env(dsn: str) -> dict[str, str]:
+    """libpq environment for pgbench: the password never appears on a command line."""
+    params = conninfo_to_dict(dsn)
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD", "dbname": "PGDATABASE"}
+    return {**os.environ, **{env: str(params[key]) for key, env in names.items() if key in params}}
+
+
+def stop_pgbench(dsn: str, process: subprocess.Popen[str]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pgbench'")
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def test_throttle_backs_off_under_pgbench_and_speeds_up_when_it_stops(database: str) -> None:
+    env = pgbench_env(database)
+    subprocess.run(["pgbench", "-i", "-q", "-I", "dtGvp", "-s", str(SCALE)], env=env, check=True, capture_output=True)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgbench_accounts ADD COLUMN migrated boolean")
+    app = subprocess.Popen(["pgbench", "-n", "-c", "4", "-j", "2", "-T", "120"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    events: list[tuple[float, Event]] = []
+    stopped_at: list[float] = []
+    backfill = parse_backfill({
+        "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "impact"},
+        # Small batches so the run lasts long enough to see both halves on any machine.
+        "spec": {"table": "pgbench_accounts", "set": {"migrated": "true"}, "where": "migrated IS NOT TRUE",
+                 "batch": {"size": 200, "minSize": 50, "maxSize": 200}},
+    })
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = run_backfill(backfill, database, listeners=[lambda e: events.append((time.monotonic(), e))])
+        except BaseException as error:
+            outcome["error"] = error
+
+    try:
+        time.sleep(1.0)  # the application is at work before the backfill starts
+        runner = threading.Thread(target=run)
+        runner.start()
+        deadline = time.monotonic() + 90
+        while sum(isinstance(e, ImpactObserved) and e.present for _, e in events) < 4 and runner.is_alive():
+            assert time.monotonic() < deadline, "the throttle never reported the application"
+            time.sleep(0.05)
+    finally:
+        stop_pgbench(database, app)
+    stopped_at.append(time.monotonic())
+    runner.join(timeout=180)
+    assert not runner.is_alive() and "error" not in outcome, outcome
+
+    decisions = [(t, e) for t, e in events if isinstance(e, ImpactObserved)]
+    busy = [e for t, e in decisions if t < stopped_at[0]]
+    after = [e for t, e in decisions if t > stopped_at[0] + 0.5]
+    trace = [(round(t - decisions[0][0], 2), e.summary, round(e.batch_target_seconds * 1000, 1)) for t, e in decisions]
+    print("decisions (s, summary, batch target ms):", trace)
+    # Busy: the application is seen, the duty is below 1, batches are held to the lock budget,
+    # and the engine actually paused for it.
+    assert busy and all(e.present for e in busy), trace
+    assert min(e.duty for e in busy) < 1.0, trace
+    assert max(e.batch_target_seconds for e in busy) <= 0.02 + 1e-9, trace
+    paused = [e for t, e in events if isinstance(e, Throttled) and e.reason == "applicationImpact" and t < stopped_at[0]]
+    assert paused and all(e.seconds > 0 for e in paused)
+    # Idle again: it notices, and runs faster than it was allowed to while pgbench ran.
+    assert after, f"the backfill ended before the throttle re-measured; trace: {trace}"
+    assert any(not e.present for e in after), trace
+    assert max(e.duty for e in after) > min(e.duty for e in busy), trace
+    assert max(e.batch_target_seconds for e in after) > 0.02, trace
+    # Exactly once, whatever the throttle did.
+    report = outcome["report"]
+    batches = [e for _, e in events if isinstance(e, BatchCommitted)]
+    assert report.rows_updated == sum(b.rows_updated for b in batches) == ROWS
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FILTER (WHERE migrated), count(*) FROM pgbench_accounts").fetchone() == (ROWS, ROWS)

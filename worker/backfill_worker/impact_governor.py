@@ -1,0 +1,200 @@
+"""Per-shard glue between the engine, the signal queries and the pure controller.
+
+The engine calls :meth:`Governor.begin` before the first batch (the baseline), records lock
+waiters seen inside each batch transaction, and asks :meth:`Governor.after_batch` for the wait
+after each batch. The governor decides when to sample (at most every ``SAMPLE_SECONDS``, between
+batches, on the shard's idle connection), when to decide (every ``DECISION_SECONDS``), and when a
+pause is long enough to be a clean measurement of the application alone (a new baseline).
+The decisions themselves are :class:`app_impact.Controller`'s.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import psycopg
+
+from backfill_api.model import ApplicationImpactSpec
+
+from . import app_impact, impact_signals
+from .events import ImpactObserved
+
+SAMPLE_SECONDS = 0.1
+DECISION_SECONDS = 0.5
+IDLE_CHECK_SECONDS = 0.1
+"""Pre-run look: if nothing else happens on the server for this long, start flat out."""
+BASELINE_SECONDS = 0.6
+"""Pre-run measurement when an application is there."""
+CLEAN_MIN_SECONDS = 0.15
+"""A pause at least this long measures the application alone (a baseline refresh)."""
+CLEAN_SECONDS = 0.3
+REBASELINE_SECONDS = 15.0
+"""While an application is present, re-measure it alone at least this often."""
+SYNCHRONOUS_COMMIT = False
+"""Batches commit asynchronously under ``protect`` too (as under ``fast``); the application-impact
+benchmark flips this to measure whether our WAL flushes queue the application's commits."""
+APPLICATION_IMPACT = "applicationImpact"
+"""``throttleReason`` of a pause the controller asked for."""
+
+
+@dataclass
+class OwnActivity:
+    """The backfill's own transactions, counted across all its shards (thread-safe)."""
+
+    writes: int = 0
+    commits: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, writes: int, commits: int) -> None:
+        with self._lock:
+            self.writes += writes
+            self.commits += commits
+
+    def totals(self) -> tuple[int, int]:
+        with self._lock:
+            return self.writes, self.commits
+
+
+@dataclass(frozen=True)
+class _Mark:
+    sample: impact_signals.Sample
+    own: tuple[int, int]
+
+
+class Governor:
+    def __init__(
+        self, spec: ApplicationImpactSpec, *, identity: str, shard: int, table: tuple[str, str],
+        checkpoint_schema: str, own: OwnActivity, emit: Callable[[ImpactObserved], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._spec = spec
+        self._identity, self._shard = identity, shard
+        self._sampler = impact_signals.Sampler(f"backfill {identity}", table, checkpoint_schema)
+        self._own = own
+        self._emit = emit
+        self._clock = clock
+        self.controller: app_impact.Controller | None = None
+        self._window: _Mark | None = None
+        self._last_sample_at = 0.0
+        self._active: list[int] = []
+        self._lock_waiters = 0
+        self._last_clean = 0.0
+        self.last_pause = 0.0
+        self.synchronous_commit = SYNCHRONOUS_COMMIT
+
+    @property
+    def budget(self) -> app_impact.Budget:
+        return app_impact.Budget(
+            min_throughput_ratio=self._spec.min_throughput_ratio,
+            max_latency_ratio=self._spec.max_latency_ratio,
+            max_lock_hold_seconds=self._spec.max_lock_hold.total_seconds(),
+        )
+
+    def _mark(self, conn: psycopg.Connection, *, statements: bool = True) -> _Mark:
+        # Our sample queries are transactions too (autocommit): count them as our own.
+        self._own.add(0, 2 if statements else 1)
+        at = self._clock()
+        self._last_sample_at = at
+        return _Mark(self._sampler.sample(conn, at), self._own.totals())
+
+    def _activity(self, first: _Mark, last: _Mark, active: list[int], lock_waiters: int) -> app_impact.Activity:
+        mean_active = sum(active) / len(active) if active else float(last.sample.active_others)
+        return impact_signals.activity_between(
+            first.sample, last.sample, own_writes=last.own[0] - first.own[0], own_commits=last.own[1] - first.own[1],
+            active=mean_active, lock_waiters=max(lock_waiters, last.sample.lock_waiters),
+        )
+
+    # -- engine hooks -----------------------------------------------------------------------
+
+    def begin(self, conn: psycopg.Connection, sleep: Callable[[float], None], max_batch_seconds: float) -> None:
+        """The baseline: the application alone, before the first batch."""
+        first = self._mark(conn)
+        sleep(IDLE_CHECK_SECONDS)
+        last = self._mark(conn)
+        activity = self._activity(first, last, [first.sample.active_others, last.sample.active_others], 0)
+        if activity.present:
+            sleep(max(0.0, BASELINE_SECONDS - (self._clock() - first.sample.at)))
+            last = self._mark(conn)
+            activity = self._activity(first, last, [first.sample.active_others, last.sample.active_others], 0)
+        self.controller = app_impact.Controller.start(self.budget, max_batch_seconds, activity)
+        self._window = last
+        self._last_clean = self._clock()
+        self._report()
+
+    def retune(self, spec: ApplicationImpactSpec, max_batch_seconds: float) -> None:
+        self._spec = spec
+        if self.controller is not None:
+            self.controller = replace_budget(self.controller, self.budget, max_batch_seconds)
+
+    def note_lock_waiters(self, count: int) -> None:
+        self._lock_waiters = max(self._lock_waiters, count)
+
+    def note_batch(self) -> None:
+        """One committed (or failed) batch transaction of ours: one transaction id, one commit."""
+        self._own.add(1, 2)  # the batch, and its bound probe on the prefetch connection
+
+    def pause_after(self, conn: psycopg.Connection, work_seconds: float) -> float:
+        """Sample/decide as due; the pause the controller wants after this batch."""
+        assert self.controller is not None and self._window is not None
+        now = self._clock()
+        if now - self._last_sample_at >= SAMPLE_SECONDS:
+            if now - self._window.sample.at >= DECISION_SECONDS:
+                last = self._mark(conn)
+                self._active.append(last.sample.active_others)
+                activity = self._activity(self._window, last, self._active, self._lock_waiters)
+                self.controller = self.controller.observe(activity)
+                self._window, self._active, self._lock_waiters = last, [], 0
+                self._report()
+            else:
+                self._active.append(self._mark(conn, statements=False).sample.active_others)
+        pause = self.controller.pause_after(work_seconds)
+        if self.controller.present and (
+            self.controller.needs_baseline or self._clock() - self._last_clean >= REBASELINE_SECONDS
+        ):
+            pause = max(pause, CLEAN_SECONDS)
+        self.last_pause = pause
+        return pause
+
+    def measure_pause(self, conn: psycopg.Connection, seconds: float, pause: Callable[[], None]) -> None:
+        """Run the pause (``seconds`` long); a long one is measured as the application alone."""
+        if seconds < CLEAN_MIN_SECONDS:
+            pause()
+            return
+        first = self._mark(conn, statements=self.controller is not None and self.controller.needs_baseline)
+        pause()
+        last = self._mark(conn, statements=first.sample.statement_calls is not None)
+        assert self.controller is not None
+        self.controller = self.controller.rebaseline(self._activity(first, last, [last.sample.active_others], 0))
+        self._last_clean = self._clock()
+
+    def batch_target_seconds(self) -> float:
+        assert self.controller is not None
+        return self.controller.batch_target_seconds()
+
+    def _report(self) -> None:
+        c = self.controller
+        assert c is not None
+        last, base = c.last, c.baseline
+        ratio = None
+        if last is not None and base is not None and base.write_rate >= app_impact.BUSY_RATE:
+            ratio = last.write_rate / base.write_rate
+        self._emit(ImpactObserved(
+            identity=self._identity, shard=self._shard, present=c.present, duty=c.duty, pressure=c.pressure,
+            limited_by=c.limited_by, batch_target_seconds=c.batch_target_seconds(),
+            pause_seconds=self.last_pause,
+            throughput_ratio=ratio, app_write_rate=last.write_rate if last else 0.0,
+            baseline_write_rate=base.write_rate if base else 0.0, active_sessions=last.active if last else 0.0,
+            lock_waiters=last.lock_waiters if last else 0, wal_bytes_per_second=last.wal_rate if last else 0.0,
+            statement_ms=last.statement_ms if last else None, summary=c.summary(),
+        ))
+
+
+def replace_budget(controller: app_impact.Controller, budget: app_impact.Budget, max_batch_seconds: float) -> app_impact.Controller:
+    """Live tuning: a new budget applies from the next decision, the learned state stays."""
+    return replace(
+        controller, budget=budget, max_batch_seconds=max_batch_seconds,
+        lock_hold_seconds=min(controller.lock_hold_seconds, budget.max_lock_hold_seconds) or budget.max_lock_hold_seconds,
+    )
