@@ -12,12 +12,13 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from backfill_api.crd import PRINTER_COLUMNS, build_crd
+from backfill_api.serving import serve
 from backfill_api.status import aggregate_progress
 from backfill_worker.connection import open_connection
 from backfill_worker.events import ImpactObserved
 from backfill_worker.impact_signals import Sampler, lock_waiters
 from backfill_worker.kube_worker import shard_status
-from backfill_worker.metrics import WorkerMetrics, serve
+from backfill_worker.metrics import WorkerMetrics
 from backfill_worker.progress import ShardProgress
 
 IDENTITY = "shop/customers-inactive"
@@ -33,7 +34,7 @@ IMPACT = ImpactObserved(
 def test_shard_status_and_progress_show_what_the_throttle_does() -> None:
     progress = ShardProgress(0)
     progress.apply(IMPACT, now=1.0)
-    status = shard_status(progress, run=1)
+    status = shard_status(progress, run=1).to_wire()
     assert status["impact"] == {
         "summary": "duty 35% (throughput 1.10)", "applicationPresent": True, "dutyPercent": 35.0, "pressure": 1.1,
         "limitedBy": "throughput", "pauseMs": 18.6, "batchTargetMs": 10.0, "throughputRatio": 0.78,
@@ -41,8 +42,8 @@ def test_shard_status_and_progress_show_what_the_throttle_does() -> None:
         "lockWaiters": 2, "walBytesPerSecond": 25_000_000, "statementMs": None,
     }
     running = {"0": {**status, "state": "running"}}
-    assert aggregate_progress(running, 1)["impact"]["summary"] == "duty 35% (throughput 1.10)"
-    assert shard_status(ShardProgress(0), run=1)["impact"] is None  # mode fast: nothing to show
+    assert aggregate_progress(running, 1).to_wire()["impact"]["summary"] == "duty 35% (throughput 1.10)"
+    assert shard_status(ShardProgress(0), run=1).to_wire()["impact"] is None  # mode fast: nothing to show
 
 
 def test_crd_keeps_the_impact_status_and_shows_it_in_wide_output() -> None:

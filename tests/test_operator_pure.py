@@ -160,8 +160,8 @@ def test_progress_shows_the_most_throttled_running_shards_impact():
         "1": {"state": "running", "impact": gentle},
         "2": {"state": "done", "impact": {"summary": "duty 5%", "dutyPercent": 5.0}},
     }
-    assert aggregate_progress(shards, 3)["impact"] == gentle
-    assert aggregate_progress({"0": {"state": "done", "impact": gentle}}, 1)["impact"] is None
+    assert aggregate_progress(shards, 3).to_wire()["impact"] == gentle
+    assert aggregate_progress({"0": {"state": "done", "impact": gentle}}, 1).impact is None
 
 
 # -- spec diff -------------------------------------------------------------------------------
