@@ -93,6 +93,8 @@ def pod_pg(pg_server: LocalPostgres) -> Iterator[PodPostgres]:
 def pod_database(operator_release: Cluster, pod_pg: PodPostgres) -> Iterator[Callable[[str], PodDatabase]]:
     """``make(name)``: a new database and the Secret ``<name>-db`` (key ``dsn``) pointing at it."""
     made: list[tuple[str, str]] = []
+    # No Backfill from an earlier (failed) test or session: a Succeeded one re-applied is done already.
+    operator_release.kubectl("-n", NS, "delete", "bf", "--all", "--wait=true")
 
     def make(name: str) -> PodDatabase:
         dbname = f"e2e_{uuid.uuid4().hex[:10]}"
@@ -110,6 +112,7 @@ def pod_database(operator_release: Cluster, pod_pg: PodPostgres) -> Iterator[Cal
         return PodDatabase(pod_pg.server.dsn(dbname=dbname), secret)
 
     yield make
+    operator_release.kubectl("-n", NS, "delete", "bf", "--all", "--wait=true", check=False)
     for dbname, secret in made:
         operator_release.kubectl("-n", NS, "delete", "secret", secret, "--ignore-not-found", check=False)
         with psycopg.connect(pod_pg.server.dsn(), autocommit=True) as conn:

@@ -112,7 +112,9 @@ def test_status_subresource(probe: Cluster) -> None:
 
 
 def can(cluster: Cluster, who: str, verb: str, resource: str, namespace: str = NS) -> bool:
-    out = cluster.kubectl("auth", "can-i", f"--as={who}", "-n", namespace, verb, resource, check=False)
+    resource, _, sub = resource.partition("/")  # "x/status" alone would mean the object named status
+    args = ["auth", "can-i", f"--as={who}", "-n", namespace, verb, resource] + ([f"--subresource={sub}"] if sub else [])
+    out = cluster.kubectl(*args, check=False)
     return out.strip() == "yes"
 
 

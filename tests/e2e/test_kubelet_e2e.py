@@ -101,7 +101,7 @@ def test_operator_runs_as_a_pod_from_the_image(operator_release: Cluster) -> Non
     logs = cluster.kubectl("-n", RELEASE_NS, "logs", pod["metadata"]["name"])
     assert logs.strip(), "the operator pod wrote no log lines"
     # The metrics Service has the pod as its endpoint, and the pod serves Prometheus text.
-    endpoints = cluster.get("endpoints", RELEASE, RELEASE_NS)
+    endpoints = cluster.get("endpoints", f"{RELEASE}-metrics", RELEASE_NS)
     addresses = [a["ip"] for s in endpoints.get("subsets") or [] for a in s.get("addresses") or []]
     assert pod["status"]["podIP"] in addresses
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -125,9 +125,13 @@ def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, p
         with psycopg.connect(db.admin_dsn) as conn:
             wrong = conn.execute((ROOT / "examples" / folder / "verify.sql").read_text()).fetchone()  # type: ignore[arg-type]
         assert wrong == (0,), f"{folder}: rows still wrong after the backfill"
-        # The work was done by real pods of the Job, which ran to completion.
-        pods = cluster.items("pods", selector=f"backfill.dev/name={name}")
-        assert pods and all(p["status"]["phase"] == "Succeeded" for p in pods), [p["status"]["phase"] for p in pods]
+        # The work was done by real pods of the Job, which run to completion (a worker reports
+        # "done" just before it exits, so its pod may still be Running for a moment).
+        cluster.wait_until(
+            lambda name=name: (pods := cluster.items("pods", selector=f"backfill.dev/name={name}"))
+            and all(p["status"]["phase"] == "Succeeded" for p in pods),
+            f"{name}: every worker pod Succeeded", timeout=120,
+        )
         cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
 
 
