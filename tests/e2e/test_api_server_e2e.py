@@ -46,7 +46,7 @@ def probe_backfill() -> dict[str, Any]:
 
 
 # One edit per immutable field (all rules of the CRD), as a JSON merge patch of spec.
-IMMUTABLE_EDITS = {
+IMMUTABLE_EDITS: dict[str, dict[str, Any]] = {
     "database": {"database": {"dsnSecretRef": {"name": "other-secret"}}},
     "table": {"table": "public.other"},
     "set": {"set": {"c": "2"}},

@@ -127,11 +127,11 @@ def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, p
         assert wrong == (0,), f"{folder}: rows still wrong after the backfill"
         # The work was done by real pods of the Job, which run to completion (a worker reports
         # "done" just before it exits, so its pod may still be Running for a moment).
-        cluster.wait_until(
-            lambda name=name: (pods := cluster.items("pods", selector=f"backfill.dev/name={name}"))
-            and all(p["status"]["phase"] == "Succeeded" for p in pods),
-            f"{name}: every worker pod Succeeded", timeout=120,
-        )
+        def all_pods_succeeded(name: str = name) -> bool:
+            pods = cluster.items("pods", selector=f"backfill.dev/name={name}")
+            return bool(pods) and all(p["status"]["phase"] == "Succeeded" for p in pods)
+
+        cluster.wait_until(all_pods_succeeded, f"{name}: every worker pod Succeeded", timeout=120)
         cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
 
 
