@@ -132,6 +132,7 @@ def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, p
             return bool(pods) and all(p["status"]["phase"] == "Succeeded" for p in pods)
 
         cluster.wait_until(all_pods_succeeded, f"{name}: every worker pod Succeeded", timeout=120)
+    for name in started:
         cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
 
 
