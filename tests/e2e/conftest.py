@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import helm_binary
 import psycopg
 import pytest
-from psycopg import sql
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-import helm_binary
 from e2e_support import (
     KUBECONFIG,
     NS,
@@ -32,8 +26,11 @@ from e2e_support import (
     PodPostgres,
     helm_install_args,
 )
+from psycopg import sql
 
 from backfill_worker.localpg import LocalPostgres
+
+HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -34,7 +34,7 @@ KUBECONFIG = os.environ.get("BACKFILL_E2E_KUBECONFIG", "")
 TIMEOUT = float(os.environ.get("BACKFILL_E2E_TIMEOUT", "300"))
 SKIP_REASON = (
     "no cluster for the e2e suite: set BACKFILL_E2E_KUBECONFIG (eval \"$(tests/e2e/cluster/up)\" starts one; "
-    "see README 'End-to-end tests on a real kubelet')"
+    "see docs/testing.md, 'End-to-end tests on a real kubelet')"
 )
 
 

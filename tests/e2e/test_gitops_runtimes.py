@@ -1,7 +1,7 @@
 """GitOps health by the real code: every phase's status, as the operator's own condition code
 writes it, evaluated by Flux's kstatus (sigs.k8s.io/cli-utils) and by Argo CD's Lua runtime
 (gopher-lua) running charts/backfill-operator/argocd/health.lua, from the Go program in
-tests/e2e/gitops/; both must agree with README's "Status and conditions" table.
+tests/e2e/gitops/; both must agree with the "Status and conditions" table of docs/operations.md.
 
 Needs ``go`` and the Go module proxy (the program is built once, cached under the e2e home).
 Runs in the e2e invocation (skipped, like the rest of tests/e2e, without BACKFILL_E2E_KUBECONFIG).
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from e2e_support import ROOT
 
-from backfill_operator.conditions import merge_conditions
-from backfill_operator.status import Stall, phase_conditions
+from backfill_api.conditions import merge_conditions
+from backfill_api.status import Stall, phase_conditions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -45,8 +45,8 @@ CASES: list[tuple[str, tuple[str, str] | None, int, str, str]] = [
 
 
 def readme_condition_table() -> dict[str, dict[str, str]]:
-    """phase -> {Ready, Reconciling, Stalled} -> "True"/"False", from README's table."""
-    text = (ROOT / "README.md").read_text()
+    """phase -> {Ready, Reconciling, Stalled} -> "True"/"False", from the table in docs/operations.md."""
+    text = (ROOT / "docs" / "operations.md").read_text()
     section = text.split("\n## Status and conditions\n", 1)[1].split("\n## ", 1)[0]
     table: dict[str, dict[str, str]] = {}
     for line in section.splitlines():
@@ -54,7 +54,7 @@ def readme_condition_table() -> dict[str, dict[str, str]]:
         if len(cells) == 5 and (m := re.fullmatch(r"`(\w+)`", cells[0])):
             table[m.group(1)] = {
                 kind: "True" if re.match(r"\W*True", cell) else "False"
-                for kind, cell in zip(("Ready", "Reconciling", "Stalled"), cells[2:])
+                for kind, cell in zip(("Ready", "Reconciling", "Stalled"), cells[2:5], strict=True)
             }
     return table
 
