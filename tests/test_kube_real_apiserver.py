@@ -23,10 +23,11 @@ from typing import Any
 import psycopg
 import pytest
 from kube_support.control_plane import ControlPlane, missing_assets
+from kube_support.crd_install import CRDS, install_crd
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
 
-from backfill_api.crd import CRD_NAME, build_crd
+from backfill_api.crd import CRD_NAME
 from backfill_api.kubeapi import (
     KubeApi,
     KubeApiError,
@@ -45,7 +46,6 @@ pytestmark = [
 ]
 NS = "shop"
 OPERATOR_NS = "backfill-system"
-CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 def create(api: KubeApi, doc: dict[str, Any]) -> dict[str, Any]:
@@ -80,9 +80,7 @@ def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, Path, Pat
     try:
         home = tmp_path_factory.mktemp("kube")
         admin = KubeApi.from_environment(str(plane.write_kubeconfig(home / "admin")))
-        admin.create(CRDS, build_crd())
-        eventually(lambda: any(c["type"] == "Established" and c["status"] == "True"
-                               for c in admin.get(f"{CRDS}/{CRD_NAME}")["status"]["conditions"]), "CRD established")
+        install_crd(admin)
         # The README's install commands, verbatim, with kubectl (CRD apply over the API-created one).
         admin_kubeconfig = plane.write_kubeconfig(home / "admin")
         if shutil.which("kubectl"):

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 from kube_support.control_plane import ControlPlane, missing_assets
+from kube_support.crd_install import install_crd
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
-from test_kube_real_apiserver import CRDS, OPERATOR_NS, create, token_for
+from test_kube_real_apiserver import OPERATOR_NS, create, token_for
 
-from backfill_api.crd import CRD_NAME, build_crd
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path
 from backfill_operator import rbac
 from backfill_operator.main import OperatorConfig
@@ -64,9 +64,7 @@ def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, Path]]:
     try:
         home = tmp_path_factory.mktemp("kube-load")
         admin = KubeApi.from_environment(str(plane.write_kubeconfig(home / "admin")))
-        admin.create(CRDS, build_crd())
-        eventually(lambda: any(c["type"] == "Established" and c["status"] == "True"
-                               for c in admin.get(f"{CRDS}/{CRD_NAME}")["status"]["conditions"]), "CRD established")
+        install_crd(admin)
         admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
         for doc in rbac.operator_manifests(OPERATOR_NS, "unused")[:3]:
             create(admin, doc)

@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 from kube_support.control_plane import ControlPlane, missing_assets
+from kube_support.crd_install import install_crd
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
 from support_faults import ledger
 from support_faults.cli import backfill_executable
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
-from backfill_api.crd import CRD_NAME, build_crd
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_operator import rbac
 from backfill_operator.main import OperatorConfig
@@ -46,7 +46,6 @@ OPERATOR_NS = "backfill-faults-system"
 NAME = "real-faults"
 JOB = f"{NAME}-s0-r1"
 ROWS = 200_000
-CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 def until(probe: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
@@ -129,9 +128,7 @@ def plane(tmp_path: Path) -> Iterator[tuple[ControlPlane, KubeApi, Path, Path]]:
     plane = ControlPlane(ASSETS).start()  # type: ignore[arg-type]
     try:
         admin = KubeApi.from_environment(str(plane.write_kubeconfig(tmp_path / "admin")))
-        admin.create(CRDS, build_crd())
-        until(lambda: any(c["type"] == "Established" and c["status"] == "True"
-                          for c in admin.get(f"{CRDS}/{CRD_NAME}")["status"]["conditions"]), "CRD established")
+        install_crd(admin)
         for namespace in (OPERATOR_NS, NS):
             admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         for doc in rbac.operator_manifests(OPERATOR_NS, "unused")[:3]:  # ServiceAccount, ClusterRole, binding
