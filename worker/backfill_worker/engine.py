@@ -28,21 +28,18 @@ from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, s
 from backfill_api.errors import (
     AlreadyRunning,
     BackfillError,
-    CheckpointMismatch,
-    CheckpointUnavailable,
     RetriesExhausted,
     ValidationFailed,
 )
 from backfill_api.model import Backfill, CheckpointMode, ImpactMode
 
 from . import (
-    checkpoint_guard,
+    checkpointing,
     impact_governor,
     impact_signals,
     locking,
     prefetch,
     retry,
-    sharding,
     statements,
     throttle,
     validation,
@@ -140,9 +137,8 @@ class _Shard:
     conn: psycopg.Connection | None
     control: RunControl
     emit: _Emitter
-    table: CheckpointTable | None
-    """None in atLeastOnce mode (then ``store`` keeps progress)."""
-    store: ProgressStore | None
+    checkpoints: checkpointing.Checkpoints
+    """The table (transactional) or the progress store (atLeastOnce): the same calls either way."""
     tuning: Tuning
     sizer: BatchSizer = field(init=False)
     throttle_reason: str = ""
@@ -402,11 +398,9 @@ class _Shard:
             )
         self.conn = conn
         self.backend_pid = conn.info.backend_pid
-        if self.table is not None:
-            # A COMMIT whose acknowledgement was lost may or may not have happened: the table knows.
-            reloaded = next((c for c in self.table.load(conn, self.identity) if c.shard == self.shard), None)
-            if reloaded is not None:
-                self.checkpoint = reloaded
+        reloaded = self.checkpoints.reload(conn, self.identity, self.shard)
+        if reloaded is not None:
+            self.checkpoint = reloaded
         return conn
 
     def _drop_connection(self) -> None:
@@ -414,7 +408,7 @@ class _Shard:
             self.lost_backend_pid = self.backend_pid  # may live on, server-side, after a partition
             try:
                 self.conn.close()
-            except Exception:  # already broken
+            except (psycopg.Error, OSError):  # already broken
                 pass
         self.conn = None
 
@@ -453,7 +447,7 @@ class _Shard:
         # (the rerun redoes them: still exactly-once), and the backend need not wait for a WAL flush
         # per batch (about 10% of a 30 ms batch). The last batch commits with the session's setting,
         # which also flushes every earlier commit before the run reports ``done``.
-        asynchronous = self.table is not None and not last and (
+        asynchronous = self.checkpoints.commits_with_data and not last and (
             self.governor is None or not self.governor.synchronous_commit
         )
         if self.governor is not None:
@@ -470,20 +464,11 @@ class _Shard:
             ).rowcount
             if self.governor is not None:  # now we hold every row lock of the batch: who waits for them?
                 self.governor.note_lock_waiters(impact_signals.lock_waiters(conn))
-            if self.table is not None:
-                recorded = conn.execute(
-                    self.table.record_batch_statement(),
-                    [list(upper), rows, keys, DONE if last else "running", self.identity, self.shard],
-                ).rowcount
-                if recorded != 1:  # reset or deleted under us: committing would lose exactly-once
-                    raise CheckpointUnavailable(
-                        f"the checkpoint row of {self.identity} shard {self.shard} disappeared during the run "
-                        "(reset or deleted by hand); the batch was rolled back. Rerun to start from the current checkpoint"
-                    )
+            # transactional: the checkpoint row, in this transaction, before COMMIT
+            self.checkpoints.record_batch(conn, self.identity, self.shard, upper, rows, keys, last)
         duration = time.monotonic() - started
         self.checkpoint = cp.after_batch(upper, rows, keys, last)
-        if self.store is not None:
-            self.store.save(self.shard, self.checkpoint)
+        self.checkpoints.batch_committed(self.checkpoint)  # atLeastOnce: saved after COMMIT
         self.sizer = self.sizer.observe(keys, duration)
         return BatchCommitted(
             identity=self.identity,
@@ -504,42 +489,26 @@ class _Shard:
 
     def _persist_state(self, state: str) -> None:
         self.checkpoint = replace(self.checkpoint, state=state, last_error=None)
-        if self.store is not None:
-            self.store.save(self.shard, self.checkpoint)
-        if self.table is not None and self.conn is not None and not self.conn.closed:
-            try:
-                self.table.set_state(self.conn, self.identity, self.shard, state)
-            except psycopg.Error as error:  # the batch data is safe either way; only the label is stale
-                log.warning("shard %s: could not record state %s: %s", self.shard, state, self._redact(first_line(error)))
+        self.checkpoints.record_state(self.conn, self.checkpoint)
 
     def _persist_failure(self, reason: str) -> None:
         """State ``failed`` and the reason, for ``backfill status`` (on a fresh session if the shard's broke)."""
         self.checkpoint = replace(self.checkpoint, state=FAILED, last_error=reason)
-        if self.store is not None:
-            self.store.save(self.shard, self.checkpoint)
-        if self.table is None:
-            return
-        try:
-            if self.conn is not None and not self.conn.closed:
-                self.table.set_state(self.conn, self.identity, self.shard, FAILED, reason)
-            else:
-                with open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}") as conn:
-                    self.table.set_state(conn, self.identity, self.shard, FAILED, reason)
-        except psycopg.Error as error:  # the database is unreachable: the label stays as it was
-            log.warning("shard %s: could not record state failed: %s", self.shard, self._redact(first_line(error)))
+        self.checkpoints.record_failure(self.conn, self.checkpoint)
 
     def _verify(self) -> int | None:
         """Rows of the shard's range still matching ``where`` (None without ``where``)."""
         cp = self.checkpoint
-        if self.target.where is None or cp.upper_key is None or cp.empty:
+        lower, upper = cp.lower_key, cp.upper_key
+        if self.target.where is None or upper is None or cp.empty:
             return None if self.target.where is None else 0
-        statement = statements.count_remaining(self.target, has_lower=cp.lower_key is not None)
+        statement = statements.count_remaining(self.target, has_lower=lower is not None)
 
         def count() -> int:
             conn = self._connection()
             with conn.transaction():
                 conn.execute("SELECT set_config('statement_timeout', '0', true)")
-                row = conn.execute(statement, statements.range_params(cp.lower_key, cp.upper_key)).fetchone()
+                row = conn.execute(statement, statements.range_params(lower, upper)).fetchone()
             return int(row[0]) if row else 0
 
         return self._with_retries(count)
@@ -568,76 +537,6 @@ def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int
         if not 0 <= shard < count:
             raise ValidationFailed("shard", f"shard {shard} does not exist: spec.parallelism is {count} (shards 0..{count - 1})")
     return selected
-
-
-def _check_fingerprints(backfill: Backfill, found: Sequence[ShardCheckpoint]) -> None:
-    expected = backfill.spec.fingerprint()
-    for cp in found:
-        if cp.fingerprint != expected:
-            raise CheckpointMismatch(
-                f"{backfill.identity} has a checkpoint from a different spec (table, key, set, where or parallelism "
-                f"changed: fingerprint {cp.fingerprint} != {expected}). Restore the original spec to resume, or run "
-                "`backfill reset FILE` to forget the checkpoint and start over"
-            )
-
-
-def _transactional_checkpoints(
-    conn: psycopg.Connection, table: CheckpointTable, backfill: Backfill, target: Target
-) -> dict[int, ShardCheckpoint]:
-    table.ensure(conn)
-    found = table.load(conn, backfill.identity)
-    _check_fingerprints(backfill, found)
-    if 0 < len(found) < backfill.spec.parallelism:
-        # The plan is inserted in one transaction, so a partial set means rows were deleted by hand:
-        # re-planning the missing shards could overlap or miss the remaining shards' ranges.
-        missing = sorted(set(range(backfill.spec.parallelism)) - {cp.shard for cp in found})
-        raise CheckpointMismatch(
-            f"the checkpoint of {backfill.identity} is incomplete (shards {missing} missing): "
-            "run `backfill reset FILE` to start over"
-        )
-    if not found:
-        checkpoint_guard.refuse_if_elsewhere(conn, backfill, table.schema)
-        with conn.transaction():
-            locking.lock_planning(conn, backfill.identity)  # concurrent shard workers: first planner wins
-            planned = sharding.plan_shards(
-                conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(),
-                shard_count=backfill.spec.parallelism,
-            )
-            table.insert_plan(conn, planned)
-        found = table.load(conn, backfill.identity)
-        _check_fingerprints(backfill, found)
-    return {cp.shard: cp for cp in found}
-
-
-def _stored_checkpoints(
-    conn: psycopg.Connection, store: ProgressStore, backfill: Backfill, target: Target
-) -> dict[int, ShardCheckpoint]:
-    count = backfill.spec.parallelism
-
-    def load_all() -> dict[int, ShardCheckpoint]:
-        loaded = {i: cp for i in range(count) if (cp := store.load(i)) is not None}
-        _check_fingerprints(backfill, list(loaded.values()))
-        return loaded
-
-    found = load_all()
-    if not found:
-        checkpoint_guard.refuse_if_elsewhere(conn, backfill, None)
-    if len(found) < count:
-        # Shard workers of one backfill may start together: plan under the same advisory lock as
-        # transactional mode and look again once we hold it, so exactly one plan is ever saved.
-        with conn.transaction():
-            locking.lock_planning(conn, backfill.identity)
-            found = load_all()
-            if len(found) < count:
-                planned = sharding.plan_shards(
-                    conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(),
-                    shard_count=count,
-                )
-                for cp in planned:
-                    if cp.shard not in found:
-                        store.save(cp.shard, cp)
-                        found[cp.shard] = cp
-    return found
 
 
 def _lock_shards(dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection) -> dict[int, psycopg.Connection]:
@@ -681,11 +580,7 @@ def run_backfill(
     emit = _Emitter(listeners)
     selected = _shard_numbers(backfill, shards)
     spec = backfill.spec
-    at_least_once = spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE
-    if at_least_once and at_least_once_store is None:
-        raise ValidationFailed(
-            "spec.checkpoint.mode", "atLeastOnce keeps progress outside the database, but no progress store was given"
-        )
+    store = _checkpoints(backfill, dsn, at_least_once_store)
     main = connect(dsn, f"backfill {backfill.identity}")
     conns: dict[int, psycopg.Connection] = {}
     runners: list[_Shard] = []
@@ -693,22 +588,16 @@ def run_backfill(
         with database_errors(dsn):
             target = _validate(main, backfill, dsn)
             conns = _lock_shards(dsn, backfill, selected, main)
-            table = None if at_least_once else CheckpointTable(spec.checkpoint.schema_name)
-            if table is not None:
-                checkpoints = _transactional_checkpoints(main, table, backfill, target)
-            else:
-                assert at_least_once_store is not None
-                checkpoints = _stored_checkpoints(main, at_least_once_store, backfill, target)
+            checkpoints = checkpointing.plan(main, store, backfill, target)
         tuning = Tuning(batch=spec.batch, limits=spec.limits)
         own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another
         runners = [
-            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, table,
-                   at_least_once_store if at_least_once else None, tuning, own=own)
+            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, store, tuning, own=own)
             for s in selected
         ]
         reports, errors = _run_all(runners, dsn)
     finally:
-        for shard, conn in conns.items():
+        for conn in conns.values():
             if conn is not main:
                 conn.close()
         for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
@@ -720,6 +609,20 @@ def run_backfill(
         error.report = report  # type: ignore[attr-defined]
         raise error
     return report
+
+
+def _checkpoints(backfill: Backfill, dsn: str, at_least_once_store: ProgressStore | None) -> checkpointing.Checkpoints:
+    """The spec's checkpoint mode as one interface (``atLeastOnce`` needs ``at_least_once_store``)."""
+    if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE:
+        if at_least_once_store is None:
+            raise ValidationFailed(
+                "spec.checkpoint.mode", "atLeastOnce keeps progress outside the database, but no progress store was given"
+            )
+        return checkpointing.StoredCheckpoints(at_least_once_store)
+    secrets = secrets_of(dsn)
+    return checkpointing.TableCheckpoints(
+        CheckpointTable(backfill.spec.checkpoint.schema_name), dsn, lambda text: redact(text, secrets)
+    )
 
 
 def _run_all(runners: list[_Shard], dsn: str) -> tuple[list[ShardReport], list[BackfillError]]:
@@ -759,7 +662,7 @@ def read_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | Non
         return CheckpointTable(backfill.spec.checkpoint.schema_name).load(conn, backfill.identity)
 
 
-def reset_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | None = None) -> int:
+def reset_checkpoints(backfill: Backfill, dsn: str, *, store: checkpointing.ClearableStore | None = None) -> int:
     """Forget the checkpoint (refused while a runner holds a shard's lock); returns rows removed."""
     with connect(dsn, f"backfill {backfill.identity} reset") as conn, database_errors(dsn):
         shards = list(range(backfill.spec.parallelism))
@@ -769,8 +672,8 @@ def reset_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | No
                 raise AlreadyRunning(
                     f"{backfill.identity} is running (shards {held} locked): stop it before resetting its checkpoint"
                 )
-            if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE and store is not None and hasattr(store, "clear"):
-                return int(store.clear())
+            if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE and store is not None:
+                return store.clear()
             return CheckpointTable(backfill.spec.checkpoint.schema_name).delete(conn, backfill.identity)
         finally:
             for s in shards:
