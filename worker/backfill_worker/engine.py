@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 from typing import TypeVar
 
 import psycopg
@@ -31,33 +31,30 @@ from backfill_api.errors import (
     RetriesExhausted,
     ValidationFailed,
 )
-from backfill_api.model import Backfill, CheckpointMode, ImpactMode
+from backfill_api.model import Backfill, CheckpointMode
 
 from . import (
     checkpointing,
     impact_governor,
     impact_signals,
     locking,
+    pacing,
     prefetch,
     retry,
     statements,
-    throttle,
     validation,
 )
-from .batching import BatchSizer
 from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
 from .connection import connect, database_errors, first_line, open_connection
 from .events import (
     BatchCommitted,
     Event,
     Listener,
-    ReplicationLagObserved,
     RetryScheduled,
     RunControl,
     RunFinished,
     RunStarted,
     StaticControl,
-    Throttled,
     Tuning,
 )
 from .secrets import redact, register_dsn, secrets_of
@@ -65,10 +62,6 @@ from .statements import Target
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-SLEEP_SLICE_SECONDS = 0.05
-"""Waits are sliced so a stop request is honoured within this time."""
-
 
 @dataclass(frozen=True)
 class ShardReport:
@@ -110,10 +103,6 @@ class RunReport:
         return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
 
-class _StopRequested(Exception):
-    """Raised out of a back-off wait when the control asks to stop."""
-
-
 @dataclass
 class _Emitter:
     listeners: Sequence[Listener]
@@ -128,7 +117,10 @@ class _Emitter:
 
 @dataclass
 class _Shard:
-    """Everything one shard's runner needs; one connection, used by one thread only."""
+    """One shard's runner: the loop, its session and retries, the batch, the end-of-shard labels.
+
+    One connection, used by one thread only; how fast it goes is the :class:`~.pacing.Pacer`'s job.
+    """
 
     backfill: Backfill
     dsn: str
@@ -139,9 +131,8 @@ class _Shard:
     emit: _Emitter
     checkpoints: checkpointing.Checkpoints
     """The table (transactional) or the progress store (atLeastOnce): the same calls either way."""
-    tuning: Tuning
-    sizer: BatchSizer = field(init=False)
-    throttle_reason: str = ""
+    tuning: InitVar[Tuning]
+    pacer: pacing.Pacer = field(init=False)
     consecutive_timeouts: int = 0
     prefetcher: prefetch.BoundPrefetcher | None = None
     backend_pid: int | None = None
@@ -149,27 +140,14 @@ class _Shard:
     """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
     own: impact_governor.OwnActivity = field(default_factory=impact_governor.OwnActivity)
     """The backfill's own transactions over all shards (the application-impact throttle's input)."""
-    governor: impact_governor.Governor | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, tuning: Tuning) -> None:
         if self.conn is not None:
             self.backend_pid = self.conn.info.backend_pid
-        batch = self.tuning.batch
-        self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
-        self._set_governor()
-
-    def _set_governor(self) -> None:
-        """``applicationImpact.mode: protect`` gets a governor (kept across live re-tuning)."""
-        spec = self.tuning.limits.application_impact
-        if spec.mode != ImpactMode.PROTECT:
-            self.governor = None
-        elif self.governor is None:
-            self.governor = impact_governor.Governor(
-                spec, identity=self.identity, shard=self.shard, table=(self.target.schema, self.target.table),
-                checkpoint_schema=self.backfill.spec.checkpoint.schema_name, own=self.own, emit=self.emit,
-            )
-        else:
-            self.governor.retune(spec, self.tuning.batch.target_duration.total_seconds())
+        self.pacer = pacing.Pacer(
+            self.identity, self.shard, (self.target.schema, self.target.table),
+            self.backfill.spec.checkpoint.schema_name, self.control, self.emit, tuning, self.own,
+        )
 
     @property
     def identity(self) -> str:
@@ -195,7 +173,7 @@ class _Shard:
         )
         try:
             state = self._loop()
-        except _StopRequested:
+        except pacing.StopRequested:
             state = PAUSED
         except BackfillError as error:
             if not isinstance(error, AlreadyRunning):  # another runner owns the shard now: not ours to label
@@ -217,7 +195,7 @@ class _Shard:
         if state == DONE:
             try:
                 remaining = self._verify()
-            except _StopRequested:  # stopped while backing off: the data is done, only the count is missing
+            except pacing.StopRequested:  # stopped while backing off: the data is done, only the count is missing
                 pass
         else:
             self._persist_state(PAUSED)
@@ -238,110 +216,33 @@ class _Shard:
             self.checkpoint = replace(self.checkpoint, state=DONE)
             self._persist_state(DONE)
             return DONE
-        next_lag_check = 0.0
         while True:
             if self.control.stop_reason():
                 return PAUSED
-            self._retune()
-            self._begin_impact_control()
-            if self.tuning.limits.max_replication_lag.total_seconds() > 0 and time.monotonic() >= next_lag_check:
-                self._wait_for_replicas()
-                next_lag_check = time.monotonic() + throttle.LAG_POLL_SECONDS
+            self.pacer.retune()
+            self.pacer.before_batch(self)
             batch_started = time.monotonic()
             event = self._batch_with_retries()
             self.emit(event)
-            self.throttle_reason = ""
+            self.pacer.throttle_reason = ""
             if self.checkpoint.state == DONE:
                 return DONE
-            limits, batch = self.tuning.limits, self.tuning.batch
-            work_seconds = time.monotonic() - batch_started
-            wait = throttle.after_batch(
-                event.rows_updated,
-                work_seconds,
-                batch.pause.total_seconds(),
-                throttle.per_runner_rate(limits.max_rows_per_second, self.checkpoint.shard_count),
-            )
-            if self.governor is not None:
-                self._impact_throttle(self.governor, wait, work_seconds)
-            elif wait is not None:
-                self._throttle(wait)
-
-    def _begin_impact_control(self) -> None:
-        """Before the first batch (or when re-tuned to ``protect``): measure the application alone."""
-        governor = self.governor
-        if governor is None or governor.controller is not None:
-            return
-        target = self.tuning.batch.target_duration.total_seconds()
-        self._with_retries(lambda: governor.begin(self._connection(), self._sleep, target))
-        self._impact_batch_target(governor)
-
-    def _impact_throttle(self, governor: impact_governor.Governor, wait: throttle.Wait | None, work_seconds: float) -> None:
-        """The longer of the spec's wait and the controller's pause; a long one measures the app alone."""
-        pause = self._with_retries(lambda: governor.pause_after(self._connection(), work_seconds))
-        self._impact_batch_target(governor)
-        if wait is None or pause > wait.seconds:
-            wait = throttle.Wait(impact_governor.APPLICATION_IMPACT, pause) if pause > 0 else None
-        chosen = wait
-        self._with_retries(
-            lambda: governor.measure_pause(
-                self._connection(), chosen.seconds if chosen else 0.0, lambda: self._throttle(chosen) if chosen else None
-            )
-        )
-
-    def _impact_batch_target(self, governor: impact_governor.Governor) -> None:
-        batch = self.tuning.batch
-        self.sizer = self.sizer.retune(
-            min_size=batch.min_size, max_size=batch.max_size, target_seconds=governor.batch_target_seconds()
-        )
-
-    def _retune(self) -> None:
-        tuning = self.control.tuning()
-        if tuning is None or tuning == self.tuning:
-            return
-        old, new = self.tuning.batch, tuning.batch
-        self.sizer = self.sizer.retune(
-            min_size=new.min_size, max_size=new.max_size, target_seconds=new.target_duration.total_seconds(),
-            # A new starting size, or a switch to a fixed size, applies at once.
-            size=new.size if new.size != old.size or new.target_duration.total_seconds() <= 0 else None,
-        )
-        self.tuning = tuning
-        self._set_governor()
-
-    def _throttle(self, wait: throttle.Wait) -> None:
-        self.throttle_reason = wait.reason
-        self.emit(Throttled(self.identity, self.shard, wait.reason, wait.seconds))
-        self._sleep(wait.seconds)
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self.control.stop_reason():
-                raise _StopRequested
-            time.sleep(min(SLEEP_SLICE_SECONDS, left))
-
-    def _wait_for_replicas(self) -> None:
-        while True:
-            lag = self._with_retries(lambda: throttle.read_replication_lag(self._connection()))
-            self.emit(ReplicationLagObserved(self.identity, self.shard, lag))
-            wait = throttle.lag_wait(lag, self.tuning.limits.max_replication_lag.total_seconds())
-            if wait is None:
-                return
-            self._throttle(wait)
+            self.pacer.after_batch(self, event.rows_updated, time.monotonic() - batch_started, self.checkpoint.shard_count)
 
     # -- one batch --------------------------------------------------------------------------
 
     def _batch_with_retries(self) -> BatchCommitted:
-        event = self._with_retries(self._batch)
+        event = self.with_retries(self._batch)
         self.consecutive_timeouts = 0
         return event
 
-    def _with_retries(self, attempt: Callable[[], T]) -> T:
+    def with_retries(self, attempt: Callable[[], T]) -> T:
         retrying = Retrying(
-            stop=stop_after_attempt(self.tuning.limits.max_retries + 1),
+            stop=stop_after_attempt(self.pacer.tuning.limits.max_retries + 1),
             wait=retry.BACKOFF,
             retry=retry_if_exception(self._retryable),
             before_sleep=self._before_retry,
-            sleep=self._sleep,
+            sleep=self.pacer.sleep,
         )
         try:
             return retrying(attempt)
@@ -368,13 +269,13 @@ class _Shard:
         if transient.timeout:
             self.consecutive_timeouts += 1
             if transient.kind == retry.STATEMENT_TIMEOUT or self.consecutive_timeouts >= 2:
-                self.sizer = self.sizer.halve()
+                self.pacer.sizer = self.pacer.sizer.halve()
         if transient.reconnect:
             self._drop_connection()
         delay = state.next_action.sleep if state.next_action else 0.0
         self.emit(
             RetryScheduled(
-                self.identity, self.shard, transient.kind, state.attempt_number, delay, self.sizer.size,
+                self.identity, self.shard, transient.kind, state.attempt_number, delay, self.pacer.sizer.size,
                 self._redact(first_line(error)),
             )
         )
@@ -383,7 +284,7 @@ class _Shard:
     def _redact(self, text: str) -> str:
         return redact(text, secrets_of(self.dsn))
 
-    def _connection(self) -> psycopg.Connection:
+    def connection(self) -> psycopg.Connection:
         """The shard's connection; after a loss: reconnect, re-take the lock, re-read the checkpoint."""
         if self.conn is not None and not self.conn.closed:
             return self.conn
@@ -413,11 +314,11 @@ class _Shard:
         self.conn = None
 
     def _batch(self) -> BatchCommitted:
-        conn = self._connection()
+        conn = self.connection()
         cp = self.checkpoint
         lower, run_upper = cp.resume_after, cp.upper_key
         assert run_upper is not None
-        size = self.sizer.size
+        size = self.pacer.sizer.size
         has_lower = lower is not None
         prefetched = self.prefetcher.take(lower, size) if self.prefetcher is not None else None
         if prefetched is not None:
@@ -439,8 +340,8 @@ class _Shard:
             keys = int(counted[0]) if counted else 0
         last = upper == run_upper
         if not last and self.prefetcher is not None:
-            self.prefetcher.start(upper, run_upper, self.sizer.size)  # overlaps with this batch's write
-        limits = self.tuning.limits
+            self.prefetcher.start(upper, run_upper, self.pacer.sizer.size)  # overlaps with this batch's write
+        limits = self.pacer.tuning.limits
         started = time.monotonic()
         # Asynchronous commit for all but the last batch, in transactional mode only: the batch's
         # data and its checkpoint are one transaction, so a server crash can only lose both together
@@ -448,10 +349,10 @@ class _Shard:
         # per batch (about 10% of a 30 ms batch). The last batch commits with the session's setting,
         # which also flushes every earlier commit before the run reports ``done``.
         asynchronous = self.checkpoints.commits_with_data and not last and (
-            self.governor is None or not self.governor.synchronous_commit
+            self.pacer.governor is None or not self.pacer.governor.synchronous_commit
         )
-        if self.governor is not None:
-            self.governor.note_batch()
+        if self.pacer.governor is not None:
+            self.pacer.governor.note_batch()
         with conn.transaction():
             conn.execute(
                 "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
@@ -462,14 +363,14 @@ class _Shard:
             rows = conn.execute(
                 statements.update_batch(self.target, has_lower=has_lower), statements.range_params(lower, upper)
             ).rowcount
-            if self.governor is not None:  # now we hold every row lock of the batch: who waits for them?
-                self.governor.note_lock_waiters(impact_signals.lock_waiters(conn))
+            if self.pacer.governor is not None:  # now we hold every row lock of the batch: who waits for them?
+                self.pacer.governor.note_lock_waiters(impact_signals.lock_waiters(conn))
             # transactional: the checkpoint row, in this transaction, before COMMIT
             self.checkpoints.record_batch(conn, self.identity, self.shard, upper, rows, keys, last)
         duration = time.monotonic() - started
         self.checkpoint = cp.after_batch(upper, rows, keys, last)
         self.checkpoints.batch_committed(self.checkpoint)  # atLeastOnce: saved after COMMIT
-        self.sizer = self.sizer.observe(keys, duration)
+        self.pacer.sizer = self.pacer.sizer.observe(keys, duration)
         return BatchCommitted(
             identity=self.identity,
             shard=self.shard,
@@ -477,12 +378,12 @@ class _Shard:
             rows_updated=rows,
             keys_scanned=keys,
             batch_size=size,
-            next_batch_size=self.sizer.size,
+            next_batch_size=self.pacer.sizer.size,
             duration_seconds=duration,
             last_key=upper,
             total_rows_updated=self.checkpoint.rows_updated,
             total_batches=self.checkpoint.batches,
-            throttle_reason=self.throttle_reason,
+            throttle_reason=self.pacer.throttle_reason,
         )
 
     # -- end of shard -----------------------------------------------------------------------
@@ -505,13 +406,13 @@ class _Shard:
         statement = statements.count_remaining(self.target, has_lower=lower is not None)
 
         def count() -> int:
-            conn = self._connection()
+            conn = self.connection()
             with conn.transaction():
                 conn.execute("SELECT set_config('statement_timeout', '0', true)")
                 row = conn.execute(statement, statements.range_params(lower, upper)).fetchone()
             return int(row[0]) if row else 0
 
-        return self._with_retries(count)
+        return self.with_retries(count)
 
 
 def _ms(seconds: float) -> str:
