@@ -34,9 +34,9 @@ from backfill_api.errors import (
 from backfill_api.model import Backfill, CheckpointMode
 
 from . import (
+    batch_transaction,
     checkpointing,
     impact_governor,
-    impact_signals,
     locking,
     pacing,
     prefetch,
@@ -44,7 +44,7 @@ from . import (
     statements,
     validation,
 )
-from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
+from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, ProgressStore, ShardCheckpoint
 from .connection import connect, database_errors, first_line, open_connection
 from .events import (
     BatchCommitted,
@@ -316,71 +316,34 @@ class _Shard:
     def _batch(self) -> BatchCommitted:
         conn = self.connection()
         cp = self.checkpoint
-        lower, run_upper = cp.resume_after, cp.upper_key
+        run_upper = cp.upper_key
         assert run_upper is not None
-        size = self.pacer.sizer.size
-        has_lower = lower is not None
-        prefetched = self.prefetcher.take(lower, size) if self.prefetcher is not None else None
-        if prefetched is not None:
-            size, found = prefetched.size, prefetched.upper
-        else:
-            found = prefetch.probe(conn, self.target, lower, run_upper, size)
-        upper: Key = found if found is not None else run_upper
-        if upper == lower:  # a key whose text form does not read back: the walk would never advance
-            raise BackfillError(
-                f"shard {self.shard}: the key walk did not advance past {list(upper)} (its text form does not read back "
-                "to the same key); nothing of this batch was committed. Choose a key of an exact type (spec.key)"
-            )
-        if found is not None:
-            keys = size
-        else:
-            counted = conn.execute(
-                statements.count_keys(self.target, has_lower=has_lower), statements.range_params(lower, run_upper)
-            ).fetchone()
-            keys = int(counted[0]) if counted else 0
-        last = upper == run_upper
-        if not last and self.prefetcher is not None:
-            self.prefetcher.start(upper, run_upper, self.pacer.sizer.size)  # overlaps with this batch's write
-        limits = self.pacer.tuning.limits
-        started = time.monotonic()
-        # Asynchronous commit for all but the last batch, in transactional mode only: the batch's
-        # data and its checkpoint are one transaction, so a server crash can only lose both together
-        # (the rerun redoes them: still exactly-once), and the backend need not wait for a WAL flush
-        # per batch (about 10% of a 30 ms batch). The last batch commits with the session's setting,
-        # which also flushes every earlier commit before the run reports ``done``.
-        asynchronous = self.checkpoints.commits_with_data and not last and (
-            self.pacer.governor is None or not self.pacer.governor.synchronous_commit
+        keys = batch_transaction.walk(
+            conn, self.target, self.prefetcher, self.shard, cp.resume_after, run_upper, self.pacer.sizer.size
         )
-        if self.pacer.governor is not None:
-            self.pacer.governor.note_batch()
-        with conn.transaction():
-            conn.execute(
-                "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
-                "set_config('synchronous_commit', coalesce(%s, current_setting('synchronous_commit')), true)",
-                [_ms(limits.lock_timeout.total_seconds()), _ms(limits.statement_timeout.total_seconds()),
-                 "off" if asynchronous else None],
-            )
-            rows = conn.execute(
-                statements.update_batch(self.target, has_lower=has_lower), statements.range_params(lower, upper)
-            ).rowcount
-            if self.pacer.governor is not None:  # now we hold every row lock of the batch: who waits for them?
-                self.pacer.governor.note_lock_waiters(impact_signals.lock_waiters(conn))
-            # transactional: the checkpoint row, in this transaction, before COMMIT
-            self.checkpoints.record_batch(conn, self.identity, self.shard, upper, rows, keys, last)
+        if not keys.last and self.prefetcher is not None:
+            self.prefetcher.start(keys.upper, run_upper, self.pacer.sizer.size)  # overlaps with this batch's write
+        governor = self.pacer.governor
+        started = time.monotonic()
+        rows = batch_transaction.write(
+            conn, self.target, self.pacer.tuning.limits, keys,
+            asynchronous=batch_transaction.commits_asynchronously(self.checkpoints, keys.last, governor),
+            governor=governor, checkpoints=self.checkpoints, identity=self.identity, shard=self.shard,
+        )
         duration = time.monotonic() - started
-        self.checkpoint = cp.after_batch(upper, rows, keys, last)
+        self.checkpoint = cp.after_batch(keys.upper, rows, keys.keys, keys.last)
         self.checkpoints.batch_committed(self.checkpoint)  # atLeastOnce: saved after COMMIT
-        self.pacer.sizer = self.pacer.sizer.observe(keys, duration)
+        self.pacer.sizer = self.pacer.sizer.observe(keys.keys, duration)
         return BatchCommitted(
             identity=self.identity,
             shard=self.shard,
             batch_number=self.checkpoint.batches,
             rows_updated=rows,
-            keys_scanned=keys,
-            batch_size=size,
+            keys_scanned=keys.keys,
+            batch_size=keys.size,
             next_batch_size=self.pacer.sizer.size,
             duration_seconds=duration,
-            last_key=upper,
+            last_key=keys.upper,
             total_rows_updated=self.checkpoint.rows_updated,
             total_batches=self.checkpoint.batches,
             throttle_reason=self.pacer.throttle_reason,
@@ -413,10 +376,6 @@ class _Shard:
             return int(row[0]) if row else 0
 
         return self.with_retries(count)
-
-
-def _ms(seconds: float) -> str:
-    return f"{max(0, round(seconds * 1000))}ms"
 
 
 # -- setup: validation, locks, checkpoints ----------------------------------------------------
