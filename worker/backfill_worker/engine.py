@@ -10,6 +10,9 @@ checkpoint are one transaction, so a server crash loses both or neither). Under
 measures the other sessions before the first batch and between batches and sets the pause and
 the batch duration (``app_impact.py``, pure). Decisions (SQL text,
 batch size, waits, progress) live in pure modules; this module does the I/O and the ordering.
+The pieces: ``checkpointing.py`` (one checkpoint interface: the table, or the atLeastOnce
+store), ``batch_transaction.py`` (the key walk and the batch's transaction), ``pacing.py``
+(batch size, waits, replica lag, the governor's hooks); here: the loop, retries, the session.
 """
 
 from __future__ import annotations
