@@ -10,6 +10,9 @@ checkpoint are one transaction, so a server crash loses both or neither). Under
 measures the other sessions before the first batch and between batches and sets the pause and
 the batch duration (``app_impact.py``, pure). Decisions (SQL text,
 batch size, waits, progress) live in pure modules; this module does the I/O and the ordering.
+The pieces: ``checkpointing.py`` (one checkpoint interface: the table, or the atLeastOnce
+store), ``batch_transaction.py`` (the key walk and the batch's transaction), ``pacing.py``
+(batch size, waits, replica lag, the governor's hooks); here: the loop, retries, the session.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import InitVar, dataclass, field, replace
 from typing import TypeVar
 
 import psycopg
@@ -28,39 +31,33 @@ from tenacity import RetryCallState, RetryError, Retrying, retry_if_exception, s
 from backfill_api.errors import (
     AlreadyRunning,
     BackfillError,
-    CheckpointMismatch,
-    CheckpointUnavailable,
     RetriesExhausted,
     ValidationFailed,
 )
-from backfill_api.model import Backfill, CheckpointMode, ImpactMode
+from backfill_api.model import Backfill, CheckpointMode
 
 from . import (
-    checkpoint_guard,
+    batch_transaction,
+    checkpointing,
     impact_governor,
-    impact_signals,
     locking,
+    pacing,
     prefetch,
     retry,
-    sharding,
     statements,
-    throttle,
     validation,
 )
-from .batching import BatchSizer
-from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
+from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, ProgressStore, ShardCheckpoint
 from .connection import connect, database_errors, first_line, open_connection
 from .events import (
     BatchCommitted,
     Event,
     Listener,
-    ReplicationLagObserved,
     RetryScheduled,
     RunControl,
     RunFinished,
     RunStarted,
     StaticControl,
-    Throttled,
     Tuning,
 )
 from .secrets import redact, register_dsn, secrets_of
@@ -68,10 +65,6 @@ from .statements import Target
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-SLEEP_SLICE_SECONDS = 0.05
-"""Waits are sliced so a stop request is honoured within this time."""
-
 
 @dataclass(frozen=True)
 class ShardReport:
@@ -113,10 +106,6 @@ class RunReport:
         return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
 
-class _StopRequested(Exception):
-    """Raised out of a back-off wait when the control asks to stop."""
-
-
 @dataclass
 class _Emitter:
     listeners: Sequence[Listener]
@@ -131,7 +120,10 @@ class _Emitter:
 
 @dataclass
 class _Shard:
-    """Everything one shard's runner needs; one connection, used by one thread only."""
+    """One shard's runner: the loop, its session and retries, the batch, the end-of-shard labels.
+
+    One connection, used by one thread only; how fast it goes is the :class:`~.pacing.Pacer`'s job.
+    """
 
     backfill: Backfill
     dsn: str
@@ -140,12 +132,10 @@ class _Shard:
     conn: psycopg.Connection | None
     control: RunControl
     emit: _Emitter
-    table: CheckpointTable | None
-    """None in atLeastOnce mode (then ``store`` keeps progress)."""
-    store: ProgressStore | None
-    tuning: Tuning
-    sizer: BatchSizer = field(init=False)
-    throttle_reason: str = ""
+    checkpoints: checkpointing.Checkpoints
+    """The table (transactional) or the progress store (atLeastOnce): the same calls either way."""
+    tuning: InitVar[Tuning]
+    pacer: pacing.Pacer = field(init=False)
     consecutive_timeouts: int = 0
     prefetcher: prefetch.BoundPrefetcher | None = None
     backend_pid: int | None = None
@@ -153,27 +143,14 @@ class _Shard:
     """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
     own: impact_governor.OwnActivity = field(default_factory=impact_governor.OwnActivity)
     """The backfill's own transactions over all shards (the application-impact throttle's input)."""
-    governor: impact_governor.Governor | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, tuning: Tuning) -> None:
         if self.conn is not None:
             self.backend_pid = self.conn.info.backend_pid
-        batch = self.tuning.batch
-        self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
-        self._set_governor()
-
-    def _set_governor(self) -> None:
-        """``applicationImpact.mode: protect`` gets a governor (kept across live re-tuning)."""
-        spec = self.tuning.limits.application_impact
-        if spec.mode != ImpactMode.PROTECT:
-            self.governor = None
-        elif self.governor is None:
-            self.governor = impact_governor.Governor(
-                spec, identity=self.identity, shard=self.shard, table=(self.target.schema, self.target.table),
-                checkpoint_schema=self.backfill.spec.checkpoint.schema_name, own=self.own, emit=self.emit,
-            )
-        else:
-            self.governor.retune(spec, self.tuning.batch.target_duration.total_seconds())
+        self.pacer = pacing.Pacer(
+            self.identity, self.shard, (self.target.schema, self.target.table),
+            self.backfill.spec.checkpoint.schema_name, self.control, self.emit, tuning, self.own,
+        )
 
     @property
     def identity(self) -> str:
@@ -199,7 +176,7 @@ class _Shard:
         )
         try:
             state = self._loop()
-        except _StopRequested:
+        except pacing.StopRequested:
             state = PAUSED
         except BackfillError as error:
             if not isinstance(error, AlreadyRunning):  # another runner owns the shard now: not ours to label
@@ -221,7 +198,7 @@ class _Shard:
         if state == DONE:
             try:
                 remaining = self._verify()
-            except _StopRequested:  # stopped while backing off: the data is done, only the count is missing
+            except pacing.StopRequested:  # stopped while backing off: the data is done, only the count is missing
                 pass
         else:
             self._persist_state(PAUSED)
@@ -242,110 +219,33 @@ class _Shard:
             self.checkpoint = replace(self.checkpoint, state=DONE)
             self._persist_state(DONE)
             return DONE
-        next_lag_check = 0.0
         while True:
             if self.control.stop_reason():
                 return PAUSED
-            self._retune()
-            self._begin_impact_control()
-            if self.tuning.limits.max_replication_lag.total_seconds() > 0 and time.monotonic() >= next_lag_check:
-                self._wait_for_replicas()
-                next_lag_check = time.monotonic() + throttle.LAG_POLL_SECONDS
+            self.pacer.retune()
+            self.pacer.before_batch(self)
             batch_started = time.monotonic()
             event = self._batch_with_retries()
             self.emit(event)
-            self.throttle_reason = ""
+            self.pacer.throttle_reason = ""
             if self.checkpoint.state == DONE:
                 return DONE
-            limits, batch = self.tuning.limits, self.tuning.batch
-            work_seconds = time.monotonic() - batch_started
-            wait = throttle.after_batch(
-                event.rows_updated,
-                work_seconds,
-                batch.pause.total_seconds(),
-                throttle.per_runner_rate(limits.max_rows_per_second, self.checkpoint.shard_count),
-            )
-            if self.governor is not None:
-                self._impact_throttle(self.governor, wait, work_seconds)
-            elif wait is not None:
-                self._throttle(wait)
-
-    def _begin_impact_control(self) -> None:
-        """Before the first batch (or when re-tuned to ``protect``): measure the application alone."""
-        governor = self.governor
-        if governor is None or governor.controller is not None:
-            return
-        target = self.tuning.batch.target_duration.total_seconds()
-        self._with_retries(lambda: governor.begin(self._connection(), self._sleep, target))
-        self._impact_batch_target(governor)
-
-    def _impact_throttle(self, governor: impact_governor.Governor, wait: throttle.Wait | None, work_seconds: float) -> None:
-        """The longer of the spec's wait and the controller's pause; a long one measures the app alone."""
-        pause = self._with_retries(lambda: governor.pause_after(self._connection(), work_seconds))
-        self._impact_batch_target(governor)
-        if wait is None or pause > wait.seconds:
-            wait = throttle.Wait(impact_governor.APPLICATION_IMPACT, pause) if pause > 0 else None
-        chosen = wait
-        self._with_retries(
-            lambda: governor.measure_pause(
-                self._connection(), chosen.seconds if chosen else 0.0, lambda: self._throttle(chosen) if chosen else None
-            )
-        )
-
-    def _impact_batch_target(self, governor: impact_governor.Governor) -> None:
-        batch = self.tuning.batch
-        self.sizer = self.sizer.retune(
-            min_size=batch.min_size, max_size=batch.max_size, target_seconds=governor.batch_target_seconds()
-        )
-
-    def _retune(self) -> None:
-        tuning = self.control.tuning()
-        if tuning is None or tuning == self.tuning:
-            return
-        old, new = self.tuning.batch, tuning.batch
-        self.sizer = self.sizer.retune(
-            min_size=new.min_size, max_size=new.max_size, target_seconds=new.target_duration.total_seconds(),
-            # A new starting size, or a switch to a fixed size, applies at once.
-            size=new.size if new.size != old.size or new.target_duration.total_seconds() <= 0 else None,
-        )
-        self.tuning = tuning
-        self._set_governor()
-
-    def _throttle(self, wait: throttle.Wait) -> None:
-        self.throttle_reason = wait.reason
-        self.emit(Throttled(self.identity, self.shard, wait.reason, wait.seconds))
-        self._sleep(wait.seconds)
-
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self.control.stop_reason():
-                raise _StopRequested
-            time.sleep(min(SLEEP_SLICE_SECONDS, left))
-
-    def _wait_for_replicas(self) -> None:
-        while True:
-            lag = self._with_retries(lambda: throttle.read_replication_lag(self._connection()))
-            self.emit(ReplicationLagObserved(self.identity, self.shard, lag))
-            wait = throttle.lag_wait(lag, self.tuning.limits.max_replication_lag.total_seconds())
-            if wait is None:
-                return
-            self._throttle(wait)
+            self.pacer.after_batch(self, event.rows_updated, time.monotonic() - batch_started, self.checkpoint.shard_count)
 
     # -- one batch --------------------------------------------------------------------------
 
     def _batch_with_retries(self) -> BatchCommitted:
-        event = self._with_retries(self._batch)
+        event = self.with_retries(self._batch)
         self.consecutive_timeouts = 0
         return event
 
-    def _with_retries(self, attempt: Callable[[], T]) -> T:
+    def with_retries(self, attempt: Callable[[], T]) -> T:
         retrying = Retrying(
-            stop=stop_after_attempt(self.tuning.limits.max_retries + 1),
+            stop=stop_after_attempt(self.pacer.tuning.limits.max_retries + 1),
             wait=retry.BACKOFF,
             retry=retry_if_exception(self._retryable),
             before_sleep=self._before_retry,
-            sleep=self._sleep,
+            sleep=self.pacer.sleep,
         )
         try:
             return retrying(attempt)
@@ -372,13 +272,13 @@ class _Shard:
         if transient.timeout:
             self.consecutive_timeouts += 1
             if transient.kind == retry.STATEMENT_TIMEOUT or self.consecutive_timeouts >= 2:
-                self.sizer = self.sizer.halve()
+                self.pacer.sizer = self.pacer.sizer.halve()
         if transient.reconnect:
             self._drop_connection()
         delay = state.next_action.sleep if state.next_action else 0.0
         self.emit(
             RetryScheduled(
-                self.identity, self.shard, transient.kind, state.attempt_number, delay, self.sizer.size,
+                self.identity, self.shard, transient.kind, state.attempt_number, delay, self.pacer.sizer.size,
                 self._redact(first_line(error)),
             )
         )
@@ -387,7 +287,7 @@ class _Shard:
     def _redact(self, text: str) -> str:
         return redact(text, secrets_of(self.dsn))
 
-    def _connection(self) -> psycopg.Connection:
+    def connection(self) -> psycopg.Connection:
         """The shard's connection; after a loss: reconnect, re-take the lock, re-read the checkpoint."""
         if self.conn is not None and not self.conn.closed:
             return self.conn
@@ -402,11 +302,9 @@ class _Shard:
             )
         self.conn = conn
         self.backend_pid = conn.info.backend_pid
-        if self.table is not None:
-            # A COMMIT whose acknowledgement was lost may or may not have happened: the table knows.
-            reloaded = next((c for c in self.table.load(conn, self.identity) if c.shard == self.shard), None)
-            if reloaded is not None:
-                self.checkpoint = reloaded
+        reloaded = self.checkpoints.reload(conn, self.identity, self.shard)
+        if reloaded is not None:
+            self.checkpoint = reloaded
         return conn
 
     def _drop_connection(self) -> None:
@@ -414,139 +312,73 @@ class _Shard:
             self.lost_backend_pid = self.backend_pid  # may live on, server-side, after a partition
             try:
                 self.conn.close()
-            except Exception:  # already broken
+            except (psycopg.Error, OSError):  # already broken
                 pass
         self.conn = None
 
     def _batch(self) -> BatchCommitted:
-        conn = self._connection()
+        conn = self.connection()
         cp = self.checkpoint
-        lower, run_upper = cp.resume_after, cp.upper_key
+        run_upper = cp.upper_key
         assert run_upper is not None
-        size = self.sizer.size
-        has_lower = lower is not None
-        prefetched = self.prefetcher.take(lower, size) if self.prefetcher is not None else None
-        if prefetched is not None:
-            size, found = prefetched.size, prefetched.upper
-        else:
-            found = prefetch.probe(conn, self.target, lower, run_upper, size)
-        upper: Key = found if found is not None else run_upper
-        if upper == lower:  # a key whose text form does not read back: the walk would never advance
-            raise BackfillError(
-                f"shard {self.shard}: the key walk did not advance past {list(upper)} (its text form does not read back "
-                "to the same key); nothing of this batch was committed. Choose a key of an exact type (spec.key)"
-            )
-        if found is not None:
-            keys = size
-        else:
-            counted = conn.execute(
-                statements.count_keys(self.target, has_lower=has_lower), statements.range_params(lower, run_upper)
-            ).fetchone()
-            keys = int(counted[0]) if counted else 0
-        last = upper == run_upper
-        if not last and self.prefetcher is not None:
-            self.prefetcher.start(upper, run_upper, self.sizer.size)  # overlaps with this batch's write
-        limits = self.tuning.limits
-        started = time.monotonic()
-        # Asynchronous commit for all but the last batch, in transactional mode only: the batch's
-        # data and its checkpoint are one transaction, so a server crash can only lose both together
-        # (the rerun redoes them: still exactly-once), and the backend need not wait for a WAL flush
-        # per batch (about 10% of a 30 ms batch). The last batch commits with the session's setting,
-        # which also flushes every earlier commit before the run reports ``done``.
-        asynchronous = self.table is not None and not last and (
-            self.governor is None or not self.governor.synchronous_commit
+        keys = batch_transaction.walk(
+            conn, self.target, self.prefetcher, self.shard, cp.resume_after, run_upper, self.pacer.sizer.size
         )
-        if self.governor is not None:
-            self.governor.note_batch()
-        with conn.transaction():
-            conn.execute(
-                "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
-                "set_config('synchronous_commit', coalesce(%s, current_setting('synchronous_commit')), true)",
-                [_ms(limits.lock_timeout.total_seconds()), _ms(limits.statement_timeout.total_seconds()),
-                 "off" if asynchronous else None],
-            )
-            rows = conn.execute(
-                statements.update_batch(self.target, has_lower=has_lower), statements.range_params(lower, upper)
-            ).rowcount
-            if self.governor is not None:  # now we hold every row lock of the batch: who waits for them?
-                self.governor.note_lock_waiters(impact_signals.lock_waiters(conn))
-            if self.table is not None:
-                recorded = conn.execute(
-                    self.table.record_batch_statement(),
-                    [list(upper), rows, keys, DONE if last else "running", self.identity, self.shard],
-                ).rowcount
-                if recorded != 1:  # reset or deleted under us: committing would lose exactly-once
-                    raise CheckpointUnavailable(
-                        f"the checkpoint row of {self.identity} shard {self.shard} disappeared during the run "
-                        "(reset or deleted by hand); the batch was rolled back. Rerun to start from the current checkpoint"
-                    )
+        if not keys.last and self.prefetcher is not None:
+            self.prefetcher.start(keys.upper, run_upper, self.pacer.sizer.size)  # overlaps with this batch's write
+        governor = self.pacer.governor
+        started = time.monotonic()
+        rows = batch_transaction.write(
+            conn, self.target, self.pacer.tuning.limits, keys,
+            asynchronous=batch_transaction.commits_asynchronously(self.checkpoints, keys.last, governor),
+            governor=governor, checkpoints=self.checkpoints, identity=self.identity, shard=self.shard,
+        )
         duration = time.monotonic() - started
-        self.checkpoint = cp.after_batch(upper, rows, keys, last)
-        if self.store is not None:
-            self.store.save(self.shard, self.checkpoint)
-        self.sizer = self.sizer.observe(keys, duration)
+        self.checkpoint = cp.after_batch(keys.upper, rows, keys.keys, keys.last)
+        self.checkpoints.batch_committed(self.checkpoint)  # atLeastOnce: saved after COMMIT
+        self.pacer.sizer = self.pacer.sizer.observe(keys.keys, duration)
         return BatchCommitted(
             identity=self.identity,
             shard=self.shard,
             batch_number=self.checkpoint.batches,
             rows_updated=rows,
-            keys_scanned=keys,
-            batch_size=size,
-            next_batch_size=self.sizer.size,
+            keys_scanned=keys.keys,
+            batch_size=keys.size,
+            next_batch_size=self.pacer.sizer.size,
             duration_seconds=duration,
-            last_key=upper,
+            last_key=keys.upper,
             total_rows_updated=self.checkpoint.rows_updated,
             total_batches=self.checkpoint.batches,
-            throttle_reason=self.throttle_reason,
+            throttle_reason=self.pacer.throttle_reason,
         )
 
     # -- end of shard -----------------------------------------------------------------------
 
     def _persist_state(self, state: str) -> None:
         self.checkpoint = replace(self.checkpoint, state=state, last_error=None)
-        if self.store is not None:
-            self.store.save(self.shard, self.checkpoint)
-        if self.table is not None and self.conn is not None and not self.conn.closed:
-            try:
-                self.table.set_state(self.conn, self.identity, self.shard, state)
-            except psycopg.Error as error:  # the batch data is safe either way; only the label is stale
-                log.warning("shard %s: could not record state %s: %s", self.shard, state, self._redact(first_line(error)))
+        self.checkpoints.record_state(self.conn, self.checkpoint)
 
     def _persist_failure(self, reason: str) -> None:
         """State ``failed`` and the reason, for ``backfill status`` (on a fresh session if the shard's broke)."""
         self.checkpoint = replace(self.checkpoint, state=FAILED, last_error=reason)
-        if self.store is not None:
-            self.store.save(self.shard, self.checkpoint)
-        if self.table is None:
-            return
-        try:
-            if self.conn is not None and not self.conn.closed:
-                self.table.set_state(self.conn, self.identity, self.shard, FAILED, reason)
-            else:
-                with open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}") as conn:
-                    self.table.set_state(conn, self.identity, self.shard, FAILED, reason)
-        except psycopg.Error as error:  # the database is unreachable: the label stays as it was
-            log.warning("shard %s: could not record state failed: %s", self.shard, self._redact(first_line(error)))
+        self.checkpoints.record_failure(self.conn, self.checkpoint)
 
     def _verify(self) -> int | None:
         """Rows of the shard's range still matching ``where`` (None without ``where``)."""
         cp = self.checkpoint
-        if self.target.where is None or cp.upper_key is None or cp.empty:
+        lower, upper = cp.lower_key, cp.upper_key
+        if self.target.where is None or upper is None or cp.empty:
             return None if self.target.where is None else 0
-        statement = statements.count_remaining(self.target, has_lower=cp.lower_key is not None)
+        statement = statements.count_remaining(self.target, has_lower=lower is not None)
 
         def count() -> int:
-            conn = self._connection()
+            conn = self.connection()
             with conn.transaction():
                 conn.execute("SELECT set_config('statement_timeout', '0', true)")
-                row = conn.execute(statement, statements.range_params(cp.lower_key, cp.upper_key)).fetchone()
+                row = conn.execute(statement, statements.range_params(lower, upper)).fetchone()
             return int(row[0]) if row else 0
 
-        return self._with_retries(count)
-
-
-def _ms(seconds: float) -> str:
-    return f"{max(0, round(seconds * 1000))}ms"
+        return self.with_retries(count)
 
 
 # -- setup: validation, locks, checkpoints ----------------------------------------------------
@@ -568,76 +400,6 @@ def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int
         if not 0 <= shard < count:
             raise ValidationFailed("shard", f"shard {shard} does not exist: spec.parallelism is {count} (shards 0..{count - 1})")
     return selected
-
-
-def _check_fingerprints(backfill: Backfill, found: Sequence[ShardCheckpoint]) -> None:
-    expected = backfill.spec.fingerprint()
-    for cp in found:
-        if cp.fingerprint != expected:
-            raise CheckpointMismatch(
-                f"{backfill.identity} has a checkpoint from a different spec (table, key, set, where or parallelism "
-                f"changed: fingerprint {cp.fingerprint} != {expected}). Restore the original spec to resume, or run "
-                "`backfill reset FILE` to forget the checkpoint and start over"
-            )
-
-
-def _transactional_checkpoints(
-    conn: psycopg.Connection, table: CheckpointTable, backfill: Backfill, target: Target
-) -> dict[int, ShardCheckpoint]:
-    table.ensure(conn)
-    found = table.load(conn, backfill.identity)
-    _check_fingerprints(backfill, found)
-    if 0 < len(found) < backfill.spec.parallelism:
-        # The plan is inserted in one transaction, so a partial set means rows were deleted by hand:
-        # re-planning the missing shards could overlap or miss the remaining shards' ranges.
-        missing = sorted(set(range(backfill.spec.parallelism)) - {cp.shard for cp in found})
-        raise CheckpointMismatch(
-            f"the checkpoint of {backfill.identity} is incomplete (shards {missing} missing): "
-            "run `backfill reset FILE` to start over"
-        )
-    if not found:
-        checkpoint_guard.refuse_if_elsewhere(conn, backfill, table.schema)
-        with conn.transaction():
-            locking.lock_planning(conn, backfill.identity)  # concurrent shard workers: first planner wins
-            planned = sharding.plan_shards(
-                conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(),
-                shard_count=backfill.spec.parallelism,
-            )
-            table.insert_plan(conn, planned)
-        found = table.load(conn, backfill.identity)
-        _check_fingerprints(backfill, found)
-    return {cp.shard: cp for cp in found}
-
-
-def _stored_checkpoints(
-    conn: psycopg.Connection, store: ProgressStore, backfill: Backfill, target: Target
-) -> dict[int, ShardCheckpoint]:
-    count = backfill.spec.parallelism
-
-    def load_all() -> dict[int, ShardCheckpoint]:
-        loaded = {i: cp for i in range(count) if (cp := store.load(i)) is not None}
-        _check_fingerprints(backfill, list(loaded.values()))
-        return loaded
-
-    found = load_all()
-    if not found:
-        checkpoint_guard.refuse_if_elsewhere(conn, backfill, None)
-    if len(found) < count:
-        # Shard workers of one backfill may start together: plan under the same advisory lock as
-        # transactional mode and look again once we hold it, so exactly one plan is ever saved.
-        with conn.transaction():
-            locking.lock_planning(conn, backfill.identity)
-            found = load_all()
-            if len(found) < count:
-                planned = sharding.plan_shards(
-                    conn, target, identity=backfill.identity, fingerprint=backfill.spec.fingerprint(),
-                    shard_count=count,
-                )
-                for cp in planned:
-                    if cp.shard not in found:
-                        store.save(cp.shard, cp)
-                        found[cp.shard] = cp
-    return found
 
 
 def _lock_shards(dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection) -> dict[int, psycopg.Connection]:
@@ -681,11 +443,7 @@ def run_backfill(
     emit = _Emitter(listeners)
     selected = _shard_numbers(backfill, shards)
     spec = backfill.spec
-    at_least_once = spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE
-    if at_least_once and at_least_once_store is None:
-        raise ValidationFailed(
-            "spec.checkpoint.mode", "atLeastOnce keeps progress outside the database, but no progress store was given"
-        )
+    store = _checkpoints(backfill, dsn, at_least_once_store)
     main = connect(dsn, f"backfill {backfill.identity}")
     conns: dict[int, psycopg.Connection] = {}
     runners: list[_Shard] = []
@@ -693,22 +451,16 @@ def run_backfill(
         with database_errors(dsn):
             target = _validate(main, backfill, dsn)
             conns = _lock_shards(dsn, backfill, selected, main)
-            table = None if at_least_once else CheckpointTable(spec.checkpoint.schema_name)
-            if table is not None:
-                checkpoints = _transactional_checkpoints(main, table, backfill, target)
-            else:
-                assert at_least_once_store is not None
-                checkpoints = _stored_checkpoints(main, at_least_once_store, backfill, target)
+            checkpoints = checkpointing.plan(main, store, backfill, target)
         tuning = Tuning(batch=spec.batch, limits=spec.limits)
         own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another
         runners = [
-            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, table,
-                   at_least_once_store if at_least_once else None, tuning, own=own)
+            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, store, tuning, own=own)
             for s in selected
         ]
         reports, errors = _run_all(runners, dsn)
     finally:
-        for shard, conn in conns.items():
+        for conn in conns.values():
             if conn is not main:
                 conn.close()
         for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
@@ -720,6 +472,20 @@ def run_backfill(
         error.report = report  # type: ignore[attr-defined]
         raise error
     return report
+
+
+def _checkpoints(backfill: Backfill, dsn: str, at_least_once_store: ProgressStore | None) -> checkpointing.Checkpoints:
+    """The spec's checkpoint mode as one interface (``atLeastOnce`` needs ``at_least_once_store``)."""
+    if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE:
+        if at_least_once_store is None:
+            raise ValidationFailed(
+                "spec.checkpoint.mode", "atLeastOnce keeps progress outside the database, but no progress store was given"
+            )
+        return checkpointing.StoredCheckpoints(at_least_once_store)
+    secrets = secrets_of(dsn)
+    return checkpointing.TableCheckpoints(
+        CheckpointTable(backfill.spec.checkpoint.schema_name), dsn, lambda text: redact(text, secrets)
+    )
 
 
 def _run_all(runners: list[_Shard], dsn: str) -> tuple[list[ShardReport], list[BackfillError]]:
@@ -759,7 +525,7 @@ def read_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | Non
         return CheckpointTable(backfill.spec.checkpoint.schema_name).load(conn, backfill.identity)
 
 
-def reset_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | None = None) -> int:
+def reset_checkpoints(backfill: Backfill, dsn: str, *, store: checkpointing.ClearableStore | None = None) -> int:
     """Forget the checkpoint (refused while a runner holds a shard's lock); returns rows removed."""
     with connect(dsn, f"backfill {backfill.identity} reset") as conn, database_errors(dsn):
         shards = list(range(backfill.spec.parallelism))
@@ -769,8 +535,8 @@ def reset_checkpoints(backfill: Backfill, dsn: str, *, store: ProgressStore | No
                 raise AlreadyRunning(
                     f"{backfill.identity} is running (shards {held} locked): stop it before resetting its checkpoint"
                 )
-            if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE and store is not None and hasattr(store, "clear"):
-                return int(store.clear())
+            if backfill.spec.checkpoint.mode == CheckpointMode.AT_LEAST_ONCE and store is not None:
+                return store.clear()
             return CheckpointTable(backfill.spec.checkpoint.schema_name).delete(conn, backfill.identity)
         finally:
             for s in shards:

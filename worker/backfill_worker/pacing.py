@@ -1,0 +1,158 @@
+"""How fast one shard runs: batch size, live re-tuning, waits between batches, replica lag and the
+application-impact governor's hooks. The decisions are in ``throttle.py``, ``batching.py`` and
+``app_impact.py`` (pure); this module holds the shard's pacing state and does the waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import psycopg
+
+from backfill_api.model import ImpactMode
+
+from . import impact_governor, throttle
+from .batching import BatchSizer
+from .events import Event, ReplicationLagObserved, RunControl, Throttled, Tuning
+
+T = TypeVar("T")
+
+SLEEP_SLICE_SECONDS = 0.05
+"""Waits are sliced so a stop request is honoured within this time."""
+
+
+class StopRequested(Exception):
+    """Raised out of a wait when the control asks to stop."""
+
+
+class Session(Protocol):
+    """The shard's database session, as the pacing needs it (measurements with retries)."""
+
+    def connection(self) -> psycopg.Connection: ...
+
+    def with_retries(self, attempt: Callable[[], T]) -> T: ...
+
+
+@dataclass
+class Pacer:
+    """One shard's pace; used by the shard's thread only."""
+
+    identity: str
+    shard: int
+    table: tuple[str, str]
+    checkpoint_schema: str
+    control: RunControl
+    emit: Callable[[Event], None]
+    tuning: Tuning
+    own: impact_governor.OwnActivity
+    """The backfill's own transactions over all shards (the application-impact throttle's input)."""
+    sizer: BatchSizer = field(init=False)
+    throttle_reason: str = ""
+    """Why the wait before the current batch happened ('' = none); reported with the batch."""
+    governor: impact_governor.Governor | None = field(init=False, default=None)
+    next_lag_check: float = 0.0
+
+    def __post_init__(self) -> None:
+        batch = self.tuning.batch
+        self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
+        self._set_governor()
+
+    def _set_governor(self) -> None:
+        """``applicationImpact.mode: protect`` gets a governor (kept across live re-tuning)."""
+        spec = self.tuning.limits.application_impact
+        if spec.mode != ImpactMode.PROTECT:
+            self.governor = None
+        elif self.governor is None:
+            self.governor = impact_governor.Governor(
+                spec, identity=self.identity, shard=self.shard, table=self.table,
+                checkpoint_schema=self.checkpoint_schema, own=self.own, emit=self.emit,
+            )
+        else:
+            self.governor.retune(spec, self.tuning.batch.target_duration.total_seconds())
+
+    def retune(self) -> None:
+        """Apply a changed spec (``batch``, ``limits``) from the control."""
+        tuning = self.control.tuning()
+        if tuning is None or tuning == self.tuning:
+            return
+        old, new = self.tuning.batch, tuning.batch
+        self.sizer = self.sizer.retune(
+            min_size=new.min_size, max_size=new.max_size, target_seconds=new.target_duration.total_seconds(),
+            # A new starting size, or a switch to a fixed size, applies at once.
+            size=new.size if new.size != old.size or new.target_duration.total_seconds() <= 0 else None,
+        )
+        self.tuning = tuning
+        self._set_governor()
+
+    def before_batch(self, session: Session) -> None:
+        """The governor's first measurement, and the replica-lag wait when it is due."""
+        self._begin_impact_control(session)
+        if self.tuning.limits.max_replication_lag.total_seconds() > 0 and time.monotonic() >= self.next_lag_check:
+            self._wait_for_replicas(session)
+            self.next_lag_check = time.monotonic() + throttle.LAG_POLL_SECONDS
+
+    def after_batch(self, session: Session, rows: int, work_seconds: float, shard_count: int) -> None:
+        """Wait as the spec's pause and rate limit say, or as the governor says when it is on."""
+        limits, batch = self.tuning.limits, self.tuning.batch
+        wait = throttle.after_batch(
+            rows, work_seconds, batch.pause.total_seconds(), throttle.per_runner_rate(limits.max_rows_per_second, shard_count)
+        )
+        if self.governor is not None:
+            self._impact_throttle(session, self.governor, wait, work_seconds)
+        elif wait is not None:
+            self.throttle(wait)
+
+    def _begin_impact_control(self, session: Session) -> None:
+        """Before the first batch (or when re-tuned to ``protect``): measure the application alone."""
+        governor = self.governor
+        if governor is None or governor.controller is not None:
+            return
+        target = self.tuning.batch.target_duration.total_seconds()
+        session.with_retries(lambda: governor.begin(session.connection(), self.sleep, target))
+        self._impact_batch_target(governor)
+
+    def _impact_throttle(
+        self, session: Session, governor: impact_governor.Governor, wait: throttle.Wait | None, work_seconds: float
+    ) -> None:
+        """The longer of the spec's wait and the controller's pause; a long one measures the app alone."""
+        pause = session.with_retries(lambda: governor.pause_after(session.connection(), work_seconds))
+        self._impact_batch_target(governor)
+        if wait is None or pause > wait.seconds:
+            wait = throttle.Wait(impact_governor.APPLICATION_IMPACT, pause) if pause > 0 else None
+        chosen = wait
+        session.with_retries(
+            lambda: governor.measure_pause(
+                session.connection(), chosen.seconds if chosen else 0.0, lambda: self.throttle(chosen) if chosen else None
+            )
+        )
+
+    def _impact_batch_target(self, governor: impact_governor.Governor) -> None:
+        batch = self.tuning.batch
+        self.sizer = self.sizer.retune(
+            min_size=batch.min_size, max_size=batch.max_size, target_seconds=governor.batch_target_seconds()
+        )
+
+    def _wait_for_replicas(self, session: Session) -> None:
+        while True:
+            lag = session.with_retries(lambda: throttle.read_replication_lag(session.connection()))
+            self.emit(ReplicationLagObserved(self.identity, self.shard, lag))
+            wait = throttle.lag_wait(lag, self.tuning.limits.max_replication_lag.total_seconds())
+            if wait is None:
+                return
+            self.throttle(wait)
+
+    def throttle(self, wait: throttle.Wait) -> None:
+        self.throttle_reason = wait.reason
+        self.emit(Throttled(self.identity, self.shard, wait.reason, wait.seconds))
+        self.sleep(wait.seconds)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep in slices; raises :class:`StopRequested` as soon as the control asks to stop."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.control.stop_reason():
+                raise StopRequested
+            time.sleep(min(SLEEP_SLICE_SECONDS, left))
