@@ -109,6 +109,17 @@ class Cluster:
         pods = self.items("pods", selector=f"backfill.dev/name={name}")
         return [p for p in pods if p["status"].get("phase") == phase and not p["metadata"].get("deletionTimestamp")]
 
+    def running_worker_containers(self, name: str) -> list[str]:
+        """Pods of the Backfill with a container still running. A stopped pod may linger in
+        Terminating for minutes on a busy 1.20 kubelet (dockershim) after its container exited:
+        what matters to the user is that no worker runs any more."""
+        return [
+            p["metadata"]["name"]
+            for p in self.items("pods", selector=f"backfill.dev/name={name}")
+            if any("running" in (c.get("state") or {}) for c in p["status"].get("containerStatuses") or [])
+            or p["status"].get("phase") == "Pending"
+        ]
+
     def operator_pod(self) -> dict[str, Any] | None:
         pods = self.items("pods", RELEASE_NS, f"app.kubernetes.io/instance={RELEASE}")
         ready = [p for p in pods if not p["metadata"].get("deletionTimestamp") and _ready(p)]

@@ -161,7 +161,7 @@ def test_suspend_resume_and_live_retune(operator_release: Cluster, pod_database:
     wait_rows(cluster, name, 100)
     cluster.patch_spec(name, {"suspend": True})
     cluster.wait_phase(name, "Paused")
-    cluster.wait_until(lambda: not cluster.items("pods", selector=f"backfill.dev/name={name}"), "worker pods gone")
+    cluster.wait_until(lambda: not cluster.running_worker_containers(name), "no worker container running")
     paused_at = counter_histogram(db.admin_dsn)
     assert set(paused_at) == {0, 1} and 0 < paused_at[1] < COUNTER_ROWS, paused_at
     cluster.patch_spec(name, {"suspend": False})
