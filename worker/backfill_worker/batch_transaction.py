@@ -1,6 +1,7 @@
 """One batch: its key range (walked outside any transaction) and its one short transaction.
 
-The transaction: ``SET LOCAL`` timeouts, one set-based ``UPDATE`` over the range, the checkpoint
+The transaction: ``SET LOCAL`` timeouts, the change over the range (``changes.py``: one
+set-based ``UPDATE`` for ``spec.set``), the checkpoint
 (in transactional mode: written here, before COMMIT, so data and checkpoint commit together),
 COMMIT. Row locks are held only for this.
 """
@@ -15,6 +16,7 @@ from backfill_api.errors import BackfillError
 from backfill_api.model import LimitsSpec
 
 from . import impact_governor, impact_signals, prefetch, statements
+from .changes import BatchChange
 from .checkpoint import Key
 from .checkpointing import Checkpoints
 from .statements import Target
@@ -72,22 +74,20 @@ def commits_asynchronously(checkpoints: Checkpoints, last: bool, governor: impac
 
 
 def write(
-    conn: psycopg.Connection, target: Target, limits: LimitsSpec, keys: Range, *, asynchronous: bool,
+    conn: psycopg.Connection, change: BatchChange, limits: LimitsSpec, keys: Range, *, asynchronous: bool,
     governor: impact_governor.Governor | None, checkpoints: Checkpoints, identity: str, shard: int,
 ) -> int:
-    """The batch's transaction; returns the rows updated. Nothing of it stays if it raises."""
+    """The batch's transaction; returns the rows changed. Nothing of it stays if it raises."""
     if governor is not None:
         governor.note_batch()
-    with conn.transaction():
+    with change.transaction(conn):
         conn.execute(
             "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
             "set_config('synchronous_commit', coalesce(%s, current_setting('synchronous_commit')), true)",
             [_ms(limits.lock_timeout.total_seconds()), _ms(limits.statement_timeout.total_seconds()),
              "off" if asynchronous else None],
         )
-        rows = conn.execute(
-            statements.update_batch(target, has_lower=keys.lower is not None), statements.range_params(keys.lower, keys.upper)
-        ).rowcount
+        rows = change.apply(conn, keys.lower, keys.upper)
         if governor is not None:  # now we hold every row lock of the batch: who waits for them?
             governor.note_lock_waiters(impact_signals.lock_waiters(conn))
         # transactional: the checkpoint row, in this transaction, before COMMIT (atLeastOnce: nothing)

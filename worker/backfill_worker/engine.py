@@ -38,13 +38,13 @@ from backfill_api.model import Backfill, CheckpointMode
 
 from . import (
     batch_transaction,
+    changes,
     checkpointing,
     impact_governor,
     locking,
     pacing,
     prefetch,
     retry,
-    statements,
     validation,
 )
 from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, ProgressStore, ShardCheckpoint
@@ -134,6 +134,8 @@ class _Shard:
     emit: _Emitter
     checkpoints: checkpointing.Checkpoints
     """The table (transactional) or the progress store (atLeastOnce): the same calls either way."""
+    change: changes.BatchChange
+    """What each batch does to its range (``changes.py``)."""
     tuning: InitVar[Tuning]
     pacer: pacing.Pacer = field(init=False)
     consecutive_timeouts: int = 0
@@ -329,7 +331,7 @@ class _Shard:
         governor = self.pacer.governor
         started = time.monotonic()
         rows = batch_transaction.write(
-            conn, self.target, self.pacer.tuning.limits, keys,
+            conn, self.change, self.pacer.tuning.limits, keys,
             asynchronous=batch_transaction.commits_asynchronously(self.checkpoints, keys.last, governor),
             governor=governor, checkpoints=self.checkpoints, identity=self.identity, shard=self.shard,
         )
@@ -364,21 +366,12 @@ class _Shard:
         self.checkpoints.record_failure(self.conn, self.checkpoint)
 
     def _verify(self) -> int | None:
-        """Rows of the shard's range still matching ``where`` (None without ``where``)."""
+        """Rows of the shard's range that still need the change (None when the change cannot tell)."""
         cp = self.checkpoint
         lower, upper = cp.lower_key, cp.upper_key
-        if self.target.where is None or upper is None or cp.empty:
+        if upper is None or cp.empty:
             return None if self.target.where is None else 0
-        statement = statements.count_remaining(self.target, has_lower=lower is not None)
-
-        def count() -> int:
-            conn = self.connection()
-            with conn.transaction():
-                conn.execute("SELECT set_config('statement_timeout', '0', true)")
-                row = conn.execute(statement, statements.range_params(lower, upper)).fetchone()
-            return int(row[0]) if row else 0
-
-        return self.with_retries(count)
+        return self.with_retries(lambda: self.change.remaining(self.connection(), lower, upper))
 
 
 # -- setup: validation, locks, checkpoints ----------------------------------------------------
@@ -453,9 +446,10 @@ def run_backfill(
             conns = _lock_shards(dsn, backfill, selected, main)
             checkpoints = checkpointing.plan(main, store, backfill, target)
         tuning = Tuning(batch=spec.batch, limits=spec.limits)
+        change = changes.for_spec(spec, target)
         own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another
         runners = [
-            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, store, tuning, own=own)
+            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, store, change, tuning, own=own)
             for s in selected
         ]
         reports, errors = _run_all(runners, dsn)
