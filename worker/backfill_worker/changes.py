@@ -65,7 +65,7 @@ class SqlUpdate:
         return count(conn, statements.count_remaining(self.target, has_lower=lower is not None), lower, upper)
 
 
-def count(conn: psycopg.Connection, statement: sql.Composable, lower: Key | None, upper: Key) -> int:
+def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, upper: Key) -> int:
     """A ``SELECT count(*)`` over the range, without a statement timeout (verification may scan)."""
     with conn.transaction():
         conn.execute("SELECT set_config('statement_timeout', '0', true)")
