@@ -78,7 +78,7 @@ def test_defaults_and_descriptions_come_from_the_model():
     assert batch["size"] == {**batch["size"], "default": 1000, "minimum": 1, "maximum": 1_000_000}
     assert spec["properties"]["checkpoint"]["properties"]["mode"]["enum"] == ["transactional", "atLeastOnce"]
     assert "primary key" in spec["properties"]["key"]["description"]
-    assert spec["required"] == ["table", "set"]
+    assert spec["required"] == ["table"]  # set, delete or copy: exactly one (the model checks it)
 
 
 def test_immutable_fields_have_cel_transition_rules():
@@ -149,7 +149,8 @@ _DELETE = object()
 
 BAD = [
     ("spec.table", _DELETE, "spec", "'table' is a required property"),
-    ("spec.set", _DELETE, "spec", "'set' is a required property"),
+    ("spec.set", _DELETE, "spec", "is not valid under any of the given schemas"),  # none of set/delete/copy
+    ("spec.delete", {}, "spec", "is valid under each of"),  # set and delete together
     ("spec.set", {}, "spec.set", "should be non-empty"),
     ("spec.set", {"status": 1}, "spec.set.status", "is not of type 'string'"),
     ("spec.table", "", "spec.table", "should be non-empty"),

@@ -25,6 +25,7 @@ from .model import (
     API_GROUP,
     API_VERSION,
     IMMUTABLE_SPEC_FIELDS,
+    KIND_FIELDS,
     KIND,
     PLURAL,
     SHORT_NAMES,
@@ -114,6 +115,8 @@ def spec_schema() -> dict[str, Any]:
         if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
             prop["default"] = {}
     schema["x-kubernetes-validations"] = _immutability_rules()
+    # Exactly one kind of change (no CEL: a plain structural `oneOf`, checked by every API server).
+    schema["oneOf"] = [{"required": [name]} for name in KIND_FIELDS]
     return schema
 
 

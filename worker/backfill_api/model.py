@@ -4,8 +4,9 @@ The same model validates a local manifest for the CLI, the object the in-cluster
 and generates the CRD's ``openAPIV3Schema`` (``backfill crd``). Field names (camelCase in YAML)
 are the public contract.
 
-Trusted input: the values of ``spec.set`` and ``spec.where`` are SQL fragments written by the
-manifest's author and run with the database role's privileges. They are never concatenated with
+Trusted input: the values of ``spec.set``, ``spec.where``, ``spec.from[].on`` and
+``spec.copy.columns`` are SQL fragments written by the manifest's author and run with the
+database role's privileges. They are never concatenated with
 identifiers; identifiers (table, key and column names) are always quoted by
 ``psycopg.sql.Identifier``.
 """
@@ -204,6 +205,74 @@ MAX_FRAGMENT_CHARS = 65536
 """Upper bound on one ``set`` expression or the ``where`` predicate (checked before any SQL runs)."""
 
 
+class DeleteSpec(_Model):
+    """``spec.delete``: delete the rows of each batch's key range that match ``where``."""
+
+    all_rows: bool = False
+    """Delete every row of the table: required (``true``) when ``where`` is omitted, so that a
+    missing ``where`` never empties a table by accident."""
+
+
+class ConflictPolicy(StrEnum):
+    """``spec.copy.onConflict``: what a row whose conflict key is already in the target does."""
+
+    DO_NOTHING = "doNothing"
+    UPDATE = "update"
+
+
+class CopySpec(_Model):
+    """``spec.copy``: ``INSERT INTO copy.table (...) SELECT ... FROM spec.table`` per key range."""
+
+    table: str = Field(min_length=1, max_length=300)
+    """Target table, ``schema.table`` or ``table`` (may be partitioned; not the source itself)."""
+    columns: dict[str, Annotated[str, Field(min_length=1, max_length=MAX_FRAGMENT_CHARS)]] | None = None
+    """Target column -> SQL expression over the source row (trusted input); default: every
+    target column that has a same-named column in the source."""
+    on_conflict: ConflictPolicy
+    """Required, no default: ``doNothing`` keeps a row already in the target, ``update`` overwrites
+    its copied columns (``ON CONFLICT ... DO UPDATE``)."""
+    conflict_key: list[str] | None = Field(default=None, min_length=1)
+    """Target columns of the unique index the conflict policy applies to; default: the target's
+    primary key. Also what the verification matches source rows with."""
+
+    @field_validator("table")
+    @classmethod
+    def _table_parses(cls, value: str) -> str:
+        parse_qualified_name(value)
+        return value
+
+    @property
+    def qualified_table(self) -> QualifiedName:
+        return parse_qualified_name(self.table)
+
+
+class FromTable(_Model):
+    """One table joined into an update (``UPDATE t SET ... FROM table AS alias WHERE ... AND (on)``)."""
+
+    table: str = Field(min_length=1, max_length=300)
+    """``schema.table`` or ``table``."""
+    alias: str | None = Field(default=None, min_length=1, max_length=63)
+    """Name the ``set``, ``on`` and ``where`` fragments use for it; default: the table's name."""
+    on: str = Field(min_length=1, max_length=MAX_FRAGMENT_CHARS)
+    """Join condition (trusted SQL), e.g. ``a.id = orders.account_id``; the target is named by its table name."""
+
+    @field_validator("table")
+    @classmethod
+    def _table_parses(cls, value: str) -> str:
+        parse_qualified_name(value)
+        return value
+
+    @property
+    def qualified_table(self) -> QualifiedName:
+        return parse_qualified_name(self.table)
+
+
+KIND_FIELDS = ("set", "delete", "copy")
+"""What a backfill does: exactly one of these is given."""
+_KIND_ATTRIBUTES = {"copy": "copy_"}
+"""Python attribute of a kind field whose name is taken (``BaseModel.copy``)."""
+
+
 class BackfillSpec(_Model):
     """What to change, where, and how gently."""
 
@@ -212,8 +281,16 @@ class BackfillSpec(_Model):
     """Target table, ``schema.table`` or ``table``; double-quote parts containing dots or quotes."""
     key: list[str] | None = None
     """Keyset columns; default: the table's primary key. Must be covered by a unique index."""
-    set: dict[str, Annotated[str, Field(max_length=MAX_FRAGMENT_CHARS)]] = Field(min_length=1)
-    """Column -> SQL expression (trusted input, may reference the row's columns)."""
+    set: dict[str, Annotated[str, Field(max_length=MAX_FRAGMENT_CHARS)]] | None = Field(default=None, min_length=1)
+    """Update: column -> SQL expression (trusted input, may reference the row's columns and the
+    ``from`` tables). Exactly one of ``set``, ``delete``, ``copy``."""
+    delete: DeleteSpec | None = None
+    """Batched DELETE of the rows matching ``where`` (``delete: {}``; ``{allRows: true}`` without ``where``)."""
+    copy_: CopySpec | None = Field(default=None, alias="copy")
+    """Copy the rows matching ``where`` into another table, with an explicit conflict policy."""
+    from_: list[FromTable] | None = Field(default=None, alias="from", min_length=1, max_length=8)
+    """Tables joined into a ``set`` update (``UPDATE ... FROM``); each names its join condition in ``on``.
+    A target row must match at most one row of the join (``backfill plan`` checks a sample batch)."""
     where: str | None = Field(default=None, max_length=MAX_FRAGMENT_CHARS)
     """SQL predicate selecting the rows that still need the change (trusted input)."""
     batch: BatchSpec = Field(default_factory=BatchSpec)
@@ -226,6 +303,23 @@ class BackfillSpec(_Model):
     """Validate and plan only; write nothing."""
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     worker: WorkerSpec = Field(default_factory=WorkerSpec)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BackfillSpec:
+        given = [name for name in KIND_FIELDS if getattr(self, _KIND_ATTRIBUTES.get(name, name)) is not None]
+        if len(given) != 1:
+            named = ", ".join(given) if given else "none of them"
+            raise ValueError(f"give exactly one of {', '.join(KIND_FIELDS)} (what the backfill does); got {named}")
+        if self.delete is not None and self.where is None and not self.delete.all_rows:
+            raise ValueError(
+                "spec.where is required with delete (the rows to delete); to delete every row of the table, "
+                "say so explicitly with delete: {allRows: true}"
+            )
+        if self.delete is not None and self.where is not None and self.delete.all_rows:
+            raise ValueError("delete.allRows: true deletes every row, but spec.where is given: drop one of them")
+        if self.from_ is not None and self.set is None:
+            raise ValueError("spec.from joins tables into an update: it needs spec.set")
+        return self
 
     @field_validator("key", mode="before")
     @classmethod
@@ -253,8 +347,8 @@ class BackfillSpec(_Model):
 
     @field_validator("set")
     @classmethod
-    def _set_entries_valid(cls, value: dict[str, str]) -> dict[str, str]:
-        for column, expression in value.items():
+    def _set_entries_valid(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for column, expression in (value or {}).items():
             if not column:
                 raise ValueError("column names in set must not be empty")
             if not expression.strip():
@@ -272,21 +366,36 @@ class BackfillSpec(_Model):
     def qualified_table(self) -> QualifiedName:
         return parse_qualified_name(self.table)
 
+    @property
+    def kind(self) -> str:
+        """Which of ``KIND_FIELDS`` this spec gives (validated: exactly one)."""
+        return next(name for name in KIND_FIELDS if getattr(self, _KIND_ATTRIBUTES.get(name, name)) is not None)
+
     def fingerprint(self) -> str:
         """Hash of what defines the change; a checkpoint of another fingerprint is not resumed."""
-        essence = {
+        essence: dict[str, Any] = {
             "table": self.table,
             "key": self.key,
             "set": self.set,
             "where": self.where,
             "parallelism": self.parallelism,
         }
+        # Only when given, so checkpoints of updates written before these fields existed still match.
+        for name, value in (("delete", self.delete), ("copy", self.copy_), ("from", self.from_)):
+            if value is not None:
+                essence[name] = _dump(value)
         return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Fields that define *which* rows change and *how*: changing them mid-run would break
 # exactly-once, so they are immutable once a run has started.
-IMMUTABLE_SPEC_FIELDS = ("database", "table", "key", "set", "where", "parallelism", "checkpoint")
+IMMUTABLE_SPEC_FIELDS = ("database", "table", "key", "set", "delete", "copy", "from", "where", "parallelism", "checkpoint")
+
+
+def _dump(value: BaseModel | list[FromTable]) -> Any:
+    if isinstance(value, list):
+        return [item.model_dump(mode="json", by_alias=True) for item in value]
+    return value.model_dump(mode="json", by_alias=True)
 
 
 class ObjectMeta(BaseModel):

@@ -20,7 +20,8 @@ APPLIED_SPEC_ANNOTATION = "backfill.dev/applied-spec"
 
 def immutable_view(spec: BackfillSpec) -> dict[str, Any]:
     """The immutable fields in canonical JSON form (defaults filled in, camelCase)."""
-    dumped = spec.model_dump(mode="json", by_alias=True, include=set(IMMUTABLE_SPEC_FIELDS))
+    # Not ``include=``: it takes Python names, and some fields' names differ (``copy_``, ``from_``).
+    dumped = spec.model_dump(mode="json", by_alias=True)
     return {field: dumped.get(field) for field in IMMUTABLE_SPEC_FIELDS}
 
 

@@ -220,7 +220,7 @@ def run(
             result = plan_backfill(backfill, _require_dsn(dsn))
             print_plan(result, out)
             err.print("spec.dryRun is true: planned only, nothing was changed")
-            raise typer.Exit(0 if result.index_ok else 1)
+            raise typer.Exit(0 if result.ok else 1)
         start = RowsAtStart()
         store = _store(backfill, state_dir)
         if store is None:  # transactional: an atLeastOnce progress file means the mode was switched
@@ -277,7 +277,12 @@ def print_plan(plan: Plan, console: Console) -> None:
         )
     if plan.projected_seconds is not None:
         console.print(f"projected duration at batch size {plan.sample.batch_size if plan.sample else '-'}: ~{format_eta(plan.projected_seconds) or '0s'} (before adaptive sizing)")
-    console.print(f"plan_ok={'true' if plan.index_ok else 'false'}")
+    if plan.duplicate_matches:
+        console.print(
+            f"[red]JOIN MATCHES SEVERAL ROWS[/]: {plan.duplicate_matches:,} target rows of the sample batch match more than "
+            "one row of spec.from; UPDATE ... FROM would use an arbitrary one. Make the join condition (on) unique per target row"
+        )
+    console.print(f"plan_ok={'true' if plan.ok else 'false'}")
 
 
 @app.command()
@@ -287,7 +292,7 @@ def plan(file: FileArgument, dsn: DsnOption = None) -> None:
         backfill = load_backfill(file)
         result = plan_backfill(backfill, _require_dsn(dsn))
         print_plan(result, out)
-        raise typer.Exit(0 if result.index_ok else 1)
+        raise typer.Exit(0 if result.ok else 1)
 
 
 def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], console: Console) -> None:

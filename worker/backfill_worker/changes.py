@@ -3,12 +3,14 @@
 The engine walks keys, opens the batch transaction, and records the checkpoint; a
 :class:`BatchChange` decides what happens to the rows of the range inside that transaction and
 how the end-of-run verification counts rows that still need the change. Every kind of backfill
-(SQL ``set``, and the kinds added beside it) is one implementation here, so the batching loop,
-retries, throttles and checkpoints exist once.
+(SQL ``set`` with its ``from`` joins, ``delete``, ``copy``) is one implementation here, so the
+batching loop, retries, throttles and checkpoints exist once. Each kind's batch statement comes
+from ``statement()``, which ``backfill plan`` also renders, explains and samples.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -21,11 +23,30 @@ from backfill_api.model import BackfillSpec
 
 from . import statements
 from .checkpoint import Key
-from .statements import Target
+from .statements import Style, Target
 
 
 class BatchChange(Protocol):
     """One kind of change, applied to one key range per batch transaction."""
+
+    @property
+    def target(self) -> Target:
+        """The resolved table, key, fragments (and ``from``/``copy``) the statements are built from."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """What ``backfill plan`` calls its statement: ``update``, ``delete``, ``copy``."""
+        ...
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether :meth:`remaining` can count (an empty range then has 0 rows left)."""
+        ...
+
+    def statement(self, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+        """The batch statement over ``lower < key <= upper`` (params: lo..., hi...)."""
+        ...
 
     def transaction(self, conn: psycopg.Connection) -> AbstractContextManager[object]:
         """Open the batch's transaction on ``conn`` (committed on normal exit, rolled back on error)."""
@@ -47,22 +68,71 @@ def _psycopg_transaction(conn: psycopg.Connection) -> Iterator[object]:
 
 
 @dataclass(frozen=True)
-class SqlUpdate:
-    """``spec.set``: one set-based ``UPDATE`` of the range; verification counts rows still matching ``where``."""
+class _SetBased(ABC):
+    """A change that is one statement over the range, in the batch's plain transaction."""
 
     target: Target
 
     def transaction(self, conn: psycopg.Connection) -> AbstractContextManager[object]:
         return _psycopg_transaction(conn)
 
+    @abstractmethod
+    def statement(self, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+        """The kind's batch statement."""
+
     def apply(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int:
-        statement = statements.update_batch(self.target, has_lower=lower is not None)
+        statement = self.statement(has_lower=lower is not None)
         return conn.execute(statement, statements.range_params(lower, upper)).rowcount
+
+
+@dataclass(frozen=True)
+class SqlUpdate(_SetBased):
+    """``spec.set`` (joined with ``spec.from``): one set-based ``UPDATE`` of the range; verification
+    counts rows still matching ``where`` (and the join)."""
+
+    name = "update"
+
+    @property
+    def verifiable(self) -> bool:
+        return self.target.where is not None
+
+    def statement(self, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+        return statements.update_batch(self.target, has_lower=has_lower, style=style)
 
     def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
         if self.target.where is None:
             return None
         return count(conn, statements.count_remaining(self.target, has_lower=lower is not None), lower, upper)
+
+
+@dataclass(frozen=True)
+class SqlDelete(_SetBased):
+    """``spec.delete``: one ``DELETE`` of the range's rows matching ``where``; verification counts
+    rows of the range still matching it (every row of the range with ``allRows``)."""
+
+    name = "delete"
+    verifiable = True
+
+    def statement(self, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+        return statements.delete_batch(self.target, has_lower=has_lower, style=style)
+
+    def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
+        return count(conn, statements.count_remaining(self.target, has_lower=lower is not None), lower, upper)
+
+
+@dataclass(frozen=True)
+class SqlCopy(_SetBased):
+    """``spec.copy``: one ``INSERT ... SELECT ... ON CONFLICT`` of the range's rows matching
+    ``where``; verification counts those rows whose conflict key is missing from the target."""
+
+    name = "copy"
+    verifiable = True
+
+    def statement(self, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+        return statements.copy_batch(self.target, has_lower=has_lower, style=style)
+
+    def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
+        return count(conn, statements.count_missing_copies(self.target, has_lower=lower is not None), lower, upper)
 
 
 def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, upper: Key) -> int:
@@ -73,7 +143,12 @@ def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, 
     return int(row[0]) if row else 0
 
 
+KINDS: dict[str, type[SqlUpdate] | type[SqlDelete] | type[SqlCopy]] = {
+    "set": SqlUpdate, "delete": SqlDelete, "copy": SqlCopy,
+}
+"""``backfill_api.model.KIND_FIELDS`` -> the change that implements it."""
+
+
 def for_spec(spec: BackfillSpec, target: Target) -> BatchChange:
-    """The change a validated spec asks for."""
-    del spec  # one kind today; the spec picks among kinds as they are added
-    return SqlUpdate(target)
+    """The change a validated spec asks for (``target`` resolved from it by validation)."""
+    return KINDS[spec.kind](target)

@@ -23,7 +23,7 @@ from backfill_api.model import Backfill
 
 from .checkpoint import ProgressStore
 
-FINGERPRINT_FIELDS = ("table", "key", "set", "where", "parallelism")
+FINGERPRINT_FIELDS = ("table", "key", "set", "delete", "copy", "from", "where", "parallelism")
 """Hashed into ``BackfillSpec.fingerprint()``: another value -> CheckpointMismatch."""
 
 CLI_GUARDS: dict[str, str] = {
@@ -82,7 +82,7 @@ def describe(found: Found, identity: str) -> str:
             f"(with spec.checkpoint.schema: {found.schema}) to start over deliberately"
         )
     return (
-        f"a checkpoint for the same change (table, key, set, where, parallelism) under backfill {found.identity} {where}: "
+        f"a checkpoint for the same change ({', '.join(FINGERPRINT_FIELDS)}) under backfill {found.identity} {where}: "
         f"running it again as {identity} would apply the change twice. Set metadata.namespace/name back to "
         f"{found.identity}, or `backfill reset` that backfill to start over deliberately"
     )

@@ -370,7 +370,7 @@ class _Shard:
         cp = self.checkpoint
         lower, upper = cp.lower_key, cp.upper_key
         if upper is None or cp.empty:
-            return None if self.target.where is None else 0
+            return 0 if self.change.verifiable else None
         return self.with_retries(lambda: self.change.remaining(self.connection(), lower, upper))
 
 

@@ -2,7 +2,10 @@
 
 Resolves the key, estimates the rows to change, renders the exact statements, checks that both
 the custom and the generic plan of each batch statement walk the key index, and times one
-sample batch inside a transaction that is rolled back.
+sample batch inside a transaction that is rolled back. The batch statement is the change's own
+(``changes.BatchChange.statement``: update, delete or copy); with ``spec.from`` joins, only the
+target's reads must go through its key index (a joined table may be read any way), and the
+sample batch's range is checked for target rows the join matches more than once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from psycopg import sql
 
 from backfill_api.model import Backfill
 
-from . import introspect, sharding, statements, validation
+from . import changes, introspect, sharding, statements, validation
 from .connection import connect, database_errors
 from .secrets import register_dsn, secrets_of
 from .statements import Style, Target
@@ -66,10 +69,17 @@ class Plan:
     index_checks: tuple[IndexCheck, ...]
     sample: Sample | None
     projected_seconds: float | None
+    duplicate_matches: int | None = None
+    """``spec.from`` only: target rows of the sample batch that the join matches more than once."""
 
     @property
     def index_ok(self) -> bool:
         return all(check.ok for check in self.index_checks)
+
+    @property
+    def ok(self) -> bool:
+        """Every batch statement uses the key index, and no sampled target row has several join matches."""
+        return self.index_ok and not self.duplicate_matches
 
 
 # -- pure helpers -------------------------------------------------------------------------------
@@ -183,39 +193,47 @@ def _explain_generic(conn: psycopg.Connection, statement: sql.Composable, params
 def check_index_use(
     conn: psycopg.Connection, target: Target, lower: Sequence[str], run_upper: Sequence[str], size: int
 ) -> list[IndexCheck]:
-    """Custom and generic plans of the probe and the UPDATE of a real batch after ``lower``."""
+    """Custom and generic plans of the probe and the batch statement of a real batch after ``lower``."""
+    change = changes.KINDS[target.kind](target)
     checks = []
     key_indexes = introspect.hierarchy_key_indexes(conn, target)
     probe_params = [*statements.range_params(lower, run_upper), size - 1]
     row = conn.execute(statements.probe_upper_bound(target, has_lower=True), probe_params).fetchone()
     batch_upper = tuple(row) if row else tuple(run_upper)
     whole_table = row is None
+    def probe(has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+        return statements.probe_upper_bound(target, has_lower=has_lower, style=style)
+
     cases = (
-        ("probe", statements.probe_upper_bound, probe_params),
-        ("update", statements.update_batch, statements.range_params(lower, batch_upper)),
+        ("probe", probe, probe_params),
+        (change.name, change.statement, statements.range_params(lower, batch_upper)),
     )
     with conn.transaction(force_rollback=True):
         for name, build, params in cases:
             for generic in (False, True):
                 if generic:
-                    plan = _explain_generic(conn, build(target, has_lower=True, style=Style.DOLLAR), params)
+                    plan = _explain_generic(conn, build(has_lower=True, style=Style.DOLLAR), params)
                 else:
-                    plan = _explain(conn, build(target, has_lower=True), params)
+                    plan = _explain(conn, build(has_lower=True), params)
                 scans = table_scans(plan, key_indexes)
                 uses = reads_only_through(plan, key_indexes)
-                required = not (whole_table and name == "update")
+                required = not (whole_table and name == change.name)
                 checks.append(IndexCheck(name, generic, uses, tuple(describe_scan(s) for s in scans), required))
     return checks
 
 
-def _estimated_rows_to_change(conn: psycopg.Connection, target: Target, upper: Sequence[str]) -> int:
-    plan = _explain(conn, statements.update_batch(target, has_lower=False), statements.range_params(None, upper))
+def _estimated_rows_to_change(conn: psycopg.Connection, change: changes.BatchChange, upper: Sequence[str]) -> int:
+    plan = _explain(conn, change.statement(has_lower=False), statements.range_params(None, upper))
     top = plan[0]["Plan"]
     child = top["Plans"][0] if top.get("Node Type") == "ModifyTable" and top.get("Plans") else top
     return int(child.get("Plan Rows", 0))
 
 
-def _sample_batch(conn: psycopg.Connection, target: Target, backfill: Backfill, upper: Sequence[str]) -> Sample:
+def _sample_batch(
+    conn: psycopg.Connection, change: changes.BatchChange, backfill: Backfill, upper: Sequence[str]
+) -> tuple[Sample, int | None]:
+    """The first batch, timed and rolled back; and (``spec.from``) its target rows with several join matches."""
+    target = change.target
     size = backfill.spec.batch.size
     limits = backfill.spec.limits
     started = time.monotonic()
@@ -231,9 +249,14 @@ def _sample_batch(conn: psycopg.Connection, target: Target, backfill: Backfill, 
             keys = int(counted[0]) if counted else 0
         else:
             keys = size
-        rows = conn.execute(statements.update_batch(target, has_lower=False), list(batch_upper)).rowcount
+        duplicates = None
+        if target.joins:  # before the change: afterwards `where` may no longer match
+            counted = conn.execute(statements.count_duplicate_matches(target, has_lower=False), list(batch_upper)).fetchone()
+            duplicates = int(counted[0]) if counted else 0
+            started = time.monotonic()  # the check is not part of a batch's time
+        rows = conn.execute(change.statement(has_lower=False), list(batch_upper)).rowcount
         seconds = time.monotonic() - started
-    return Sample(size, keys, rows, seconds)
+    return Sample(size, keys, rows, seconds), duplicates
 
 
 def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
@@ -243,9 +266,10 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         target = validation.resolve_target(conn, backfill.spec)
         validation.check_permissions(conn, target)
         validation.check_fragments(conn, target, secrets_of(dsn))
+        change = changes.for_spec(backfill.spec, target)
         rendered = {
             "probe": statements.probe_upper_bound(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
-            "update": statements.update_batch(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
+            change.name: change.statement(has_lower=True, style=Style.DOLLAR).as_string(conn),
         }
         low = sharding.edge(conn, target, last=False)
         high = sharding.edge(conn, target, last=True)
@@ -256,12 +280,13 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
             )
         estimated_keys = sharding.estimate_keys(conn, target)
         checks = check_index_use(conn, target, low, high, backfill.spec.batch.size)
-        to_change = estimated_keys if target.where is None else _estimated_rows_to_change(conn, target, high)
-        sample = _sample_batch(conn, target, backfill, high)
+        unfiltered = target.where is None and not target.joins and target.copy is None
+        to_change = estimated_keys if unfiltered else _estimated_rows_to_change(conn, change, high)
+        sample, duplicates = _sample_batch(conn, change, backfill, high)
         projected = projected_seconds(
             estimated_keys, sample, backfill.spec.batch.pause.total_seconds(), backfill.spec.parallelism
         )
         return Plan(
             backfill.identity, target.display_table, target.key, target.key_types, target.key_index,
-            estimated_keys, to_change, backfill.spec.parallelism, rendered, tuple(checks), sample, projected,
+            estimated_keys, to_change, backfill.spec.parallelism, rendered, tuple(checks), sample, projected, duplicates,
         )

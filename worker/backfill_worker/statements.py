@@ -29,6 +29,37 @@ class Style(Enum):
 
 
 @dataclass(frozen=True)
+class Join:
+    """One ``spec.from`` table of an update: ``FROM schema.table AS alias`` and its ``on`` condition."""
+
+    schema: str
+    table: str
+    alias: str
+    on: str
+
+
+@dataclass(frozen=True)
+class CopyInto:
+    """The resolved ``spec.copy``: target table, ``(column, expression over the source)`` pairs,
+    the conflict key (target columns of a unique index) and whether a conflict updates."""
+
+    schema: str
+    table: str
+    columns: tuple[tuple[str, str | None], ...]
+    """``(target column, SQL expression over the source)``; None: the source column of that name."""
+    conflict_key: tuple[str, ...]
+    update: bool
+
+    @property
+    def table_identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.table)
+
+    @property
+    def display_table(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+
+@dataclass(frozen=True)
 class Target:
     """The resolved, validated shape of one backfill: what the statements are built from."""
 
@@ -41,6 +72,12 @@ class Target:
     """``(column, expression)`` pairs in manifest order."""
     where: str | None = None
     key_types: tuple[str, ...] = field(default=())
+    joins: tuple[Join, ...] = ()
+    """``spec.from``: tables joined into the update (and into its verification)."""
+    copy: CopyInto | None = None
+    """``spec.copy``: where the rows of each range are copied to."""
+    kind: str = "set"
+    """Which of ``backfill_api.model.KIND_FIELDS`` the spec gives: ``set``, ``delete`` or ``copy``."""
 
     @property
     def table_identifier(self) -> sql.Identifier:
@@ -68,6 +105,8 @@ class _Binder:
 
 
 def _key_columns(target: Target) -> list[sql.Identifier]:
+    if target.joins:  # a joined table may have a column of the same name: say whose key it is
+        return [sql.Identifier(target.schema, target.table, column) for column in target.key]
     return [sql.Identifier(column) for column in target.key]
 
 
@@ -114,6 +153,23 @@ def _where(target: Target, binder: _Binder) -> sql.Composable:
     return sql.SQL(" AND (\n{}\n)").format(binder.fragment(target.where))
 
 
+def _joins(target: Target, binder: _Binder) -> sql.Composable:
+    """`` AND (on)`` of every ``spec.from`` table (after the range, before ``where``)."""
+    return sql.SQL("").join(sql.SQL(" AND (\n{}\n)").format(binder.fragment(join.on)) for join in target.joins)
+
+
+def _from_list(target: Target) -> sql.Composable:
+    return sql.SQL(", ").join(
+        sql.SQL("{} AS {}").format(sql.Identifier(join.schema, join.table), sql.Identifier(join.alias))
+        for join in target.joins
+    )
+
+
+def _from_clause(target: Target) -> sql.Composable:
+    """`` FROM x AS a, ...`` of an update with ``spec.from`` (nothing without)."""
+    return sql.SQL(" FROM {}").format(_from_list(target)) if target.joins else sql.SQL("")
+
+
 def range_params(lower: Sequence[str | None] | None, upper: Sequence[str | None]) -> list[str | None]:
     """Parameters for :func:`_range`, in placeholder order."""
     return [*(lower or ()), *upper]
@@ -149,11 +205,106 @@ def update_batch(target: Target, *, has_lower: bool, style: Style = Style.PSYCOP
         sql.SQL("{} = (\n{}\n)").format(sql.Identifier(column), binder.fragment(expression))
         for column, expression in target.set
     )
-    return sql.SQL("UPDATE {table} SET {assignments} WHERE {range}{where}").format(
+    return sql.SQL("UPDATE {table} SET {assignments}{from_clause} WHERE {range}{joins}{where}").format(
         table=target.table_identifier,
         assignments=assignments,
+        from_clause=_from_clause(target),
         range=_range(target, binder, has_lower),
+        joins=_joins(target, binder),
         where=_where(target, binder),
+    )
+
+
+def delete_batch(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """One set-based DELETE of a key range's rows matching ``where`` (params: lo..., hi...)."""
+    binder = _Binder(style)
+    return sql.SQL("DELETE FROM {table} WHERE {range}{where}").format(
+        table=target.table_identifier, range=_range(target, binder, has_lower), where=_where(target, binder)
+    )
+
+
+def _copy_select(target: Target, copy: CopyInto, binder: _Binder, has_lower: bool) -> sql.Composable:
+    """``SELECT (e1), (e2) FROM source WHERE range AND (where)``: the range's rows in target shape."""
+    expressions = sql.SQL(", ").join(_copy_value(binder, column, expression) for column, expression in copy.columns)
+    return sql.SQL("SELECT {} FROM {} WHERE {}{}").format(
+        expressions, target.table_identifier, _range(target, binder, has_lower), _where(target, binder)
+    )
+
+
+def _copy_value(binder: _Binder, column: str, expression: str | None) -> sql.Composable:
+    if expression is None:
+        return sql.Identifier(column)
+    return sql.SQL("(\n{}\n)").format(binder.fragment(expression))
+
+
+def copy_batch(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """``INSERT INTO copy (...) SELECT ... FROM source WHERE range AND (where) ON CONFLICT ...`` (params: lo..., hi...)."""
+    copy = target.copy
+    assert copy is not None, "copy_batch needs a resolved spec.copy"
+    binder = _Binder(style)
+    columns = sql.SQL(", ").join(sql.Identifier(column) for column, _ in copy.columns)
+    conflict_key = sql.SQL(", ").join(sql.Identifier(column) for column in copy.conflict_key)
+    updated = [column for column, _ in copy.columns if column not in copy.conflict_key]
+    action: sql.Composable
+    if copy.update and updated:
+        action = sql.SQL("DO UPDATE SET {}").format(
+            sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(column)) for column in updated)
+        )
+    else:
+        action = sql.SQL("DO NOTHING")
+    return sql.SQL("INSERT INTO {table} ({columns}) {select} ON CONFLICT ({conflict_key}) {action}").format(
+        table=copy.table_identifier,
+        columns=columns,
+        select=_copy_select(target, copy, binder, has_lower),
+        conflict_key=conflict_key,
+        action=action,
+    )
+
+
+def count_missing_copies(target: Target, *, has_lower: bool) -> sql.Composed:
+    """Rows of a range (matching ``where``) whose conflict key is not in the copy target (params: lo..., hi...).
+
+    The expressions are evaluated in a derived table over the source alone, so a source column
+    name can never bind to a same-named target column; the target is matched by its conflict key.
+    """
+    copy = target.copy
+    assert copy is not None, "count_missing_copies needs a resolved spec.copy"
+    binder = _Binder(Style.PSYCOPG)
+    names = [sql.Identifier(f"c{number}") for number in range(len(copy.columns))]
+    position = {column: number for number, (column, _) in enumerate(copy.columns)}
+    source, copied = sql.Identifier("backfill_source"), sql.Identifier("backfill_copied")
+    matches = sql.SQL(" AND ").join(
+        sql.SQL("{}.{} = {}.{}").format(copied, sql.Identifier(column), source, names[position[column]])
+        for column in copy.conflict_key
+    )
+    return sql.SQL("SELECT count(*) FROM ({select}) AS {source}({names}) WHERE NOT EXISTS "
+                   "(SELECT 1 FROM {table} AS {copied} WHERE {matches})").format(
+        select=_copy_select(target, copy, binder, has_lower),
+        source=source,
+        names=sql.SQL(", ").join(names),
+        table=copy.table_identifier,
+        copied=copied,
+        matches=matches,
+    )
+
+
+def count_duplicate_matches(target: Target, *, has_lower: bool) -> sql.Composed:
+    """Target rows of a range that the ``from`` join matches more than once (params: lo..., hi...).
+
+    ``UPDATE ... FROM`` updates such a row once, with an arbitrary one of its matches: the
+    result would depend on the plan. Grouped by the (unique) key.
+    """
+    binder = _Binder(Style.PSYCOPG)
+    return sql.SQL(
+        "SELECT count(*) FROM (SELECT 1 FROM {table}, {from_list} WHERE {range}{joins}{where} "
+        "GROUP BY {key} HAVING count(*) > 1) AS backfill_duplicates"
+    ).format(
+        table=target.table_identifier,
+        from_list=_from_list(target),
+        range=_range(target, binder, has_lower),
+        joins=_joins(target, binder),
+        where=_where(target, binder),
+        key=sql.SQL(", ").join(_key_columns(target)),
     )
 
 
@@ -166,8 +317,16 @@ def count_keys(target: Target, *, has_lower: bool) -> sql.Composed:
 
 
 def count_remaining(target: Target, *, has_lower: bool) -> sql.Composed:
-    """Rows of a range that still match ``where`` (params: lo..., hi...): the verification."""
+    """Rows of a range that still match ``where`` (and the ``from`` join) (params: lo..., hi...): the verification."""
     binder = _Binder(Style.PSYCOPG)
+    if target.joins:
+        # Distinct target rows: a row the join matches twice is still one row that needs the change.
+        return sql.SQL(
+            "SELECT count(DISTINCT {key}) FROM {table}, {from_list} WHERE {range}{joins}{where}"
+        ).format(
+            key=_key_expr(target), table=target.table_identifier, from_list=_from_list(target), range=_range(target, binder, has_lower),
+            joins=_joins(target, binder), where=_where(target, binder),
+        )
     return sql.SQL("SELECT count(*) FROM {} WHERE {}{}").format(
         target.table_identifier, _range(target, binder, has_lower), _where(target, binder)
     )
@@ -176,22 +335,40 @@ def count_remaining(target: Target, *, has_lower: bool) -> sql.Composed:
 # -- validation probes: each fragment alone, wrapped and unwrapped ---------------------------
 
 
+def _sources(target: Target) -> sql.Composable:
+    """``t`` or ``t, x AS a, ...``: what a fragment may reference (validation probes only)."""
+    if not target.joins:
+        return target.table_identifier
+    return sql.SQL("{}, {}").format(target.table_identifier, _from_list(target))
+
+
 def select_expression(target: Target, expression: str, *, wrapped: bool) -> sql.Composed:
     """``SELECT <expr> FROM t LIMIT %s``: the unwrapped form must yield exactly one column."""
     binder = _Binder(Style.PSYCOPG)
     template = "SELECT (\n{}\n) FROM {} LIMIT {}" if wrapped else "SELECT \n{}\n FROM {} LIMIT {}"
-    return sql.SQL(template).format(binder.fragment(expression), target.table_identifier, binder.param())
+    return sql.SQL(template).format(binder.fragment(expression), _sources(target), binder.param())
 
 
 def update_one_column(target: Target, column: str, expression: str, *, wrapped: bool) -> sql.Composed:
     """``EXPLAIN UPDATE t SET c = <expr> WHERE false AND key <= %s``: type-checks the assignment."""
     binder = _Binder(Style.PSYCOPG)
-    template = "EXPLAIN UPDATE {} SET {} = (\n{}\n) WHERE {}" if wrapped else "EXPLAIN UPDATE {} SET {} = \n{}\n WHERE {}"
+    template = "EXPLAIN UPDATE {} SET {} = (\n{}\n){} WHERE {}" if wrapped else "EXPLAIN UPDATE {} SET {} = \n{}\n{} WHERE {}"
     return sql.SQL(template).format(
         target.table_identifier,
         sql.Identifier(column),
         binder.fragment(expression),
+        _from_clause(target),
         sql.SQL("{} <= {}").format(_key_expr(target), _key_params(target, binder)),
+    )
+
+
+def insert_one_column(target: Target, column: str, expression: str | None) -> sql.Composed:
+    """``EXPLAIN INSERT INTO copy (c) SELECT (<expr>) FROM t LIMIT %s``: the value is assignable to the column."""
+    assert target.copy is not None
+    binder = _Binder(Style.PSYCOPG)
+    return sql.SQL("EXPLAIN INSERT INTO {} ({}) SELECT {} FROM {} LIMIT {}").format(
+        target.copy.table_identifier, sql.Identifier(column), _copy_value(binder, column, expression),
+        target.table_identifier, binder.param(),
     )
 
 
@@ -199,7 +376,7 @@ def select_where(target: Target, predicate: str, *, wrapped: bool) -> sql.Compos
     """``SELECT 1 FROM t WHERE <where> LIMIT %s``: compiles, and is boolean."""
     binder = _Binder(Style.PSYCOPG)
     template = "SELECT 1 FROM {} WHERE (\n{}\n) LIMIT {}" if wrapped else "SELECT 1 FROM {} WHERE \n{}\n LIMIT {}"
-    return sql.SQL(template).format(target.table_identifier, binder.fragment(predicate), binder.param())
+    return sql.SQL(template).format(_sources(target), binder.fragment(predicate), binder.param())
 
 
 def explain(statement: sql.Composable, *, json: bool = False) -> sql.Composed:

@@ -12,26 +12,33 @@ import psycopg
 from psycopg import sql
 
 from backfill_api.errors import ValidationFailed
-from backfill_api.model import BackfillSpec
+from backfill_api.identifiers import QualifiedName
+from backfill_api.model import BackfillSpec, ConflictPolicy, CopySpec, FromTable
 
-from . import key_types, statements
+from . import changes, key_types, statements
 from .introspect import TableInfo, UniqueIndex, find_table, kind_name
 from .secrets import redact
-from .statements import Target
+from .statements import CopyInto, Join, Target
 
 VALIDATION_STATEMENT_TIMEOUT = "30s"
 
 
-def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
-    """Table, key and columns from the catalog; raises ValidationFailed naming the field."""
-    table = find_table(conn, spec.qualified_table)
+def _table(conn: psycopg.Connection, name: QualifiedName, text: str, field: str) -> TableInfo:
+    """A table (plain or partitioned) by its manifest name, or ValidationFailed naming ``field``."""
+    table = find_table(conn, name)
     if table is None:
-        where = "in the search path" if spec.qualified_table.schema is None else "in that schema"
+        where = "in the search path" if name.schema is None else "in that schema"
         raise ValidationFailed(
-            "spec.table", f"table {spec.table!r} not found {where}: check the name (quote mixed-case names, e.g. '\"MyTable\"')"
+            field, f"table {text!r} not found {where}: check the name (quote mixed-case names, e.g. '\"MyTable\"')"
         )
     if table.kind not in ("r", "p"):
-        raise ValidationFailed("spec.table", f"{table.schema}.{table.name} is {kind_name(table.kind)}, not a table")
+        raise ValidationFailed(field, f"{table.schema}.{table.name} is {kind_name(table.kind)}, not a table")
+    return table
+
+
+def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
+    """Table, key and columns from the catalog; raises ValidationFailed naming the field."""
+    table = _table(conn, spec.qualified_table, spec.table, "spec.table")
     index = _key_index(table, spec.key)
     key = index.columns
     for column in key:
@@ -41,7 +48,7 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
                 f"key column {column!r} is nullable: rows with NULL keys would be skipped; add NOT NULL or choose another key",
             )
     _check_key_types(conn, table, key)
-    for column in spec.set:
+    for column in spec.set or {}:
         if column not in table.columns:
             raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
         if column in key:
@@ -55,10 +62,83 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
         table=table.name,
         key=key,
         key_index=index.name,
-        set=tuple(spec.set.items()),
+        set=tuple((spec.set or {}).items()),
         where=spec.where,
         key_types=tuple(table.columns[c].type for c in key),
+        joins=tuple(_resolve_join(conn, table, number, item) for number, item in enumerate(spec.from_ or ())),
+        copy=None if spec.copy_ is None else _resolve_copy(conn, table, spec.copy_),
+        kind=spec.kind,
     )
+
+
+def _resolve_join(conn: psycopg.Connection, target: TableInfo, number: int, item: FromTable) -> Join:
+    field = f"spec.from[{number}]"
+    table = _table(conn, item.qualified_table, item.table, f"{field}.table")
+    alias = item.alias or table.name
+    if alias == target.name:
+        raise ValidationFailed(
+            f"{field}.alias", f"{alias!r} is the target table's own name (which the fragments use for it): give the joined table another alias"
+        )
+    return Join(table.schema, table.name, alias, item.on)
+
+
+def _resolve_copy(conn: psycopg.Connection, source: TableInfo, copy: CopySpec) -> CopyInto:
+    """The copy target, its columns (each with its expression over the source) and its conflict key."""
+    table = _table(conn, copy.qualified_table, copy.table, "spec.copy.table")
+    if table.oid == source.oid:
+        raise ValidationFailed("spec.copy.table", "the copy target is the source table itself: name another table")
+    if copy.columns is None:
+        columns: tuple[tuple[str, str | None], ...] = tuple(
+            (name, None) for name, column in table.columns.items() if name in source.columns and not column.generated
+        )
+        if not columns:
+            raise ValidationFailed(
+                "spec.copy.columns",
+                f"{table.schema}.{table.name} has no column named like one of {source.schema}.{source.name}: "
+                "map them with spec.copy.columns (target column: SQL expression over the source row)",
+            )
+    else:
+        for name in copy.columns:
+            if name not in table.columns:
+                raise ValidationFailed(f"spec.copy.columns.{name}", f"column {name!r} does not exist in {table.schema}.{table.name}")
+            if table.columns[name].generated:
+                raise ValidationFailed(f"spec.copy.columns.{name}", f"column {name!r} is a generated column and cannot be written")
+        columns = tuple(copy.columns.items())
+    conflict_key = _conflict_key(table, copy, tuple(name for name, _ in columns))
+    return CopyInto(table.schema, table.name, columns, conflict_key, copy.on_conflict == ConflictPolicy.UPDATE)
+
+
+def _conflict_key(table: TableInfo, copy: CopySpec, copied: tuple[str, ...]) -> tuple[str, ...]:
+    """The target columns the conflict policy (and the verification) match on: a unique index's."""
+    field = "spec.copy.conflictKey"
+    display = f"{table.schema}.{table.name}"
+    if copy.conflict_key is None:
+        primary = next((index for index in table.unique_indexes if index.primary), None)
+        if primary is None:
+            raise ValidationFailed(
+                field,
+                f"{display} has no primary key, so a rerun could not recognise rows it already holds: name the columns of "
+                "a unique index in spec.copy.conflictKey, or create one (a copy target without a unique key is refused)",
+            )
+        key = primary.columns
+    else:
+        key = tuple(copy.conflict_key)
+    for column in key:
+        if column not in table.columns:
+            raise ValidationFailed(field, f"column {column!r} does not exist in {display}")
+        if column not in copied:
+            raise ValidationFailed(field, f"conflict key column {column!r} is not among the copied columns: add it to spec.copy.columns")
+        if not table.columns[column].not_null:
+            raise ValidationFailed(
+                field, f"conflict key column {column!r} of {display} is nullable: rows with NULL would never conflict; add NOT NULL"
+            )
+    if not any(index.usable and set(index.columns) == set(key) for index in table.unique_indexes):
+        raise ValidationFailed(
+            field,
+            f"no unique index of {display} covers exactly {list(key)}: ON CONFLICT needs one (and without it a copy "
+            f"could duplicate rows); create it, e.g. CREATE UNIQUE INDEX ON {display} ({', '.join(key)})",
+        )
+    return key
 
 
 def _check_key_types(conn: psycopg.Connection, table: TableInfo, key: tuple[str, ...]) -> None:
@@ -120,13 +200,40 @@ def check_permissions(conn: psycopg.Connection, target: Target) -> None:
     if read_only:
         raise ValidationFailed("spec.database", "the session is read-only (default_transaction_read_only): use a writable role or database")
     table = target.table_identifier.as_string(conn)
-    can_select = conn.execute("SELECT has_table_privilege(%s, 'SELECT')", [table]).fetchone()[0]  # type: ignore[index]
-    if not can_select:
-        raise ValidationFailed("spec.table", f"the role lacks SELECT on {target.display_table}: GRANT SELECT, UPDATE to it")
+    needed = {"set": "SELECT, UPDATE", "delete": "SELECT, DELETE", "copy": "SELECT"}[target.kind]
+    if not _has_privilege(conn, table, None, "SELECT"):
+        raise ValidationFailed("spec.table", f"the role lacks SELECT on {target.display_table}: GRANT {needed} to it")
     for column, _ in target.set:
-        allowed = conn.execute("SELECT has_column_privilege(%s, %s, 'UPDATE')", [table, column]).fetchone()[0]  # type: ignore[index]
-        if not allowed:
+        if not _has_privilege(conn, table, column, "UPDATE"):
             raise ValidationFailed(f"spec.set.{column}", f"the role lacks UPDATE on {target.display_table}({column}): GRANT UPDATE to it")
+    if target.kind == "delete" and not _has_privilege(conn, table, None, "DELETE"):
+        raise ValidationFailed("spec.delete", f"the role lacks DELETE on {target.display_table}: GRANT DELETE to it")
+    for number, join in enumerate(target.joins):
+        if not _has_privilege(conn, sql.Identifier(join.schema, join.table).as_string(conn), None, "SELECT"):
+            raise ValidationFailed(f"spec.from[{number}].table", f"the role lacks SELECT on {join.schema}.{join.table}: GRANT SELECT to it")
+    if target.copy is not None:
+        _check_copy_permissions(conn, target.copy)
+
+
+def _check_copy_permissions(conn: psycopg.Connection, copy: CopyInto) -> None:
+    table = copy.table_identifier.as_string(conn)
+    if not _has_privilege(conn, table, None, "SELECT"):  # the verification reads the target
+        raise ValidationFailed("spec.copy.table", f"the role lacks SELECT on {copy.display_table}: GRANT SELECT, INSERT to it")
+    for column, _ in copy.columns:
+        if not _has_privilege(conn, table, column, "INSERT"):
+            raise ValidationFailed("spec.copy.table", f"the role lacks INSERT on {copy.display_table}({column}): GRANT INSERT to it")
+        if copy.update and column not in copy.conflict_key and not _has_privilege(conn, table, column, "UPDATE"):
+            raise ValidationFailed(
+                "spec.copy.onConflict", f"onConflict: update needs UPDATE on {copy.display_table}({column}): GRANT UPDATE to it"
+            )
+
+
+def _has_privilege(conn: psycopg.Connection, table: str, column: str | None, privilege: str) -> bool:
+    if column is None:
+        row = conn.execute("SELECT has_table_privilege(%s, %s)", [table, privilege]).fetchone()
+    else:
+        row = conn.execute("SELECT has_column_privilege(%s, %s, %s)", [table, column, privilege]).fetchone()
+    return bool(row and row[0])
 
 
 def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[str]) -> None:
@@ -141,19 +248,42 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
         conn.execute("SELECT set_config('statement_timeout', %s, true)", [VALIDATION_STATEMENT_TIMEOUT])
         for column, expression in target.set:
             field = f"spec.set.{column}"
+            _check_single_value(conn, target, expression, field, dsn_secrets)
             for wrapped in (True, False):
-                cursor = _compile(conn, statements.select_expression(target, expression, wrapped=wrapped), [0], field, dsn_secrets)
-                if not wrapped and len(cursor.description or ()) != 1:
-                    raise ValidationFailed(field, "the expression must be a single value (it yields several columns)")
                 _compile(conn, statements.update_one_column(target, column, expression, wrapped=wrapped), one_key, field, dsn_secrets)
+        predicates = [(f"spec.from[{number}].on", join.on) for number, join in enumerate(target.joins)]
         if target.where is not None:
+            predicates.append(("spec.where", target.where))
+        for field, predicate in predicates:
             for wrapped in (True, False):
-                _compile(conn, statements.select_where(target, target.where, wrapped=wrapped), [0], "spec.where", dsn_secrets)
+                _compile(conn, statements.select_where(target, predicate, wrapped=wrapped), [0], field, dsn_secrets)
+        if target.copy is not None:
+            _check_copy_fragments(conn, target, dsn_secrets)
         # The real statements, as the engine will issue them.
+        change = changes.KINDS[target.kind](target)
         for has_lower in (False, True):
             bounds = statements.range_params(one_key if has_lower else None, one_key)
-            _compile(conn, statements.explain(statements.update_batch(target, has_lower=has_lower)), bounds, "spec", dsn_secrets)
+            field = "spec.copy" if target.copy is not None else "spec"
+            _compile(conn, statements.explain(change.statement(has_lower=has_lower)), bounds, field, dsn_secrets)
             _compile(conn, statements.explain(statements.probe_upper_bound(target, has_lower=has_lower)), [*bounds, 0], "spec", dsn_secrets)
+
+
+def _check_single_value(conn: psycopg.Connection, target: Target, expression: str, field: str, dsn_secrets: list[str]) -> None:
+    """The expression compiles, wrapped and bare, and the bare form is one column."""
+    for wrapped in (True, False):
+        cursor = _compile(conn, statements.select_expression(target, expression, wrapped=wrapped), [0], field, dsn_secrets)
+        if not wrapped and len(cursor.description or ()) != 1:
+            raise ValidationFailed(field, "the expression must be a single value (it yields several columns)")
+
+
+def _check_copy_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[str]) -> None:
+    """Each copied value compiles over the source alone, and is assignable to its target column."""
+    assert target.copy is not None
+    for column, expression in target.copy.columns:
+        field = f"spec.copy.columns.{column}"
+        if expression is not None:
+            _check_single_value(conn, target, expression, field, dsn_secrets)
+        _compile(conn, statements.insert_one_column(target, column, expression), [0], field, dsn_secrets)
 
 
 def _compile(
