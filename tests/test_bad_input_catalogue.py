@@ -52,6 +52,8 @@ INSERT INTO partial_pk_only (id) SELECT generate_series(1, 50);
 CREATE VIEW items_view AS SELECT * FROM items;
 CREATE TABLE mismatch (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
 INSERT INTO mismatch (id) SELECT generate_series(1, 50);
+CREATE TABLE copy_target (id bigint PRIMARY KEY, grp int NOT NULL, when_seen date);
+CREATE TABLE copy_no_key (id bigint NOT NULL, grp int NOT NULL);
 """
 
 
@@ -179,6 +181,9 @@ CATALOGUE: list[Case] = [
     Case("blank-set-expression", 2, ("spec.set", "expression for column 'counter' is empty"), M(set={"counter": "  "})),
     Case("blank-where", 2, ("spec.where", "blank"), M(where="   ")),
     Case("parallelism-zero", 2, ("spec.parallelism",), M(parallelism=0)),
+    Case("delete-without-where", 2, ("spec.where is required with delete", "allRows: true"), M(set=None, delete={}, where=None)),
+    Case("set-and-delete-together", 2, ("exactly one of set, delete, copy", "got set, delete"), M(delete={})),
+    Case("copy-without-conflict-policy", 2, ("spec.copy.onConflict", "required field is missing"), M(set=None, copy={"table": "copy_target"})),
     Case("duplicate-key-columns", 2, ("spec.key", "distinct"), M(key=["id", "id"])),
     Case("table-three-parts", 2, ("spec.table", "3 parts"), M(table="a.b.c")),
     Case("wrong-api-version", 2, ("apiVersion",), {**M(), "apiVersion": "backfill.dev/v1"}),
@@ -218,6 +223,20 @@ CATALOGUE: list[Case] = [
     Case("non-unique-key", 2, ("spec.key", "no unique index covers exactly ['id']"), M(table="nonunique", key=["id"], set={"v": "1"}, where=None)),
     Case("nullable-key", 2, ("spec.key", "nullable"), M(table="nullable_key", key=["id"], set={"v": "1"}, where=None)),
     Case("partial-unique-index-key", 2, ("spec.key",), M(table="partial_pk_only", key=["id"], set={"v": "1"}, where=None)),
+    Case("copy-target-missing", 2, ("spec.copy.table", "'no_such_archive' not found"),
+         M(set=None, copy={"table": "no_such_archive", "onConflict": "doNothing"})),
+    Case("copy-column-missing", 2, ("spec.copy.columns.colour", "does not exist in public.copy_target"),
+         M(set=None, copy={"table": "copy_target", "columns": {"id": "id", "grp": "grp", "colour": "'red'"}, "onConflict": "doNothing"})),
+    Case("copy-column-type-mismatch", 2, ("spec.copy.columns.when_seen", "date"),
+         M(set=None, copy={"table": "copy_target", "columns": {"id": "id", "grp": "grp", "when_seen": "counter"}, "onConflict": "update"})),
+    Case("copy-target-without-unique-key", 2, ("spec.copy.conflictKey", "no primary key", "unique"),
+         M(set=None, copy={"table": "copy_no_key", "onConflict": "doNothing"})),
+    Case("copy-conflict-key-not-unique", 2, ("spec.copy.conflictKey", "no unique index", "CREATE UNIQUE INDEX"),
+         M(set=None, copy={"table": "copy_target", "conflictKey": ["grp"], "onConflict": "doNothing"})),
+    Case("copy-into-itself", 2, ("spec.copy.table", "the source table itself"),
+         M(set=None, copy={"table": "items", "onConflict": "doNothing"})),
+    Case("from-table-missing", 2, ("spec.from[0].table", "'no_such_accounts' not found"),
+         M(**{"from": [{"table": "no_such_accounts", "alias": "a", "on": "a.id = items.id"}]})),
     Case("shard-out-of-range", 2, ("shard 5 does not exist", "spec.parallelism is 1"), M(), args=("--shard", "5")),
     Case("checkpoint-of-another-spec", 2, ("different spec", "backfill reset"),
          M(table="mismatch", set={"v": "v + 2"}, where=None, checkpoint={"schema": "mm_checkpoints"}),
@@ -234,6 +253,9 @@ CATALOGUE: list[Case] = [
     Case("unreachable-host", 4, ("cannot connect to postgres@127.0.0.1",), M(), dsn="unreachable"),
     Case("unknown-database", 4, ("cannot connect", "does not exist"), M(), dsn="nodb"),
     Case("select-only-role", 2, ("spec.set.counter", "lacks UPDATE"), M(), dsn="reader"),
+    Case("select-only-role-delete", 2, ("spec.delete", "lacks DELETE", "GRANT DELETE"), M(set=None, delete={}), dsn="reader"),
+    Case("select-only-role-copy", 2, ("spec.copy.table", "lacks INSERT on public.copy_target"),
+         M(set=None, copy={"table": "copy_target", "onConflict": "doNothing"}), dsn="reader"),
     Case("default-transaction-read-only", 2, ("spec.database", "read-only"), M(), dsn="readonly"),
     Case("role-cannot-create-checkpoint-table", 2, ("checkpoint table", "atLeastOnce"), M(), dsn="nocreate"),
 ]
