@@ -236,7 +236,7 @@ CATALOGUE: list[Case] = [
     Case("copy-into-itself", 2, ("spec.copy.table", "the source table itself"),
          M(set=None, copy={"table": "items", "onConflict": "doNothing"})),
     Case("from-table-missing", 2, ("spec.from[0].table", "'no_such_accounts' not found"),
-         M(**{"from": [{"table": "no_such_accounts", "alias": "a", "on": "a.id = items.id"}]})),
+         M(**{"from": [{"table": "no_such_accounts", "alias": "a", "condition": "a.id = items.id"}]})),
     Case("shard-out-of-range", 2, ("shard 5 does not exist", "spec.parallelism is 1"), M(), args=("--shard", "5")),
     Case("checkpoint-of-another-spec", 2, ("different spec", "backfill reset"),
          M(table="mismatch", set={"v": "v + 2"}, where=None, checkpoint={"schema": "mm_checkpoints"}),

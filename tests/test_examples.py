@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CRD = ROOT / "crds" / "backfill.dev_backfills.yaml"
 FOLDERS = sorted(p.parent.name for p in EXAMPLES.glob("*/backfill.yaml"))
-REQUIRED = {"customers-inactive", "uuid-keyed", "composite-key", "production-throttled", "django"}
+REQUIRED = {"customers-inactive", "uuid-keyed", "composite-key", "production-throttled", "django",
+            "purge-old-events", "copy-to-archive", "backfill-from-join"}
 
 
 def crd_validator() -> jsonschema.Draft4Validator:

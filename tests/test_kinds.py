@@ -60,7 +60,7 @@ EVENTS = (
         ({"delete": {"allRows": True}, "where": "v = 1"}, "allRows: true deletes every row, but spec.where is given"),
         ({"copy": {"table": "u"}}, "onConflict"),
         ({"copy": {"table": "u", "onConflict": "replace"}}, "doNothing"),
-        ({"delete": {}, "where": "v = 1", "from": [{"table": "u", "on": "true"}]}, "spec.from joins tables into an update"),
+        ({"delete": {}, "where": "v = 1", "from": [{"table": "u", "condition": "true"}]}, "spec.from joins tables into an update"),
     ],
 )
 def test_the_model_refuses_ambiguous_kinds(spec: dict[str, Any], message: str) -> None:
@@ -215,7 +215,7 @@ ORDERS = (
 def test_join_update_sets_each_row_once_from_the_other_table(database: str) -> None:
     execute(database, *ORDERS)
     backfill = make(table="orders", set={"region": "a.region", "touched": "touched + 1"},
-                    **{"from": [{"table": "accounts", "alias": "a", "on": "a.id = orders.account_id"}]},
+                    **{"from": [{"table": "accounts", "alias": "a", "condition": "a.id = orders.account_id"}]},
                     where="orders.region IS NULL", batch=BATCHES, parallelism=2)
     plan = plan_backfill(backfill, database)
     assert plan.index_ok, plan.index_checks
@@ -231,7 +231,7 @@ def test_plan_finds_target_rows_the_join_matches_twice(database: str) -> None:
             "INSERT INTO regions SELECT id, region FROM accounts",
             "INSERT INTO regions VALUES (2, 'apac')")  # account 2 now has two regions
     backfill = make(table="orders", set={"region": "r.region"},
-                    **{"from": [{"table": "regions", "alias": "r", "on": "r.account_id = orders.account_id"}]},
+                    **{"from": [{"table": "regions", "alias": "r", "condition": "r.account_id = orders.account_id"}]},
                     batch={"size": 500, "minSize": 1})
     plan = plan_backfill(backfill, database)
     assert plan.duplicate_matches == 5  # orders 101, 201, ... 401 of the first 500 have account 2
@@ -241,9 +241,9 @@ def test_plan_finds_target_rows_the_join_matches_twice(database: str) -> None:
 def test_join_refusals_name_the_field(database: str) -> None:
     execute(database, *ORDERS)
     cases = [
-        ({"from": [{"table": "no_such", "on": "true"}]}, "spec.from[0].table", "not found"),
-        ({"from": [{"table": "accounts", "alias": "orders", "on": "true"}]}, "spec.from[0].alias", "another alias"),
-        ({"from": [{"table": "accounts", "alias": "a", "on": "a.nope = orders.account_id"}]}, "spec.from[0].on", "nope"),
+        ({"from": [{"table": "no_such", "condition": "true"}]}, "spec.from[0].table", "not found"),
+        ({"from": [{"table": "accounts", "alias": "orders", "condition": "true"}]}, "spec.from[0].alias", "another alias"),
+        ({"from": [{"table": "accounts", "alias": "a", "condition": "a.nope = orders.account_id"}]}, "spec.from[0].condition", "nope"),
     ]
     for extra, field, message in cases:
         with pytest.raises(ValidationFailed) as error:

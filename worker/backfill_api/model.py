@@ -4,7 +4,7 @@ The same model validates a local manifest for the CLI, the object the in-cluster
 and generates the CRD's ``openAPIV3Schema`` (``backfill crd``). Field names (camelCase in YAML)
 are the public contract.
 
-Trusted input: the values of ``spec.set``, ``spec.where``, ``spec.from[].on`` and
+Trusted input: the values of ``spec.set``, ``spec.where``, ``spec.from[].condition`` and
 ``spec.copy.columns`` are SQL fragments written by the manifest's author and run with the
 database role's privileges. They are never concatenated with
 identifiers; identifiers (table, key and column names) are always quoted by
@@ -247,14 +247,15 @@ class CopySpec(_Model):
 
 
 class FromTable(_Model):
-    """One table joined into an update (``UPDATE t SET ... FROM table AS alias WHERE ... AND (on)``)."""
+    """One table joined into an update (``UPDATE t SET ... FROM table AS alias WHERE ... AND (condition)``)."""
 
     table: str = Field(min_length=1, max_length=300)
     """``schema.table`` or ``table``."""
     alias: str | None = Field(default=None, min_length=1, max_length=63)
-    """Name the ``set``, ``on`` and ``where`` fragments use for it; default: the table's name."""
-    on: str = Field(min_length=1, max_length=MAX_FRAGMENT_CHARS)
-    """Join condition (trusted SQL), e.g. ``a.id = orders.account_id``; the target is named by its table name."""
+    """Name the ``set``, ``condition`` and ``where`` fragments use for it; default: the table's name."""
+    condition: str = Field(min_length=1, max_length=MAX_FRAGMENT_CHARS)
+    """Join condition (trusted SQL), e.g. ``a.id = orders.account_id``; the target is named by its
+    table name. (Not ``on``: YAML 1.1 reads a bare ``on`` key as the boolean true.)"""
 
     @field_validator("table")
     @classmethod
@@ -289,7 +290,7 @@ class BackfillSpec(_Model):
     copy_: CopySpec | None = Field(default=None, alias="copy")
     """Copy the rows matching ``where`` into another table, with an explicit conflict policy."""
     from_: list[FromTable] | None = Field(default=None, alias="from", min_length=1, max_length=8)
-    """Tables joined into a ``set`` update (``UPDATE ... FROM``); each names its join condition in ``on``.
+    """Tables joined into a ``set`` update (``UPDATE ... FROM``), each with its join ``condition``.
     A target row must match at most one row of the join (``backfill plan`` checks a sample batch)."""
     where: str | None = Field(default=None, max_length=MAX_FRAGMENT_CHARS)
     """SQL predicate selecting the rows that still need the change (trusted input)."""

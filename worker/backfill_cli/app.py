@@ -280,7 +280,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     if plan.duplicate_matches:
         console.print(
             f"[red]JOIN MATCHES SEVERAL ROWS[/]: {plan.duplicate_matches:,} target rows of the sample batch match more than "
-            "one row of spec.from; UPDATE ... FROM would use an arbitrary one. Make the join condition (on) unique per target row"
+            "one row of spec.from; UPDATE ... FROM would use an arbitrary one. Make spec.from's condition match one row per target row"
         )
     console.print(f"plan_ok={'true' if plan.ok else 'false'}")
 

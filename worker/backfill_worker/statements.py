@@ -30,12 +30,12 @@ class Style(Enum):
 
 @dataclass(frozen=True)
 class Join:
-    """One ``spec.from`` table of an update: ``FROM schema.table AS alias`` and its ``on`` condition."""
+    """One ``spec.from`` table of an update: ``FROM schema.table AS alias`` and its join condition."""
 
     schema: str
     table: str
     alias: str
-    on: str
+    condition: str
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ def _where(target: Target, binder: _Binder) -> sql.Composable:
 
 
 def _joins(target: Target, binder: _Binder) -> sql.Composable:
-    """`` AND (on)`` of every ``spec.from`` table (after the range, before ``where``)."""
-    return sql.SQL("").join(sql.SQL(" AND (\n{}\n)").format(binder.fragment(join.on)) for join in target.joins)
+    """`` AND (condition)`` of every ``spec.from`` table (after the range, before ``where``)."""
+    return sql.SQL("").join(sql.SQL(" AND (\n{}\n)").format(binder.fragment(join.condition)) for join in target.joins)
 
 
 def _from_list(target: Target) -> sql.Composable:

@@ -79,7 +79,7 @@ def _resolve_join(conn: psycopg.Connection, target: TableInfo, number: int, item
         raise ValidationFailed(
             f"{field}.alias", f"{alias!r} is the target table's own name (which the fragments use for it): give the joined table another alias"
         )
-    return Join(table.schema, table.name, alias, item.on)
+    return Join(table.schema, table.name, alias, item.condition)
 
 
 def _resolve_copy(conn: psycopg.Connection, source: TableInfo, copy: CopySpec) -> CopyInto:
@@ -251,7 +251,7 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
             _check_single_value(conn, target, expression, field, dsn_secrets)
             for wrapped in (True, False):
                 _compile(conn, statements.update_one_column(target, column, expression, wrapped=wrapped), one_key, field, dsn_secrets)
-        predicates = [(f"spec.from[{number}].on", join.on) for number, join in enumerate(target.joins)]
+        predicates = [(f"spec.from[{number}].condition", join.condition) for number, join in enumerate(target.joins)]
         if target.where is not None:
             predicates.append(("spec.where", target.where))
         for field, predicate in predicates:
