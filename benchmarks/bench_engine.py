@@ -95,10 +95,19 @@ def changed_rows(dsn: str) -> int:
 
 
 def run_engine(dsn: str, target_ms: int, parallelism: int = 1) -> Result:
+    return run_engine_spec(
+        dsn, {"set": {"status": "'inactive'"}, "where": WHERE}, target_ms, parallelism,
+        f"engine, parallelism {parallelism}, targetDuration {target_ms}ms",
+    )
+
+
+def run_engine_spec(dsn: str, change: dict[str, object], target_ms: int, parallelism: int, name: str) -> Result:
+    """The engine unthrottled with ``change`` (``set``/``delete``/``copy`` and ``where``) on customers,
+    timed per batch transaction by the engine's own events."""
     backfill = parse_backfill({
         "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "bench", "namespace": "bench"},
         "spec": {
-            "table": "customers", "set": {"status": "'inactive'"}, "where": WHERE,
+            "table": "customers", **change,
             "batch": {"size": 5000, "minSize": 1000, "maxSize": 1_000_000, "targetDuration": f"{target_ms}ms"},
             "limits": {"maxReplicationLag": "0"},
             "parallelism": parallelism,
@@ -122,7 +131,7 @@ def run_engine(dsn: str, target_ms: int, parallelism: int = 1) -> Result:
     assert report.state == "done" and report.remaining_matches == 0
     batches = last_batch[0] - first_batch[0]
     return Result(
-        f"engine, parallelism {parallelism}, targetDuration {target_ms}ms", report.rows_updated, seconds, max(durations), len(durations),
+        name, report.rows_updated, seconds, max(durations), len(durations),
         f"batch phase {batches:.2f} s = {report.rows_updated / batches / 1000:.0f}k rows/s; "
         f"median txn {statistics.median(durations) * 1000:.0f} ms, "
         f"p99 {sorted(durations)[int(len(durations) * 0.99)] * 1000:.0f} ms, {sum(d > 0.05 for d in durations)} txns > 50 ms",
@@ -130,12 +139,17 @@ def run_engine(dsn: str, target_ms: int, parallelism: int = 1) -> Result:
 
 
 def run_single_update(dsn: str) -> Result:
+    return run_single_statement(dsn, "one big UPDATE", f"UPDATE customers SET status = 'inactive' WHERE {WHERE}")
+
+
+def run_single_statement(dsn: str, name: str, statement: str) -> Result:
+    """``statement`` as one transaction: its duration is also its longest transaction."""
     with psycopg.connect(dsn) as conn:
         started = time.perf_counter()
-        rows = conn.execute(f"UPDATE customers SET status = 'inactive' WHERE {WHERE}").rowcount
+        rows = conn.execute(statement.encode()).rowcount
         conn.commit()
         seconds = time.perf_counter() - started
-    return Result("one big UPDATE", rows, seconds, seconds, 1)
+    return Result(name, rows, seconds, seconds, 1)
 
 
 def run_row_by_row(dsn: str, max_id: int) -> Result:
