@@ -11,7 +11,7 @@ import yaml
 
 from backfill_api.crd import build_crd, render_crd_yaml, without_cel
 from backfill_api.manifest import parse_backfill
-from backfill_api.model import IMMUTABLE_SPEC_FIELDS
+from backfill_api.model import IMMUTABLE_SPEC_FIELDS, KIND_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_FILE = ROOT / "crds" / "backfill.dev_backfills.yaml"
@@ -230,3 +230,11 @@ def test_cel_rules_catch_adding_or_removing_an_optional_field():
     for before, after in ((SPEC_BEFORE, without_where), (without_where, SPEC_BEFORE)):
         activation = {"self": celpy.json_to_cel(after), "oldSelf": celpy.json_to_cel(before)}
         assert not all(bool(env.program(env.compile(r["rule"])).evaluate(activation)) for r in rules)
+
+
+def test_a_kind_of_change_is_never_defaulted_by_the_server():
+    """`default: {}` on delete (or copy) would turn every Backfill into a delete on the API server."""
+    spec = openapi_schema()["properties"]["spec"]
+    for name in KIND_FIELDS:
+        assert "default" not in spec["properties"][name], name
+    assert spec["oneOf"] == [{"required": [name]} for name in KIND_FIELDS]

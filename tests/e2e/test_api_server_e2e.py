@@ -50,6 +50,10 @@ IMMUTABLE_EDITS: dict[str, dict[str, Any]] = {
     "database": {"database": {"dsnSecretRef": {"name": "other-secret"}}},
     "table": {"table": "public.other"},
     "set": {"set": {"c": "2"}},
+    # Another kind instead of set (null removes set: exactly one kind stays given).
+    "delete": {"set": None, "delete": {}},
+    "copy": {"set": None, "copy": {"table": "public.other", "onConflict": "doNothing"}},
+    "from": {"from": [{"table": "public.other", "alias": "o", "condition": "o.id = t.id"}]},
     "where": {"where": "c = 0"},
     "parallelism": {"parallelism": 2},
     "checkpoint": {"checkpoint": {"schema": "other"}},

@@ -25,8 +25,8 @@ from .model import (
     API_GROUP,
     API_VERSION,
     IMMUTABLE_SPEC_FIELDS,
-    KIND_FIELDS,
     KIND,
+    KIND_FIELDS,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -109,9 +109,12 @@ def spec_schema() -> dict[str, Any]:
         "description": schema["properties"]["key"].get("description", ""),
         "x-kubernetes-preserve-unknown-fields": True,
     }
-    for prop in schema["properties"].values():
+    for name, prop in schema["properties"].items():
         # `default: {}` lets the API server fill the nested defaults of an omitted section
         # (batch, limits, checkpoint, worker), so `kubectl get -o yaml` shows the effective settings.
+        # Never for a kind of change (delete, copy): its presence is what says what the backfill does.
+        if name in KIND_FIELDS:
+            continue
         if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
             prop["default"] = {}
     schema["x-kubernetes-validations"] = _immutability_rules()
