@@ -178,7 +178,8 @@ class ShardStatus(_StatusModel):
     state: ShardState | None = None
     last_key: list[str] | None = Field(default=None, description="Checkpoint mirror: last key processed.")
     rows_updated: int = 0
-    """Rows changed by this shard, over all runs."""
+    """Rows changed by this shard, over all runs: updated (``set``), deleted (``delete``) or
+    written into the target (``copy``: inserted, or overwritten by ``onConflict: update``)."""
     batches: int = 0
     """Committed batches of this shard."""
     batch_size: int = 0
@@ -196,7 +197,8 @@ class ShardStatus(_StatusModel):
     last_error_reason: str = ""
     """The reason of the last error (an ``errors.py`` reason such as RetriesExhausted)."""
     remaining_matches: int | None = None
-    """Rows still matching ``spec.where`` when the shard finished (dry run: rows that would change)."""
+    """Rows still matching ``spec.where`` when the shard finished (``copy``: rows matching it that
+    are missing from the target; dry run: rows that would change)."""
     estimated_keys: int = 0
     """Planner's estimate of the keys in the shard's range."""
     keys_done: int = 0
@@ -218,7 +220,7 @@ class Progress(_StatusModel):
     """``status.progress``: the shards summed up (what ``kubectl get`` shows)."""
 
     rows_updated: int = 0
-    """Rows changed, all shards."""
+    """Rows changed (updated, deleted or copied: see the shards' ``rowsUpdated``), all shards."""
     batches: int = 0
     """Committed batches, all shards."""
     percent: int = Field(default=0, ge=0, le=100)
