@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from manifests import backfill_document
+from manifests import backfill_document, write_manifest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from backfill_api.errors import ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BackfillSpec
+from backfill_cli.app import app
 from backfill_worker import changes, statements
 from backfill_worker.engine import run_backfill
 from backfill_worker.planner import plan_backfill
 from backfill_worker.statements import CopyInto, Join, Target
+from backfill_worker.validation import resolve_target
 
 
 def make(name: str = "kinds", **spec: Any) -> Backfill:
@@ -195,8 +199,6 @@ def test_copy_verification_counts_rows_missing_from_the_target(database: str) ->
 
 
 def _resolved(dsn: str, backfill: Backfill) -> Target:
-    from backfill_worker.validation import resolve_target
-
     with psycopg.connect(dsn, autocommit=True) as conn:
         return resolve_target(conn, backfill.spec)
 
@@ -250,3 +252,15 @@ def test_join_refusals_name_the_field(database: str) -> None:
             run_backfill(make(table="orders", set={"touched": "1"}, **extra), database)
         assert error.value.field == field and message in str(error.value), (field, str(error.value))
     assert rows(database, "SELECT sum(touched) FROM orders") == [(0,)]
+
+
+def test_cli_plan_fails_on_a_join_with_several_matches(database: str, tmp_path: Path) -> None:
+    execute(database, *ORDERS, "CREATE TABLE regions (account_id int NOT NULL, region text NOT NULL)",
+            "INSERT INTO regions SELECT id, region FROM accounts UNION ALL SELECT 2, 'apac'")
+    document = backfill_document("dup", "t", table="orders", set={"region": "r.region"},
+                                 **{"from": [{"table": "regions", "alias": "r", "condition": "r.account_id = orders.account_id"}]})
+    path = write_manifest(tmp_path, document)
+    result = CliRunner().invoke(app, ["plan", str(path)], env={"BACKFILL_DSN": database, "COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "JOIN MATCHES SEVERAL ROWS" in result.output and "plan_ok=false" in result.output
+    assert 'FROM "public"."regions" AS "r"' in result.output  # the rendered update statement
