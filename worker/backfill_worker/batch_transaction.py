@@ -1,7 +1,7 @@
 """One batch: its key range (walked outside any transaction) and its one short transaction.
 
 The transaction: ``SET LOCAL`` timeouts, the change over the range (``changes.py``: one
-set-based ``UPDATE`` for ``spec.set``), the checkpoint
+set-based ``UPDATE``, ``DELETE`` or ``INSERT ... SELECT``, by the spec's kind), the checkpoint
 (in transactional mode: written here, before COMMIT, so data and checkpoint commit together),
 COMMIT. Row locks are held only for this.
 """

@@ -2,7 +2,8 @@
 
 Per batch: (1) outside any transaction, walk the key index ``size`` keys past the last
 checkpoint to find the batch's upper bound; (2) one short transaction: ``SET LOCAL`` timeouts,
-one set-based ``UPDATE ... WHERE key > lo AND key <= hi AND (where)``, the checkpoint row,
+one set-based ``UPDATE ... WHERE key > lo AND key <= hi AND (where)`` (or the ``DELETE`` /
+``INSERT ... SELECT`` of ``spec.delete`` / ``spec.copy``: ``changes.py``), the checkpoint row,
 ``COMMIT``. Row locks are held only for (2). The probe of the next batch runs on a second
 connection during (2) (``prefetch.py``); all but the last batch commit asynchronously (data and
 checkpoint are one transaction, so a server crash loses both or neither). Under
