@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -205,6 +206,15 @@ MAX_FRAGMENT_CHARS = 65536
 """Upper bound on one ``set`` expression or the ``where`` predicate (checked before any SQL runs)."""
 
 
+def _parses_as_table(value: str) -> str:
+    parse_qualified_name(value)
+    return value
+
+
+OtherTable = Annotated[str, Field(min_length=1, max_length=300), AfterValidator(_parses_as_table)]
+"""The name of a table other than ``spec.table``: ``schema.table`` or ``table``."""
+
+
 class DeleteSpec(_Model):
     """``spec.delete``: delete the rows of each batch's key range that match ``where``."""
 
@@ -223,7 +233,7 @@ class ConflictPolicy(StrEnum):
 class CopySpec(_Model):
     """``spec.copy``: ``INSERT INTO copy.table (...) SELECT ... FROM spec.table`` per key range."""
 
-    table: str = Field(min_length=1, max_length=300)
+    table: OtherTable
     """Target table, ``schema.table`` or ``table`` (may be partitioned; not the source itself)."""
     columns: dict[str, Annotated[str, Field(min_length=1, max_length=MAX_FRAGMENT_CHARS)]] | None = None
     """Target column -> SQL expression over the source row (trusted input); default: every
@@ -235,12 +245,6 @@ class CopySpec(_Model):
     """Target columns of the unique index the conflict policy applies to; default: the target's
     primary key. Also what the verification matches source rows with."""
 
-    @field_validator("table")
-    @classmethod
-    def _table_parses(cls, value: str) -> str:
-        parse_qualified_name(value)
-        return value
-
     @property
     def qualified_table(self) -> QualifiedName:
         return parse_qualified_name(self.table)
@@ -249,19 +253,13 @@ class CopySpec(_Model):
 class FromTable(_Model):
     """One table joined into an update (``UPDATE t SET ... FROM table AS alias WHERE ... AND (condition)``)."""
 
-    table: str = Field(min_length=1, max_length=300)
+    table: OtherTable
     """``schema.table`` or ``table``."""
     alias: str | None = Field(default=None, min_length=1, max_length=63)
     """Name the ``set``, ``condition`` and ``where`` fragments use for it; default: the table's name."""
     condition: str = Field(min_length=1, max_length=MAX_FRAGMENT_CHARS)
     """Join condition (trusted SQL), e.g. ``a.id = orders.account_id``; the target is named by its
     table name. (Not ``on``: YAML 1.1 reads a bare ``on`` key as the boolean true.)"""
-
-    @field_validator("table")
-    @classmethod
-    def _table_parses(cls, value: str) -> str:
-        parse_qualified_name(value)
-        return value
 
     @property
     def qualified_table(self) -> QualifiedName:
