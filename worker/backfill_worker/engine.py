@@ -38,6 +38,7 @@ from backfill_api.model import Backfill, CheckpointMode
 
 from . import (
     batch_transaction,
+    blocks,
     changes,
     checkpointing,
     impact_governor,
@@ -371,6 +372,9 @@ class _Shard:
         lower, upper = cp.lower_key, cp.upper_key
         if upper is None or cp.empty:
             return None if self.target.where is None else 0
+        if self.target.by_ctid:  # the shards' ranges, the last one open-ended: the whole table
+            upper = blocks.verification_upper(cp)
+            assert upper is not None
         return self.with_retries(lambda: self.change.remaining(self.connection(), lower, upper))
 
 

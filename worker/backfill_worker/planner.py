@@ -17,12 +17,13 @@ from psycopg import sql
 
 from backfill_api.model import Backfill
 
-from . import introspect, sharding, statements, validation
+from . import blocks, introspect, sharding, statements, validation
 from .connection import connect, database_errors
 from .secrets import register_dsn, secrets_of
 from .statements import Style, Target
 
 INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+BLOCK_RANGE_NODE = "Tid Range Scan"
 PREPARED_NAME = "backfill_plan_check"
 
 
@@ -66,6 +67,8 @@ class Plan:
     index_checks: tuple[IndexCheck, ...]
     sample: Sample | None
     projected_seconds: float | None
+    by_ctid: bool = False
+    """``walk: ctid``: keys are blocks, and the check is that every batch is a TID Range Scan."""
 
     @property
     def index_ok(self) -> bool:
@@ -208,6 +211,59 @@ def check_index_use(
     return checks
 
 
+def reads_only_block_ranges(explain_json: Sequence[dict[str, Any]], table: str) -> bool:
+    """Every read of the table is a TID Range Scan (``walk: ctid``): no sequential scan, no index."""
+    reads = table_scans(explain_json, table)
+    return bool(reads) and all(s["Node Type"] == BLOCK_RANGE_NODE for s in reads)
+
+
+def check_block_ranges(conn: psycopg.Connection, target: Target, table_blocks: int, size: int) -> list[IndexCheck]:
+    """Custom and generic plans of the second batch's UPDATE (blocks ``size .. 2 size - 1``).
+
+    The batch runs the UPDATE inside a CTE (``update_batch_checked``), which PostgreSQL plans as
+    its own subquery (EXPLAIN shows it as an InitPlan): the plain UPDATE's plan is that plan.
+    """
+    bounds = statements.range_params((str(min(size, table_blocks)),), (str(min(2 * size, table_blocks)),))
+    checks = []
+    with conn.transaction(force_rollback=True):
+        for generic in (False, True):
+            if generic:
+                plan = _explain_generic(conn, statements.update_batch(target, has_lower=True, style=Style.DOLLAR), bounds)
+            else:
+                plan = _explain(conn, statements.update_batch(target, has_lower=True), bounds)
+            scans = tuple(describe_scan(s) for s in table_scans(plan, target.table))
+            uses = reads_only_block_ranges(plan, target.table)
+            checks.append(IndexCheck("update", generic, uses, scans, required=size < table_blocks))
+    return checks
+
+
+def _plan_blocks(conn: psycopg.Connection, backfill: Backfill, target: Target, rendered: dict[str, str]) -> Plan:
+    """``walk: ctid``: estimates in blocks, the TID Range Scan check, and a rolled-back sample of the first blocks."""
+    spec = backfill.spec
+    table_blocks = blocks.relation_blocks(conn, target)
+    head = (backfill.identity, target.display_table, ("ctid",), ("tid",), "(none: block ranges)", table_blocks)
+    if table_blocks == 0:
+        return Plan(*head, 0, spec.parallelism, rendered, (), None, 0.0, by_ctid=True)
+    checks = check_block_ranges(conn, target, table_blocks, spec.batch.size)
+    to_change = _estimated_rows_to_change(conn, target, (str(table_blocks),))
+    upper = (str(min(spec.batch.size, table_blocks)),)
+    started = time.monotonic()
+    with conn.transaction(force_rollback=True):
+        _batch_timeouts(conn, backfill)
+        row = conn.execute(statements.update_batch_checked(target, has_lower=False), list(upper)).fetchone()
+        sample = Sample(spec.batch.size, int(upper[0]), int(row[0]) if row else 0, time.monotonic() - started)
+    projected = projected_seconds(table_blocks, sample, spec.batch.pause.total_seconds(), spec.parallelism)
+    return Plan(*head, to_change, spec.parallelism, rendered, tuple(checks), sample, projected, by_ctid=True)
+
+
+def _batch_timeouts(conn: psycopg.Connection, backfill: Backfill) -> None:
+    limits = backfill.spec.limits
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        [f"{int(limits.lock_timeout.total_seconds() * 1000)}ms", f"{int(limits.statement_timeout.total_seconds() * 1000)}ms"],
+    )
+
+
 def _estimated_rows_to_change(conn: psycopg.Connection, target: Target, upper: Sequence[str]) -> int:
     plan = _explain(conn, statements.update_batch(target, has_lower=False), statements.range_params(None, upper))
     top = plan[0]["Plan"]
@@ -217,13 +273,9 @@ def _estimated_rows_to_change(conn: psycopg.Connection, target: Target, upper: S
 
 def _sample_batch(conn: psycopg.Connection, target: Target, backfill: Backfill, upper: Sequence[str]) -> Sample:
     size = backfill.spec.batch.size
-    limits = backfill.spec.limits
     started = time.monotonic()
     with conn.transaction(force_rollback=True):
-        conn.execute(
-            "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
-            [f"{int(limits.lock_timeout.total_seconds() * 1000)}ms", f"{int(limits.statement_timeout.total_seconds() * 1000)}ms"],
-        )
+        _batch_timeouts(conn, backfill)
         row = conn.execute(statements.probe_upper_bound(target, has_lower=False), [*upper, size - 1]).fetchone()
         batch_upper = tuple(row) if row else tuple(upper)
         if row is None:
@@ -243,6 +295,9 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         target = validation.resolve_target(conn, backfill.spec)
         validation.check_permissions(conn, target)
         validation.check_fragments(conn, target, secrets_of(dsn))
+        if target.by_ctid:
+            checked = statements.update_batch_checked(target, has_lower=True, style=Style.DOLLAR)
+            return _plan_blocks(conn, backfill, target, {"update": checked.as_string(conn)})
         rendered = {
             "probe": statements.probe_upper_bound(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
             "update": statements.update_batch(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
