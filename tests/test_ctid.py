@@ -13,16 +13,19 @@ from typing import Any
 
 import psycopg
 import pytest
-from manifests import backfill_document
+from manifests import backfill_document, write_manifest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BackfillSpec
+from backfill_cli.app import app
 from backfill_worker import blocks
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.engine import read_checkpoints, run_backfill
 from backfill_worker.events import BatchCommitted, StaticControl
+from backfill_worker.metrics import WorkerMetrics
 from backfill_worker.planner import plan_backfill
 
 WHERE = "grp < 50 AND NOT done"
@@ -249,3 +252,28 @@ def test_a_partitioned_table_is_refused(database: str) -> None:
     with pytest.raises(ValidationFailed) as refused:
         run_backfill(make(table="parts", set={"v": "v + 1"}, where="v < 0"), database)
     assert refused.value.field == "spec.walk" and "partition" in str(refused.value)
+
+
+def test_cli_plan_status_and_metrics_speak_in_blocks(database: str, tmp_path: Path) -> None:
+    seed(database)
+    backfill = make(parallelism=2)
+    document = backfill_document("ctid", "t", **backfill.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True))
+    manifest = write_manifest(tmp_path, document)
+    cli = CliRunner()
+    env = {"BACKFILL_DSN": database, "COLUMNS": "200"}
+    planned = cli.invoke(app, ["plan", str(manifest)], env=env, catch_exceptions=False)
+    assert planned.exit_code == 0, planned.output
+    assert "walk: ctid" in planned.output and "blocks in range:" in planned.output
+    assert "Tid Range Scan on logs" in planned.output and "plan_ok=true" in planned.output
+    metrics = WorkerMetrics()
+    report = run_backfill(backfill, database, listeners=[metrics])
+    status = cli.invoke(app, ["status", str(manifest)], env=env, catch_exceptions=False)
+    assert status.exit_code == 0, status.output
+    assert "blocks done" in status.output and "next block" in status.output
+    fixed_end = sum(cp.estimated_keys for cp in read_checkpoints(backfill, database))
+    scanned = sum(
+        metrics.registry.get_sample_value("backfill_keys_scanned_total", {"namespace": "t", "name": "ctid", "shard": str(s)}) or 0
+        for s in (0, 1)
+    )
+    assert report.state == "done" and scanned == fixed_end
+    assert metrics.registry.get_sample_value("backfill_progress_ratio", {"namespace": "t", "name": "ctid", "shard": "1"}) == 1.0

@@ -198,9 +198,9 @@ class ShardStatus(_StatusModel):
     remaining_matches: int | None = None
     """Rows still matching ``spec.where`` when the shard finished (dry run: rows that would change)."""
     estimated_keys: int = 0
-    """Planner's estimate of the keys in the shard's range."""
+    """Planner's estimate of the keys in the shard's range (its blocks under ``walk: ctid``)."""
     keys_done: int = 0
-    """Keys covered by committed batches."""
+    """Keys (blocks under ``walk: ctid``) covered by committed batches."""
     run: int | None = None
     """The launch (``status.run``) whose worker wrote this report."""
     updated_at: str = ""

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import load_backfill
-from backfill_api.model import Backfill, CheckpointMode
+from backfill_api.model import Backfill, CheckpointMode, Walk
 from backfill_api.status import format_eta
 from backfill_worker import checkpoint_guard
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
@@ -304,15 +304,18 @@ def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], co
         console.print(f"{backfill.identity}: no checkpoint (never ran, or reset)")
         return
     table = Table(title=f"{backfill.identity} checkpoint", show_edge=False)
-    for column in ("shard", "state", "rows updated", "batches", "keys done", "last key", "range", "updated"):
+    by_ctid = backfill.spec.walk is Walk.CTID  # keys are block numbers: (lo, hi] means blocks lo..hi-1
+    columns = ("blocks done", "next block", "blocks") if by_ctid else ("keys done", "last key", "range")
+    for column in ("shard", "state", "rows updated", "batches", *columns, "updated"):
         table.add_column(column)
     for cp in checkpoints:
-        lower = "start" if cp.lower_key is None else ",".join(cp.lower_key)
+        lower = ("0" if by_ctid else "start") if cp.lower_key is None else ",".join(cp.lower_key)
         upper = "-" if cp.upper_key is None else ",".join(cp.upper_key)
         table.add_row(
             str(cp.shard), cp.state, f"{cp.rows_updated:,}", f"{cp.batches:,}",
             f"{cp.keys_done:,}/{cp.estimated_keys:,}", "-" if cp.last_key is None else ",".join(cp.last_key),
-            f"({lower}, {upper}]", cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
+            f"[{lower}, {upper})" if by_ctid else f"({lower}, {upper}]",
+            cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
         )
     print_wide(console, table)
     for cp in checkpoints:
