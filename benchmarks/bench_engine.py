@@ -3,7 +3,7 @@
 Run manually (not part of pytest; takes a few minutes):
 
     python benchmarks/bench_engine.py [--rows 2000000] [--repeats 5] [--row-by-row-ids 100000]
-                                      [--target-ms 20,30] [--parallelism 1,2]
+                                      [--target-ms 20,30] [--parallelism 1,2] [--walk key,ctid]
 
 On a machine shared with other work, run it under ``nice -n -5`` (as root) so that the compared
 strategies, not the neighbours, decide the numbers; the load average is printed with each run.
@@ -14,7 +14,9 @@ Every run starts from the same state, like the reference measurements
 ``pg_prewarm`` of table and primary key and a ``CHECKPOINT``. Server: fsync and
 synchronous_commit on, shared_buffers=1GB, max_wal_size=4GB. Configurations run round-robin,
 the medians are reported. Backfill: ``status = 'inactive'`` where ``last_login`` is older than
-365 days and ``status IS NULL`` (about half the rows).
+365 days and ``status IS NULL`` (about half the rows). ``--walk key,ctid`` runs every engine
+configuration twice, batching by the primary key and by block ranges (``walk: ctid``, sizes in
+blocks), side by side in the same round-robin (docs/ctid.md).
 
 "Longest txn" is the longest time from a transaction's first statement to the end of its
 COMMIT, measured by the client: the longest any row lock was held.
@@ -94,21 +96,26 @@ def changed_rows(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def run_engine(dsn: str, target_ms: int, parallelism: int = 1) -> Result:
+BLOCK_BATCH = {"size": 100, "minSize": 20, "maxSize": 1_000_000}
+"""``walk: ctid`` sizes count blocks: ~107 seeded customers per 8 kB block, so 100 blocks ~ 10,700 rows."""
+
+
+def run_engine(dsn: str, target_ms: int, parallelism: int = 1, walk: str = "key") -> Result:
     return run_engine_spec(
-        dsn, {"set": {"status": "'inactive'"}, "where": WHERE}, target_ms, parallelism,
-        f"engine, parallelism {parallelism}, targetDuration {target_ms}ms",
+        dsn, {"set": {"status": "'inactive'"}, "where": WHERE, "walk": walk}, target_ms, parallelism,
+        f"engine, walk {walk}, parallelism {parallelism}, targetDuration {target_ms}ms",
     )
 
 
 def run_engine_spec(dsn: str, change: dict[str, object], target_ms: int, parallelism: int, name: str) -> Result:
-    """The engine unthrottled with ``change`` (``set``/``delete``/``copy`` and ``where``) on customers,
+    """The engine unthrottled with ``change`` (``set``/``delete``/``copy``, ``where``, ``walk``) on customers,
     timed per batch transaction by the engine's own events."""
+    sizes = BLOCK_BATCH if change.get("walk") == "ctid" else {"size": 5000, "minSize": 1000, "maxSize": 1_000_000}
     backfill = parse_backfill({
         "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "bench", "namespace": "bench"},
         "spec": {
             "table": "customers", **change,
-            "batch": {"size": 5000, "minSize": 1000, "maxSize": 1_000_000, "targetDuration": f"{target_ms}ms"},
+            "batch": {**sizes, "targetDuration": f"{target_ms}ms"},
             "limits": {"maxReplicationLag": "0"},
             "parallelism": parallelism,
         },
@@ -136,6 +143,34 @@ def run_engine_spec(dsn: str, change: dict[str, object], target_ms: int, paralle
         f"median txn {statistics.median(durations) * 1000:.0f} ms, "
         f"p99 {sorted(durations)[int(len(durations) * 0.99)] * 1000:.0f} ms, {sum(d > 0.05 for d in durations)} txns > 50 ms",
     )
+
+
+def run_bare_ranges(dsn: str, walk: str, rows_per_batch: int = 20_000) -> Result:
+    """The issue's bare-SQL comparison: a loop of UPDATE + COMMIT over fixed ranges of about
+    ``rows_per_batch`` rows, by id (``id > lo AND id <= hi``) or by blocks (``ctid >= '(lo,0)' AND
+    ctid < '(hi,0)'``), no checkpoint, no engine."""
+    with psycopg.connect(dsn) as conn:
+        max_id, blocks, rows = conn.execute(
+            "SELECT max(id), pg_relation_size('customers') / current_setting('block_size')::int, count(*) FROM customers"
+        ).fetchone()  # type: ignore[misc]
+        conn.commit()
+        end, step = (max_id, rows_per_batch) if walk == "key" else (blocks, max(1, round(rows_per_batch * blocks / rows)))
+        statement = (
+            f"UPDATE customers SET status = 'inactive' WHERE id > %s AND id <= %s AND {WHERE}" if walk == "key" else
+            f"UPDATE customers SET status = 'inactive' WHERE ctid >= format('(%s,0)', %s::bigint)::tid "
+            f"AND ctid < format('(%s,0)', %s::bigint)::tid AND {WHERE}".replace("'(%s,0)'", "'(%%s,0)'")
+        )
+        changed, longest, transactions = 0, 0.0, 0
+        started = time.perf_counter()
+        for lower in range(0, end, step):
+            txn_started = time.perf_counter()
+            changed += conn.execute(statement, [lower, min(lower + step, end)]).rowcount
+            conn.commit()
+            longest = max(longest, time.perf_counter() - txn_started)
+            transactions += 1
+        seconds = time.perf_counter() - started
+    unit = f"{step:,} ids" if walk == "key" else f"{step:,} blocks"
+    return Result(f"bare SQL loop, {walk} ranges of ~{rows_per_batch // 1000}k rows ({unit})", changed, seconds, longest, transactions)
 
 
 def run_single_update(dsn: str) -> Result:
@@ -193,6 +228,8 @@ def main() -> None:
     parser.add_argument("--row-by-row-ids", type=int, default=100_000)
     parser.add_argument("--target-ms", default="20,30", help="engine targetDuration(s) in ms, comma-separated")
     parser.add_argument("--parallelism", default="1,2", help="engine parallelism value(s), comma-separated")
+    parser.add_argument("--walk", default="key", help="engine walk(s): key, ctid or key,ctid")
+    parser.add_argument("--bare", action="store_true", help="also the bare-SQL loops of ~20k-row key and ctid ranges")
     args = parser.parse_args()
 
     with LocalPostgres(settings=SETTINGS) as server:
@@ -207,9 +244,11 @@ def main() -> None:
         print(f"seeded {args.rows:,} rows in {time.perf_counter() - started:.1f} s; where: {WHERE}", flush=True)
 
         configs: list[tuple[str, Callable[[str], Result]]] = [
-            (f"engine-{t}-{p}", lambda dsn, t=int(t), p=int(p): run_engine(dsn, t, p))
-            for t in args.target_ms.split(",") for p in args.parallelism.split(",")
+            (f"engine-{w}-{t}-{p}", lambda dsn, t=int(t), p=int(p), w=w: run_engine(dsn, t, p, w))
+            for t in args.target_ms.split(",") for p in args.parallelism.split(",") for w in args.walk.split(",")
         ]
+        if args.bare:
+            configs += [(f"bare-{w}", lambda dsn, w=w: run_bare_ranges(dsn, w)) for w in ("key", "ctid")]
         configs += [
             ("update", run_single_update),
             ("rowbyrow", lambda dsn: run_row_by_row(dsn, args.row_by_row_ids)),

@@ -54,6 +54,9 @@ CREATE TABLE mismatch (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
 INSERT INTO mismatch (id) SELECT generate_series(1, 50);
 CREATE TABLE copy_target (id bigint PRIMARY KEY, grp int NOT NULL, when_seen date);
 CREATE TABLE copy_no_key (id bigint NOT NULL, grp int NOT NULL);
+CREATE TABLE parted (v int NOT NULL, done boolean NOT NULL DEFAULT false) PARTITION BY RANGE (v);
+CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
+INSERT INTO parted (v) SELECT generate_series(0, 99);
 """
 
 
@@ -237,6 +240,13 @@ CATALOGUE: list[Case] = [
          M(set=None, copy={"table": "items", "onConflict": "doNothing"})),
     Case("from-table-missing", 2, ("spec.from[0].table", "'no_such_accounts' not found"),
          M(**{"from": [{"table": "no_such_accounts", "alias": "a", "condition": "a.id = items.id"}]})),
+    # walk: ctid (block ranges; PostgreSQL < 14 is refused too: tests/test_ctid.py checks that pure rule)
+    Case("ctid-without-where", 2, ("walk: ctid needs spec.where", "changed twice"), M(walk="ctid", where=None)),
+    Case("ctid-with-key", 2, ("walk: ctid", "remove spec.key"), M(walk="ctid", key=["id"])),
+    Case("ctid-where-stays-true", 2, ("spec.where", "still match where after the change", "nothing of that batch"),
+         M(walk="ctid", set={"counter": "counter + 1"}, where="grp < 5")),
+    Case("ctid-partitioned-table", 2, ("spec.walk", "partitioned", "one backfill per partition"),
+         M(walk="ctid", table="parted", set={"done": "true"}, where="NOT done")),
     Case("shard-out-of-range", 2, ("shard 5 does not exist", "spec.parallelism is 1"), M(), args=("--shard", "5")),
     Case("checkpoint-of-another-spec", 2, ("different spec", "backfill reset"),
          M(table="mismatch", set={"v": "v + 2"}, where=None, checkpoint={"schema": "mm_checkpoints"}),

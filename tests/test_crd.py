@@ -91,7 +91,8 @@ def test_immutable_fields_have_cel_transition_rules():
             continue
         rule = next(r for r in rules if f"self.{field} == oldSelf.{field}" in r["rule"])
         assert f"spec.{field} is immutable" in rule["message"]
-    assert len(rules) == len(IMMUTABLE_SPEC_FIELDS) - 1  # all but `key` (string or list; the operator enforces it)
+    transitions = [r for r in rules if "oldSelf" in r["rule"]]
+    assert len(transitions) == len(IMMUTABLE_SPEC_FIELDS) - 1  # all but `key` (string or list; the operator enforces it)
     assert "x-kubernetes-validations" not in str(without_cel(build_crd()))
 
 
@@ -238,3 +239,21 @@ def test_a_kind_of_change_is_never_defaulted_by_the_server():
     for name in KIND_FIELDS:
         assert "default" not in spec["properties"][name], name
     assert spec["oneOf"] == [{"required": [name]} for name in KIND_FIELDS]
+
+
+@pytest.mark.parametrize(("spec", "allowed"), [
+    ({"walk": "ctid", "where": "NOT done"}, True),
+    ({"walk": "ctid"}, False),
+    ({"walk": "key"}, True),
+    ({}, True),
+])
+def test_cel_refuses_a_ctid_walk_without_where(spec, allowed):
+    """``walk: ctid`` needs ``where`` (docs/ctid.md): refused at admission too, where CEL runs."""
+    import celpy
+
+    env = celpy.Environment()
+    (rule,) = [r for r in openapi_schema()["properties"]["spec"]["x-kubernetes-validations"] if "oldSelf" not in r["rule"]]
+    after = {"table": "logs", "set": {"done": "true"}, **spec}
+    activation = {"self": celpy.json_to_cel(after), "oldSelf": celpy.json_to_cel(after)}
+    assert bool(env.program(env.compile(rule["rule"])).evaluate(activation)) is allowed
+    assert "walk: ctid needs spec.where" in rule["message"]

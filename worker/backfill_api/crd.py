@@ -117,10 +117,22 @@ def spec_schema() -> dict[str, Any]:
             continue
         if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
             prop["default"] = {}
-    schema["x-kubernetes-validations"] = _immutability_rules()
+    schema["x-kubernetes-validations"] = [*_immutability_rules(), *_consistency_rules()]
     # Exactly one kind of change (no CEL: a plain structural `oneOf`, checked by every API server).
     schema["oneOf"] = [{"required": [name]} for name in KIND_FIELDS]
     return schema
+
+
+def _consistency_rules() -> list[dict[str, str]]:
+    """Cross-field rules the model checks too, refused at admission where the server runs CEL.
+
+    Constant cost: each reads two scalar fields (``key`` is invisible to CEL, so "walk: ctid takes
+    no key" is the operator's check alone).
+    """
+    return [{
+        "rule": "!has(self.walk) || self.walk != 'ctid' || has(self.where)",
+        "message": "walk: ctid needs spec.where, a predicate the change makes false (docs/ctid.md)",
+    }]
 
 
 def status_schema() -> dict[str, Any]:

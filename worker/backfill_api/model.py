@@ -103,6 +103,13 @@ class BatchSpec(_Model):
         return self
 
 
+class Walk(StrEnum):
+    """``spec.walk``: how batches cover the table."""
+
+    KEY = "key"
+    CTID = "ctid"
+
+
 class ImpactMode(StrEnum):
     """``spec.limits.applicationImpact.mode``."""
 
@@ -292,6 +299,10 @@ class BackfillSpec(_Model):
     A target row must match at most one row of the join (``backfill plan`` checks a sample batch)."""
     where: str | None = Field(default=None, max_length=MAX_FRAGMENT_CHARS)
     """SQL predicate selecting the rows that still need the change (trusted input)."""
+    walk: Walk = Walk.KEY
+    """``key`` (default): batches are ranges of the unique key. ``ctid``: batches are ranges of
+    physical blocks (TID Range Scan, PostgreSQL >= 14), for tables without a usable unique key;
+    needs a ``where`` that the change makes false, and ``batch`` sizes count blocks (docs/ctid.md)."""
     batch: BatchSpec = Field(default_factory=BatchSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     parallelism: int = Field(default=1, ge=1, le=64)
@@ -361,6 +372,22 @@ class BackfillSpec(_Model):
             raise ValueError("where is blank: omit it to touch every row, or give an SQL predicate")
         return value
 
+    @model_validator(mode="after")
+    def _ctid_walk_is_complete(self) -> BackfillSpec:
+        if self.walk is Walk.CTID:
+            if self.key is not None:
+                raise ValueError(
+                    "walk: ctid batches by physical block ranges and takes no key: remove spec.key "
+                    "(or use walk: key to batch by that key)"
+                )
+            if self.where is None:
+                raise ValueError(
+                    "walk: ctid needs spec.where, a predicate the change makes false: an updated row may move to "
+                    "another block (behind the walk, or past the last block fixed at the start), and only a where "
+                    "that no longer matches it keeps it from being missed or changed twice"
+                )
+        return self
+
     @property
     def qualified_table(self) -> QualifiedName:
         return parse_qualified_name(self.table)
@@ -383,12 +410,16 @@ class BackfillSpec(_Model):
         for name, value in (("delete", self.delete), ("copy", self.copy_), ("from", self.from_)):
             if value is not None:
                 essence[name] = _dump(value)
+        if self.walk is not Walk.KEY:  # absent for key walks: their fingerprints stay as they were
+            essence["walk"] = self.walk.value
         return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Fields that define *which* rows change and *how*: changing them mid-run would break
 # exactly-once, so they are immutable once a run has started.
-IMMUTABLE_SPEC_FIELDS = ("database", "table", "key", "set", "delete", "copy", "from", "where", "parallelism", "checkpoint")
+IMMUTABLE_SPEC_FIELDS = (
+    "database", "table", "key", "walk", "set", "delete", "copy", "from", "where", "parallelism", "checkpoint",
+)
 
 
 def _dump(value: BaseModel | list[FromTable]) -> Any:

@@ -200,9 +200,9 @@ class ShardStatus(_StatusModel):
     """Rows still matching ``spec.where`` when the shard finished (``copy``: rows matching it that
     are missing from the target; dry run: rows that would change)."""
     estimated_keys: int = 0
-    """Planner's estimate of the keys in the shard's range."""
+    """Planner's estimate of the keys in the shard's range (its blocks under ``walk: ctid``)."""
     keys_done: int = 0
-    """Keys covered by committed batches."""
+    """Keys (blocks under ``walk: ctid``) covered by committed batches."""
     run: int | None = None
     """The launch (``status.run``) whose worker wrote this report."""
     updated_at: str = ""

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import load_backfill
-from backfill_api.model import Backfill, CheckpointMode
+from backfill_api.model import Backfill, CheckpointMode, Walk
 from backfill_api.status import format_eta
 from backfill_worker import checkpoint_guard
 from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
@@ -236,14 +236,18 @@ def run(
 
 def estimate_lines(plan: Plan) -> list[str]:
     """What ``plan`` knows about the size of the job, saying where each number comes from (PURE)."""
-    lines = [f"keys in range: ~{plan.estimated_keys:,} (an estimate: table statistics, or a count for small tables)"
-             f"   shards: {plan.parallelism}"]
+    if plan.by_ctid:
+        lines = [f"blocks in range: {plan.estimated_keys:,} (walk: ctid; the table's size now, fixed at the start)"
+                 f"   shards: {plan.parallelism}"]
+    else:
+        lines = [f"keys in range: ~{plan.estimated_keys:,} (an estimate: table statistics, or a count for small tables)"
+                 f"   shards: {plan.parallelism}"]
     sample = plan.sample
     if sample is not None and sample.keys > 0:
         by_sample = round(plan.estimated_keys * sample.rows / sample.keys)
         lines.append(
             f"rows to change: ~{by_sample:,} by the sample batch's ratio ({sample.rows:,} of its "
-            f"{sample.keys:,} keys matched; the first keys may not be typical)"
+            f"{sample.keys:,} {'blocks' if plan.by_ctid else 'keys'} matched; the first ones may not be typical)"
         )
     lines.append(
         f"rows to change, the query planner's guess: ~{plan.estimated_rows_to_change:,} "
@@ -255,25 +259,30 @@ def estimate_lines(plan: Plan) -> list[str]:
 def print_plan(plan: Plan, console: Console) -> None:
     console.print(f"[bold]Backfill[/] {plan.identity} on {plan.table}")
     key = ", ".join(f"{c} {t}" for c, t in zip(plan.key, plan.key_types, strict=False)) if plan.key_types else ", ".join(plan.key)
-    console.print(f"key: ({key}) via unique index {plan.key_index}")
+    if plan.by_ctid:
+        console.print("walk: ctid (batches are ranges of physical blocks, read by TID Range Scans)")
+    else:
+        console.print(f"key: ({key}) via unique index {plan.key_index}")
     for line in estimate_lines(plan):
         console.print(line, markup=False)
     for name, text in plan.statements.items():
         console.print(f"\n[bold]{name} statement[/] (per batch):")
         console.print(text, markup=False, soft_wrap=True)
-    console.print("\n[bold]plan check[/] (the key index must serve every batch statement):")
+    serves = "a TID Range Scan must serve every batch" if plan.by_ctid else "the key index must serve every batch statement"
+    console.print(f"\n[bold]plan check[/] ({serves}):")
     for check in plan.index_checks:
         if check.uses_index:
             verdict = "[green]ok[/]"
         elif check.ok:
             verdict = "[green]ok[/] (one batch covers the whole table: a scan of it is right)"
         else:
-            verdict = "[red]NOT USING THE KEY INDEX[/]"
+            verdict = "[red]NOT A TID RANGE SCAN[/]" if plan.by_ctid else "[red]NOT USING THE KEY INDEX[/]"
         console.print(f"  {check.statement:<7} {'generic' if check.generic else 'custom ':<8} {verdict}  {'; '.join(check.scans)}")
     if plan.sample is not None:
         s = plan.sample
         console.print(
-            f"\nsample batch (rolled back): {s.keys:,} keys, {s.rows:,} rows changed, {s.seconds * 1000:.1f} ms"
+            f"\nsample batch (rolled back): {s.keys:,} {'blocks' if plan.by_ctid else 'keys'}, {s.rows:,} rows changed, "
+            f"{s.seconds * 1000:.1f} ms"
         )
     if plan.projected_seconds is not None:
         console.print(f"projected duration at batch size {plan.sample.batch_size if plan.sample else '-'}: ~{format_eta(plan.projected_seconds) or '0s'} (before adaptive sizing)")
@@ -300,15 +309,18 @@ def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], co
         console.print(f"{backfill.identity}: no checkpoint (never ran, or reset)")
         return
     table = Table(title=f"{backfill.identity} checkpoint", show_edge=False)
-    for column in ("shard", "state", "rows updated", "batches", "keys done", "last key", "range", "updated"):
+    by_ctid = backfill.spec.walk is Walk.CTID  # keys are block numbers: (lo, hi] means blocks lo..hi-1
+    columns = ("blocks done", "next block", "blocks") if by_ctid else ("keys done", "last key", "range")
+    for column in ("shard", "state", "rows updated", "batches", *columns, "updated"):
         table.add_column(column)
     for cp in checkpoints:
-        lower = "start" if cp.lower_key is None else ",".join(cp.lower_key)
+        lower = ("0" if by_ctid else "start") if cp.lower_key is None else ",".join(cp.lower_key)
         upper = "-" if cp.upper_key is None else ",".join(cp.upper_key)
         table.add_row(
             str(cp.shard), cp.state, f"{cp.rows_updated:,}", f"{cp.batches:,}",
             f"{cp.keys_done:,}/{cp.estimated_keys:,}", "-" if cp.last_key is None else ",".join(cp.last_key),
-            f"({lower}, {upper}]", cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
+            f"[{lower}, {upper})" if by_ctid else f"({lower}, {upper}]",
+            cp.updated_at.isoformat(timespec="seconds") if cp.updated_at else "-",
         )
     print_wide(console, table)
     for cp in checkpoints:

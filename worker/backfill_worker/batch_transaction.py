@@ -15,7 +15,7 @@ import psycopg
 from backfill_api.errors import BackfillError
 from backfill_api.model import LimitsSpec
 
-from . import impact_governor, impact_signals, prefetch, statements
+from . import blocks, impact_governor, impact_signals, prefetch, statements
 from .changes import BatchChange
 from .checkpoint import Key
 from .checkpointing import Checkpoints
@@ -40,7 +40,13 @@ def walk(
     conn: psycopg.Connection, target: Target, prefetcher: prefetch.BoundPrefetcher | None, shard: int,
     lower: Key | None, run_upper: Key, size: int,
 ) -> Range:
-    """``size`` keys past ``lower`` (the prefetched bound when it is for this batch), at most ``run_upper``."""
+    """``size`` keys past ``lower`` (the prefetched bound when it is for this batch), at most ``run_upper``.
+
+    ``walk: ctid``: ``size`` blocks past ``lower``, by arithmetic (no probe).
+    """
+    if target.by_ctid:
+        block_end, counted_blocks = blocks.next_upper(lower, run_upper, size)
+        return Range(lower, block_end, size, counted_blocks, block_end == run_upper)
     prefetched = prefetcher.take(lower, size) if prefetcher is not None else None
     if prefetched is not None:
         size, found = prefetched.size, prefetched.upper

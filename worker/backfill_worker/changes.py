@@ -19,6 +19,7 @@ from typing import Protocol
 import psycopg
 from psycopg import sql
 
+from backfill_api.errors import BackfillError
 from backfill_api.model import BackfillSpec
 
 from . import statements
@@ -99,6 +100,20 @@ class SqlUpdate(_SetBased):
     def statement(self, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
         return statements.update_batch(self.target, has_lower=has_lower, style=style)
 
+    def apply(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int:
+        if self.target.by_ctid:
+            return self._apply_to_blocks(conn, lower, upper)
+        return super().apply(conn, lower, upper)
+
+    def _apply_to_blocks(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int:
+        """``walk: ctid``: the UPDATE, refused (rolled back) if a changed row still matches ``where``."""
+        statement = statements.update_batch_checked(self.target, has_lower=lower is not None)
+        row = conn.execute(statement, statements.range_params(lower, upper)).fetchone()
+        changed, still = (int(row[0]), int(row[1])) if row else (0, 0)
+        if still:
+            raise BackfillError(f"spec.where: {where_stays_true(still, changed, f'blocks {block_span(lower, upper)}')}")
+        return changed
+
     def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
         if self.target.where is None:
             return None
@@ -133,6 +148,20 @@ class SqlCopy(_SetBased):
 
     def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
         return count(conn, statements.count_missing_copies(self.target, has_lower=lower is not None), lower, upper)
+
+
+def block_span(lower: Key | None, upper: Key) -> str:
+    return f"{0 if lower is None else lower[0]}..{int(upper[0]) - 1}"
+
+
+def where_stays_true(still: int, changed: int, where: str) -> str:
+    """Why a ``walk: ctid`` batch was refused: the change does not make ``where`` false."""
+    return (
+        f"{still} of the {changed} rows changed in {where} still match where after the change; walk: ctid needs a "
+        "where that the change makes false (an updated row may move to another block and be met again, or be "
+        "missed). Add the condition that the set makes false, e.g. `<column> IS DISTINCT FROM <new value>`; "
+        "nothing of that batch was committed"
+    )
 
 
 def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, upper: Key) -> int:

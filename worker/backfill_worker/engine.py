@@ -39,6 +39,7 @@ from backfill_api.model import Backfill, CheckpointMode
 
 from . import (
     batch_transaction,
+    blocks,
     changes,
     checkpointing,
     impact_governor,
@@ -372,6 +373,9 @@ class _Shard:
         lower, upper = cp.lower_key, cp.upper_key
         if upper is None or cp.empty:
             return 0 if self.change.verifiable else None
+        if self.target.by_ctid:  # the shards' ranges, the last one open-ended: the whole table
+            upper = blocks.verification_upper(cp)
+            assert upper is not None
         return self.with_retries(lambda: self.change.remaining(self.connection(), lower, upper))
 
 

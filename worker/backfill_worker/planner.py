@@ -20,12 +20,13 @@ from psycopg import sql
 
 from backfill_api.model import Backfill
 
-from . import changes, introspect, sharding, statements, validation
+from . import blocks, changes, introspect, sharding, statements, validation
 from .connection import connect, database_errors
 from .secrets import register_dsn, secrets_of
 from .statements import Style, Target
 
 INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+BLOCK_RANGE_NODE = "Tid Range Scan"
 PREPARED_NAME = "backfill_plan_check"
 
 
@@ -71,6 +72,8 @@ class Plan:
     projected_seconds: float | None
     duplicate_matches: int | None = None
     """``spec.from`` only: target rows of the sample batch that the join matches more than once."""
+    by_ctid: bool = False
+    """``walk: ctid``: keys are blocks, and the check is that every batch is a TID Range Scan."""
 
     @property
     def index_ok(self) -> bool:
@@ -222,6 +225,65 @@ def check_index_use(
     return checks
 
 
+def reads_only_block_ranges(explain_json: Sequence[dict[str, Any]], table: str) -> bool:
+    """Every read of the table is a TID Range Scan (``walk: ctid``): no sequential scan, no index."""
+    reads = table_scans(explain_json, table)
+    return bool(reads) and all(s["Node Type"] == BLOCK_RANGE_NODE for s in reads)
+
+
+def check_block_ranges(conn: psycopg.Connection, change: changes.BatchChange, table_blocks: int, size: int) -> list[IndexCheck]:
+    """Custom and generic plans of the second batch's statement (blocks ``size .. 2 size - 1``).
+
+    The batch runs the UPDATE inside a CTE (``update_batch_checked``), which PostgreSQL plans as
+    its own subquery (EXPLAIN shows it as an InitPlan): the plain UPDATE's plan is that plan.
+    """
+    target = change.target
+    bounds = statements.range_params((str(min(size, table_blocks)),), (str(min(2 * size, table_blocks)),))
+    checks = []
+    with conn.transaction(force_rollback=True):
+        for generic in (False, True):
+            if generic:
+                plan = _explain_generic(conn, change.statement(has_lower=True, style=Style.DOLLAR), bounds)
+            else:
+                plan = _explain(conn, change.statement(has_lower=True), bounds)
+            scans = tuple(describe_scan(s) for s in table_scans(plan, target.table))
+            uses = reads_only_block_ranges(plan, target.table)
+            checks.append(IndexCheck(change.name, generic, uses, scans, required=size < table_blocks))
+    return checks
+
+
+def _plan_blocks(conn: psycopg.Connection, backfill: Backfill, change: changes.BatchChange, rendered: dict[str, str]) -> Plan:
+    """``walk: ctid``: estimates in blocks, the TID Range Scan check, and a rolled-back sample of the first blocks."""
+    spec = backfill.spec
+    target = change.target
+    table_blocks = blocks.relation_blocks(conn, target)
+    head = (backfill.identity, target.display_table, ("ctid",), ("tid",), "(none: block ranges)", table_blocks)
+    if table_blocks == 0:
+        return Plan(*head, 0, spec.parallelism, rendered, (), None, 0.0, by_ctid=True)
+    checks = check_block_ranges(conn, change, table_blocks, spec.batch.size)
+    to_change = _estimated_rows_to_change(conn, change, (str(table_blocks),))
+    upper = (str(min(spec.batch.size, table_blocks)),)
+    started = time.monotonic()
+    with conn.transaction(force_rollback=True):
+        _batch_timeouts(conn, backfill)
+        if target.kind == "set":  # as the batches run it: refused if a changed row still matches where
+            row = conn.execute(statements.update_batch_checked(target, has_lower=False), list(upper)).fetchone()
+            rows = int(row[0]) if row else 0
+        else:
+            rows = conn.execute(change.statement(has_lower=False), list(upper)).rowcount
+        sample = Sample(spec.batch.size, int(upper[0]), rows, time.monotonic() - started)
+    projected = projected_seconds(table_blocks, sample, spec.batch.pause.total_seconds(), spec.parallelism)
+    return Plan(*head, to_change, spec.parallelism, rendered, tuple(checks), sample, projected, by_ctid=True)
+
+
+def _batch_timeouts(conn: psycopg.Connection, backfill: Backfill) -> None:
+    limits = backfill.spec.limits
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        [f"{int(limits.lock_timeout.total_seconds() * 1000)}ms", f"{int(limits.statement_timeout.total_seconds() * 1000)}ms"],
+    )
+
+
 def _estimated_rows_to_change(conn: psycopg.Connection, change: changes.BatchChange, upper: Sequence[str]) -> int:
     plan = _explain(conn, change.statement(has_lower=False), statements.range_params(None, upper))
     top = plan[0]["Plan"]
@@ -235,13 +297,9 @@ def _sample_batch(
     """The first batch, timed and rolled back; and (``spec.from``) its target rows with several join matches."""
     target = change.target
     size = backfill.spec.batch.size
-    limits = backfill.spec.limits
     started = time.monotonic()
     with conn.transaction(force_rollback=True):
-        conn.execute(
-            "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
-            [f"{int(limits.lock_timeout.total_seconds() * 1000)}ms", f"{int(limits.statement_timeout.total_seconds() * 1000)}ms"],
-        )
+        _batch_timeouts(conn, backfill)
         row = conn.execute(statements.probe_upper_bound(target, has_lower=False), [*upper, size - 1]).fetchone()
         batch_upper = tuple(row) if row else tuple(upper)
         if row is None:
@@ -267,6 +325,12 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         validation.check_permissions(conn, target)
         validation.check_fragments(conn, target, secrets_of(dsn))
         change = changes.for_spec(backfill.spec, target)
+        if target.by_ctid:
+            shown = (
+                statements.update_batch_checked(target, has_lower=True, style=Style.DOLLAR)
+                if target.kind == "set" else change.statement(has_lower=True, style=Style.DOLLAR)
+            )
+            return _plan_blocks(conn, backfill, change, {change.name: shown.as_string(conn)})
         rendered = {
             "probe": statements.probe_upper_bound(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
             change.name: change.statement(has_lower=True, style=Style.DOLLAR).as_string(conn),

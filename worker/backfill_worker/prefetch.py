@@ -67,6 +67,8 @@ class BoundPrefetcher:
 
     def start(self, lower: Key, run_upper: Key, size: int) -> None:
         self._discard()
+        if self._target.by_ctid:  # a block range's end is arithmetic: nothing to probe
+            return
         self._pending = self._pool.submit(self._probe, lower, run_upper, size)
 
     def take(self, lower: Key | None, wanted_size: int) -> Bound | None:

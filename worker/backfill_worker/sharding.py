@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import psycopg
 
-from . import statements
+from . import blocks, statements
 from .checkpoint import PENDING, Key, ShardCheckpoint
 from .statements import Target
 
@@ -36,7 +36,9 @@ def edge(conn: psycopg.Connection, target: Target, *, last: bool) -> Key | None:
 def plan_shards(
     conn: psycopg.Connection, target: Target, *, identity: str, fingerprint: str, shard_count: int
 ) -> list[ShardCheckpoint]:
-    """Bounds for every shard: shard i covers keys in (lower_i, upper_i]."""
+    """Bounds for every shard: shard i covers keys in (lower_i, upper_i] (block ranges under ``walk: ctid``)."""
+    if target.by_ctid:
+        return blocks.plan_shards(conn, target, identity=identity, fingerprint=fingerprint, shard_count=shard_count)
     run_max = edge(conn, target, last=True)
     if run_max is None:
         return [

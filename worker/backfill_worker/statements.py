@@ -9,6 +9,10 @@ PostgreSQL infers the key column's type from the comparison and no client-side c
 (integer, uuid, text, timestamptz, numeric, composite keys alike). A composite key uses a row
 comparison ``(a, b) > (%s, %s)``, which a btree index on ``(a, b)`` serves directly.
 
+With ``walk: ctid`` the "key" is a block number (one text value) and the range is
+``ctid >= '(lo,0)' AND ctid < '(hi,0)'``: blocks ``lo .. hi-1``, served by a TID Range Scan. Only
+:func:`_range` differs, so every statement built on it batches by blocks unchanged.
+
 Two placeholder styles exist because psycopg only interprets ``%`` when parameters are passed:
 ``PSYCOPG`` (``%s``, literal ``%`` in fragments doubled) for statements executed with
 parameters, ``DOLLAR`` (``$1``, fragments verbatim) for ``PREPARE`` in the generic-plan check.
@@ -78,6 +82,13 @@ class Target:
     """``spec.copy``: where the rows of each range are copied to."""
     kind: str = "set"
     """Which of ``backfill_api.model.KIND_FIELDS`` the spec gives: ``set``, ``delete`` or ``copy``."""
+    by_ctid: bool = False
+    """``walk: ctid``: ranges of physical blocks instead of key ranges (``key`` is empty)."""
+
+    @property
+    def bound_width(self) -> int:
+        """Values in one range bound: the key's columns, or the block number."""
+        return 1 if self.by_ctid else len(self.key)
 
     @property
     def table_identifier(self) -> sql.Identifier:
@@ -137,8 +148,27 @@ def _order_by(target: Target, descending: bool = False) -> sql.Composable:
     )
 
 
+def _block(binder: _Binder) -> sql.Composable:
+    """The first tuple id of a block given as a number: ``'(n,0)'::tid`` (a TID Range Scan bound)."""
+    return sql.SQL("('(' || {}::bigint || ',0)')::tid").format(binder.param())
+
+
+def _ctid(target: Target) -> sql.Composable:
+    # Table-qualified: a ``from`` table has a ctid too.
+    return sql.Identifier(target.schema, target.table, "ctid")
+
+
 def _range(target: Target, binder: _Binder, has_lower: bool) -> sql.Composable:
-    """``key > lo AND key <= hi`` (``lo`` omitted for the first batch of the first shard)."""
+    """``key > lo AND key <= hi`` (``lo`` omitted for the first batch of the first shard).
+
+    ``walk: ctid``: ``ctid >= (lo,0) AND ctid < (hi,0)``, the blocks ``lo .. hi-1``.
+    """
+    if target.by_ctid:
+        blocks: list[sql.Composable] = []
+        if has_lower:
+            blocks.append(sql.SQL("{} >= {}").format(_ctid(target), _block(binder)))
+        blocks.append(sql.SQL("{} < {}").format(_ctid(target), _block(binder)))
+        return sql.SQL(" AND ").join(blocks)
     key = _key_expr(target)
     parts: list[sql.Composable] = []
     if has_lower:
@@ -308,6 +338,22 @@ def count_duplicate_matches(target: Target, *, has_lower: bool) -> sql.Composed:
     )
 
 
+def update_batch_checked(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """:func:`update_batch` that also evaluates ``where`` on every new row version (params: lo..., hi...).
+
+    Returns one row ``(rows changed, rows still matching where)``: under ``walk: ctid`` a row that
+    still matches after its update could be met again in the block it moved to, so the batch
+    proves the change made ``where`` false for each of its rows before it commits.
+    """
+    assert target.where is not None
+    update = update_batch(target, has_lower=has_lower, style=style)
+    binder = _Binder(style)
+    return sql.SQL("WITH changed AS ({update} RETURNING (\n{where}\n) AS still) "
+                   "SELECT count(*), count(*) FILTER (WHERE still) FROM changed").format(
+        update=update, where=binder.fragment(target.where)
+    )
+
+
 def count_keys(target: Target, *, has_lower: bool) -> sql.Composed:
     """Keys in a range (params: lo..., hi...): sizes the last, short batch."""
     binder = _Binder(Style.PSYCOPG)
@@ -350,7 +396,7 @@ def select_expression(target: Target, expression: str, *, wrapped: bool) -> sql.
 
 
 def update_one_column(target: Target, column: str, expression: str, *, wrapped: bool) -> sql.Composed:
-    """``EXPLAIN UPDATE t SET c = <expr> WHERE false AND key <= %s``: type-checks the assignment."""
+    """``EXPLAIN UPDATE t SET c = <expr> WHERE key <= %s``: type-checks the assignment."""
     binder = _Binder(Style.PSYCOPG)
     template = "EXPLAIN UPDATE {} SET {} = (\n{}\n){} WHERE {}" if wrapped else "EXPLAIN UPDATE {} SET {} = \n{}\n{} WHERE {}"
     return sql.SQL(template).format(
@@ -358,7 +404,7 @@ def update_one_column(target: Target, column: str, expression: str, *, wrapped: 
         sql.Identifier(column),
         binder.fragment(expression),
         _from_clause(target),
-        sql.SQL("{} <= {}").format(_key_expr(target), _key_params(target, binder)),
+        _range(target, binder, has_lower=False),
     )
 
 

@@ -13,9 +13,9 @@ from psycopg import sql
 
 from backfill_api.errors import ValidationFailed
 from backfill_api.identifiers import QualifiedName
-from backfill_api.model import BackfillSpec, ConflictPolicy, CopySpec, FromTable
+from backfill_api.model import BackfillSpec, ConflictPolicy, CopySpec, FromTable, Walk
 
-from . import changes, key_types, statements
+from . import blocks, changes, key_types, statements
 from .introspect import TableInfo, UniqueIndex, find_table, kind_name
 from .secrets import redact
 from .statements import CopyInto, Join, Target
@@ -39,6 +39,8 @@ def _table(conn: psycopg.Connection, name: QualifiedName, text: str, field: str)
 def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
     """Table, key and columns from the catalog; raises ValidationFailed naming the field."""
     table = _table(conn, spec.qualified_table, spec.table, "spec.table")
+    if spec.walk is Walk.CTID:
+        return _block_target(conn, spec, table)
     index = _key_index(table, spec.key)
     key = index.columns
     for column in key:
@@ -48,15 +50,7 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
                 f"key column {column!r} is nullable: rows with NULL keys would be skipped; add NOT NULL or choose another key",
             )
     _check_key_types(conn, table, key)
-    for column in spec.set or {}:
-        if column not in table.columns:
-            raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
-        if column in key:
-            raise ValidationFailed(
-                f"spec.set.{column}", f"column {column!r} is part of the key {list(key)}: the key must not change during a backfill"
-            )
-        if table.columns[column].generated:
-            raise ValidationFailed(f"spec.set.{column}", f"column {column!r} is a generated column and cannot be set")
+    _check_set_columns(spec, table, key)
     return Target(
         schema=table.schema,
         table=table.name,
@@ -139,6 +133,37 @@ def _conflict_key(table: TableInfo, copy: CopySpec, copied: tuple[str, ...]) -> 
             f"could duplicate rows); create it, e.g. CREATE UNIQUE INDEX ON {display} ({', '.join(key)})",
         )
     return key
+
+
+def _block_target(conn: psycopg.Connection, spec: BackfillSpec, table: TableInfo) -> Target:
+    """``walk: ctid``: no key; PostgreSQL >= 14 and a plain table (block numbers are per relation)."""
+    blocks.check_server_version(conn.info.server_version)
+    if table.kind != "r":
+        raise ValidationFailed(
+            "spec.walk",
+            f"{table.schema}.{table.name} is partitioned: block numbers belong to each partition, so walk: ctid "
+            "cannot range over the parent. Run one backfill per partition (spec.table: the partition)",
+        )
+    _check_set_columns(spec, table, ())
+    return Target(
+        schema=table.schema, table=table.name, key=(), key_index="", set=tuple((spec.set or {}).items()),
+        where=spec.where, by_ctid=True,
+        joins=tuple(_resolve_join(conn, table, number, item) for number, item in enumerate(spec.from_ or ())),
+        copy=None if spec.copy_ is None else _resolve_copy(conn, table, spec.copy_),
+        kind=spec.kind,
+    )
+
+
+def _check_set_columns(spec: BackfillSpec, table: TableInfo, key: tuple[str, ...]) -> None:
+    for column in spec.set or {}:
+        if column not in table.columns:
+            raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
+        if column in key:
+            raise ValidationFailed(
+                f"spec.set.{column}", f"column {column!r} is part of the key {list(key)}: the key must not change during a backfill"
+            )
+        if table.columns[column].generated:
+            raise ValidationFailed(f"spec.set.{column}", f"column {column!r} is a generated column and cannot be set")
 
 
 def _check_key_types(conn: psycopg.Connection, table: TableInfo, key: tuple[str, ...]) -> None:
@@ -243,7 +268,7 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
     parentheses (``x) OR (y``, ``'a', other = 'b'``).
     """
     # NULL key bounds: the statements are only planned (EXPLAIN), so any typed-by-context value will do.
-    one_key: list[str | None] = [None] * len(target.key)
+    one_key: list[str | None] = [None] * target.bound_width
     with conn.transaction(force_rollback=True):
         conn.execute("SELECT set_config('statement_timeout', %s, true)", [VALIDATION_STATEMENT_TIMEOUT])
         for column, expression in target.set:
@@ -265,7 +290,46 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
             bounds = statements.range_params(one_key if has_lower else None, one_key)
             field = "spec.copy" if target.copy is not None else "spec"
             _compile(conn, statements.explain(change.statement(has_lower=has_lower)), bounds, field, dsn_secrets)
-            _compile(conn, statements.explain(statements.probe_upper_bound(target, has_lower=has_lower)), [*bounds, 0], "spec", dsn_secrets)
+            if target.by_ctid and target.kind == "set":
+                checked = statements.update_batch_checked(target, has_lower=has_lower)
+                _compile(conn, statements.explain(checked), bounds, "spec", dsn_secrets)
+            elif not target.by_ctid:
+                _compile(conn, statements.explain(statements.probe_upper_bound(target, has_lower=has_lower)), [*bounds, 0], "spec", dsn_secrets)
+    if target.by_ctid and target.kind == "set":
+        check_where_becomes_false(conn, target)
+
+
+SAMPLE_BLOCKS = 8
+"""Blocks of the rolled-back sample batch that checks, before any write, that ``set`` makes
+``where`` false (``walk: ctid``); every real batch checks its own rows again before COMMIT."""
+
+
+def check_where_becomes_false(conn: psycopg.Connection, target: Target) -> None:
+    """Apply the change to the first blocks' matching rows and roll back: refuse a ``where`` that stays true.
+
+    Only a sample (rows elsewhere may differ): the batches' own check is the guarantee. It waits
+    for row locks at most ``SAMPLE_LOCK_TIMEOUT``; rows locked by the application are skipped by
+    giving up the sample, not the run.
+    """
+    statement = statements.update_batch_checked(target, has_lower=False)
+    with conn.transaction(force_rollback=True):
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
+            [VALIDATION_STATEMENT_TIMEOUT, SAMPLE_LOCK_TIMEOUT],
+        )
+        try:
+            with conn.transaction():
+                row = conn.execute(statement, [str(SAMPLE_BLOCKS)]).fetchone()
+        except psycopg.Error:
+            # Busy rows, a slow sample, or a set expression failing on these rows (the first batch
+            # then fails the same way, uncommitted): the per-batch check still refuses before any commit.
+            return
+    changed, still = (int(row[0]), int(row[1])) if row else (0, 0)
+    if still:
+        raise ValidationFailed("spec.where", changes.where_stays_true(still, changed, f"a rolled-back sample of blocks 0..{SAMPLE_BLOCKS - 1}"))
+
+
+SAMPLE_LOCK_TIMEOUT = "500ms"
 
 
 def _check_single_value(conn: psycopg.Connection, target: Target, expression: str, field: str, dsn_secrets: list[str]) -> None:
