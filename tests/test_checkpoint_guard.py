@@ -101,7 +101,8 @@ def test_every_immutable_field_is_guarded_in_the_cli() -> None:
              "parallelism": {"parallelism": 2},
              "delete": {"set": None, "delete": {}, "where": "v = 0"},
              "copy": {"set": None, "copy": {"table": "u", "onConflict": "doNothing"}},
-             "from": {"from": [{"table": "u", "alias": "x", "condition": "x.id = t.id"}]}}
+             "from": {"from": [{"table": "u", "alias": "x", "condition": "x.id = t.id"}]},
+             "walk": {"walk": "ctid", "where": "v = 0"}}
     assert set(edits) == set(FINGERPRINT_FIELDS)
     for field, edit in edits.items():
         assert BackfillSpec.model_validate({**SPEC, **edit}).fingerprint() != base.fingerprint(), field
