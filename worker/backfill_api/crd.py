@@ -14,6 +14,7 @@ maps marked ``x-kubernetes-preserve-unknown-fields``.
 from __future__ import annotations
 
 import copy
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -63,7 +64,8 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "properties":
             out[key] = {name: _resolve(prop, defs) for name, prop in value.items()}
-        elif key == "default" and node.get("pattern") == DURATION_PATTERN and isinstance(value, str):
+        elif (key == "default" and node.get("pattern") == DURATION_PATTERN and isinstance(value, str)
+              and not re.fullmatch(DURATION_PATTERN, value)):  # an optional object's fields pass here twice
             # pydantic renders timedelta defaults as ISO 8601 ("PT0.2S"); the API speaks "200ms".
             out[key] = format_duration(_TIMEDELTA.validate_python(value))
         else:
@@ -163,7 +165,10 @@ PRINTER_COLUMNS = [
     _column("Age", ".metadata.creationTimestamp"),
     _column("Table", ".spec.table", priority=1),
     _column("Batch", ".status.progress.batchSize", priority=1),
-    _column("Throttle", ".status.progress.throttleReason", priority=1),
+    _column("Throttle", ".status.progress.throttleReason", priority=1,
+            description="why the run waits: a ThrottleReason (window, healthQuery, maxWalBytesPerSecond, ...)"),
+    _column("Next-Window", ".status.progress.nextWindowStart", priority=1,
+            description="outside spec.schedule: when the next run window opens"),
     _column("Impact", ".status.progress.impact.summary", priority=1,
             description="application-impact throttle: duty cycle and the limiting signal"),
     _column("Message", ".status.message", priority=1),
