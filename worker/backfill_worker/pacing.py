@@ -113,7 +113,7 @@ class Pacer:
             wait = schedule.window_wait(state, now)
             if wait is None:
                 return
-            self.throttle(wait, next_window_start=state.next_start)
+            self.throttle(wait, next_window_start=state.next_start, until_retuned=True)
             self.retune()  # a changed schedule applies while waiting
 
     def _wait_for_health(self) -> None:
@@ -125,7 +125,7 @@ class Pacer:
             wait = self.gate.check(self.tuning.limits)
             if wait is None:
                 return
-            self.throttle(wait)
+            self.throttle(wait, until_retuned=True)
             self.retune()
 
     def close(self) -> None:
@@ -184,15 +184,22 @@ class Pacer:
                 return
             self.throttle(wait)
 
-    def throttle(self, wait: throttle.Wait, *, next_window_start: datetime | None = None) -> None:
+    def throttle(
+        self, wait: throttle.Wait, *, next_window_start: datetime | None = None, until_retuned: bool = False
+    ) -> None:
         self.throttle_reason = wait.reason
         self.emit(Throttled(self.identity, self.shard, wait.reason, wait.seconds, next_window_start))
-        self.sleep(wait.seconds)
+        self.sleep(wait.seconds, until_retuned=until_retuned)
 
-    def sleep(self, seconds: float) -> None:
-        """Sleep in slices; raises :class:`StopRequested` as soon as the control asks to stop."""
+    def sleep(self, seconds: float, *, until_retuned: bool = False) -> None:
+        """Sleep in slices; raises :class:`StopRequested` as soon as the control asks to stop.
+
+        ``until_retuned``: also end early when the live spec changed (a long window or health
+        wait re-decides at once with the new spec)."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if self.control.stop_reason():
                 raise StopRequested
+            if until_retuned and self.control.tuning() not in (None, self.tuning):
+                return
             time.sleep(min(SLEEP_SLICE_SECONDS, left))
