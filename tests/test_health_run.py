@@ -349,9 +349,8 @@ def standby(pg_server: LocalPostgres) -> Iterator[LocalPostgres]:
 
 
 def test_wal_bound_on_a_standby_is_refused_clearly(standby: LocalPostgres) -> None:
-    with psycopg.connect(standby.dsn(), autocommit=True) as conn:
-        with pytest.raises(ValidationFailed) as caught:
-            health_probe.validate(conn, LimitsSpec(max_wal_bytes_per_second=1000), str)
+    with psycopg.connect(standby.dsn(), autocommit=True) as conn, pytest.raises(ValidationFailed) as caught:
+        health_probe.validate(conn, LimitsSpec(max_wal_bytes_per_second=1000), str)
     assert caught.value.field == "spec.limits.maxWalBytesPerSecond"
     assert "standby" in caught.value.message
 
