@@ -118,6 +118,8 @@ class WorkerMetrics:
             "backfill_next_window_start_timestamp_seconds", "When the next run window opens (NaN inside one).",
             LABELS, registry=r,
         )
+        self._windowed: set[tuple[str, str, str]] = set()
+        """Shards that waited for a run window (only they get the next-window series)."""
         self._estimated_keys: dict[tuple[str, str, str], int] = {}
         self._keys_done: dict[tuple[str, str, str], int] = {}
 
@@ -143,13 +145,17 @@ class WorkerMetrics:
             self.batch_duration.labels(*labels).observe(event.duration_seconds)
             self.batch_size.labels(*labels).set(event.next_batch_size)
             self._set_throttled(labels, "")
+            if labels in self._windowed:  # running again: inside a window
+                self.next_window_start.labels(*labels).set(math.nan)
             self._keys_done[labels] = self._keys_done.get(labels, 0) + event.keys_scanned
             self._set_progress(labels)
         elif isinstance(event, Throttled):
             self.throttled.labels(*labels, event.reason).inc(max(event.seconds, 0.0))
             self._set_throttled(labels, event.reason)
             start = event.next_window_start
-            self.next_window_start.labels(*labels).set(start.timestamp() if start is not None else math.nan)
+            if start is not None or labels in self._windowed:
+                self._windowed.add(labels)
+                self.next_window_start.labels(*labels).set(start.timestamp() if start is not None else math.nan)
         elif isinstance(event, HealthObserved):
             looked: dict[str, float | None] = {
                 "wal": event.wal_bytes_per_second, "backends": event.active_backends,
