@@ -10,7 +10,7 @@ event's identity (``namespace/name``), never from anything that could hold a sec
 | ``backfill_batches_total`` | counter | | committed batches |
 | ``backfill_batch_duration_seconds`` | histogram | | time each batch's write transaction was open |
 | ``backfill_batch_size`` | gauge | | batch size the next batch is planned with |
-| ``backfill_throttled_seconds_total`` | counter | ``reason`` | time spent waiting: pause, maxRowsPerSecond, replicationLag |
+| ``backfill_throttled_seconds_total`` | counter | ``reason`` | time spent waiting, by ``throttleReason`` (pause, window, healthQuery, ...) |
 | ``backfill_replication_lag_seconds`` | gauge | | largest replica replay lag last seen (NaN: no replicas) |
 | ``backfill_retries_total`` | counter | ``kind`` | failed batch attempts by cause (lockTimeout, deadlock, ...) |
 | ``backfill_progress_ratio`` | gauge | | estimated fraction of the shard's keys done, 0..1 |
