@@ -362,3 +362,13 @@ def test_own_sessions_are_recognised_by_application_name() -> None:
     long = health_probe.own_names("n/" + "x" * 80)
     assert len(long["own"]) == 63  # application_name keeps 63 bytes: match what the server stored
     assert long["own_sessions"] == long["own"] + "%"
+
+
+def test_plan_checks_the_health_query_too(database: str) -> None:
+    from backfill_worker.planner import plan_backfill
+
+    make_table(database)
+    with pytest.raises(ValidationFailed) as caught:
+        plan_backfill(manifest("plan", limits={"health": {"query": "SELECT 'busy'"}}), database)
+    assert caught.value.field == "spec.limits.health.query" and "returned a str" in caught.value.message
+    assert plan_backfill(manifest("plan", limits={"health": {"query": "SELECT false"}}), database).index_ok

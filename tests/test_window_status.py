@@ -136,3 +136,15 @@ def test_metrics_export_throttle_state_health_looks_and_next_window() -> None:
     other = {"namespace": "ns", "name": "plain", "shard": "0"}
     metrics(Throttled("ns/plain", 0, ThrottleReason.PAUSE, 0.1))
     assert get("backfill_next_window_start_timestamp_seconds", other) is None  # no schedule: no series
+
+
+def test_run_progress_shows_the_earliest_next_window_and_clears_it_when_running() -> None:
+    from backfill_worker.progress import RunProgress
+
+    run = RunProgress()
+    run.apply(Throttled(IDENTITY, 0, ThrottleReason.WINDOW, 30.0, OPENS), 0.0)
+    run.apply(Throttled(IDENTITY, 1, ThrottleReason.WINDOW, 30.0, OPENS.replace(hour=20)), 0.0)
+    assert run.next_window_start == OPENS.replace(hour=20) and run.throttle_reason == "window"
+    run.apply(batch(ThrottleReason.WINDOW), 1.0)
+    run.apply(BatchCommitted(IDENTITY, 1, 1, 10, 10, 10, 10, 0.01, ("20",), 10, 1), 1.0)
+    assert run.next_window_start is None

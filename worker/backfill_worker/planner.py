@@ -17,9 +17,9 @@ from psycopg import sql
 
 from backfill_api.model import Backfill
 
-from . import introspect, sharding, statements, validation
+from . import health_probe, introspect, sharding, statements, validation
 from .connection import connect, database_errors
-from .secrets import register_dsn, secrets_of
+from .secrets import redact, register_dsn, secrets_of
 from .statements import Style, Target
 
 INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
@@ -243,6 +243,7 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         target = validation.resolve_target(conn, backfill.spec)
         validation.check_permissions(conn, target)
         validation.check_fragments(conn, target, secrets_of(dsn))
+        health_probe.validate(conn, backfill.spec.limits, lambda text: redact(text, secrets_of(dsn)))
         rendered = {
             "probe": statements.probe_upper_bound(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
             "update": statements.update_batch(target, has_lower=True, style=Style.DOLLAR).as_string(conn),

@@ -182,3 +182,8 @@ class RunProgress:
     @property
     def throttle_reason(self) -> str:
         return next((s.throttle_reason for s in self.shards.values() if s.throttle_reason), "")
+
+    @property
+    def next_window_start(self) -> datetime | None:
+        """The earliest next run window of the shards waiting for one."""
+        return min((s.next_window_start for s in self.shards.values() if s.next_window_start), default=None)
