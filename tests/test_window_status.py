@@ -148,3 +148,14 @@ def test_run_progress_shows_the_earliest_next_window_and_clears_it_when_running(
     run.apply(batch(ThrottleReason.WINDOW), 1.0)
     run.apply(BatchCommitted(IDENTITY, 1, 1, 10, 10, 10, 10, 0.01, ("20",), 10, 1), 1.0)
     assert run.next_window_start is None
+
+
+def test_crd_gives_schedule_no_default_so_an_omitted_one_stays_absent() -> None:
+    from backfill_api.crd import spec_schema
+
+    properties = spec_schema()["properties"]
+    # A `default: {}` would make the API server reject the CRD (windows is required) or fill in
+    # an invalid schedule; the other sections keep theirs so their nested defaults show.
+    assert "default" not in properties["schedule"] and properties["schedule"]["required"] == ["windows"]
+    assert properties["limits"]["default"] == {}
+    assert "default" not in properties["limits"]["properties"]["health"]

@@ -113,7 +113,8 @@ def spec_schema() -> dict[str, Any]:
     for prop in schema["properties"].values():
         # `default: {}` lets the API server fill the nested defaults of an omitted section
         # (batch, limits, checkpoint, worker), so `kubectl get -o yaml` shows the effective settings.
-        if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
+        # Not for a section with required fields (schedule): absent means "none", and {} is invalid.
+        if prop.get("type") == "object" and "properties" in prop and "default" not in prop and "required" not in prop:
             prop["default"] = {}
     schema["x-kubernetes-validations"] = _immutability_rules()
     return schema
