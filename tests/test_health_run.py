@@ -78,11 +78,13 @@ def later(seconds: float, action: Any) -> threading.Thread:
 # -- spec.limits.health.query -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("health,lift", [
-    ({"query": "SELECT flag FROM gate", "interval": "100ms"}, "UPDATE gate SET flag = false"),
-    ({"query": "SELECT v * 50 FROM gate", "maxValue": 10, "interval": "100ms"}, "UPDATE gate SET v = 0"),
+@pytest.mark.parametrize("health,lift,parallelism", [
+    ({"query": "SELECT flag FROM gate", "interval": "100ms"}, "UPDATE gate SET flag = false", 1),
+    ({"query": "SELECT v * 50 FROM gate", "maxValue": 10, "interval": "100ms"}, "UPDATE gate SET v = 0", 2),
 ])
-def test_health_query_holds_the_run_until_it_says_healthy(database: str, health: dict[str, Any], lift: str) -> None:
+def test_health_query_holds_the_run_until_it_says_healthy(
+    database: str, health: dict[str, Any], lift: str, parallelism: int
+) -> None:
     make_table(database)
     lifted: list[float] = []
 
@@ -93,16 +95,24 @@ def test_health_query_holds_the_run_until_it_says_healthy(database: str, health:
 
     recorder = Recorder()
     thread = later(1.0, lift_it)
-    report = run_backfill(manifest("query", limits={"health": health}), database, listeners=[recorder])
+    backfill = manifest("query", limits={"health": health}, parallelism=parallelism)
+    report = run_backfill(backfill, database, listeners=[recorder])
     thread.join()
 
     assert report.state == "done"
     waits = recorder.throttles(ThrottleReason.HEALTH_QUERY)
-    assert len(waits) >= 3, "the run never waited for the health query"
+    assert {e.shard for _, _, e in waits} == set(range(parallelism)), "every shard checks for itself"
+    assert len(waits) >= 3 * parallelism, "the run never waited for the health query"
     first_batch = recorder.batches()[0][0]
     assert first_batch > lifted[0]
     assert all(at < lifted[0] for at, _, _ in waits)  # healthy afterwards: no more waits
     assert_exactly_once(database)
+    # Each shard's health session is closed with the run (its backend exits a moment later).
+    deadline = time.monotonic() + 10
+    with psycopg.connect(database, autocommit=True) as conn:
+        while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE '%health'").fetchone() != (0,):
+            assert time.monotonic() < deadline, "a health session outlived the run"
+            time.sleep(0.05)
 
 
 def test_failing_health_query_counts_as_unhealthy_then_recovers(database: str) -> None:
