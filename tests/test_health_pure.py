@@ -153,6 +153,7 @@ def test_observed_event_reports_the_rate_between_looks() -> None:
     ({"health": {"query": "  "}}, "health.query"),
     ({"health": {"query": "select true", "timeout": "0s"}}, "health.timeout"),
     ({"health": {"query": "select true", "interval": "0"}}, "health.interval"),
+    ({"health": {"query": "select true", "interval": "2m"}}, "health.interval"),
     ({"health": {}}, "health.query"),
 ])
 def test_bad_bounds_are_refused_by_the_model(fields: dict[str, object], location: str) -> None:

@@ -156,9 +156,9 @@ class HealthQuerySpec(_Model):
     max_value: float | None = None
     """For a numeric result: pause while the value is greater than this. Omit for a boolean result."""
     timeout: Duration = Field(default=timedelta(seconds=1))
-    """``statement_timeout`` of the health query; a slow answer counts as unhealthy."""
+    """``statement_timeout`` of the health query (at most 1m); a slow answer counts as unhealthy."""
     interval: Duration = Field(default=timedelta(seconds=1))
-    """Run the query at most this often while healthy, and re-check this often while paused."""
+    """Run the query at most this often while healthy, and re-check this often while paused (at most 1m)."""
 
     @field_validator("query")
     @classmethod
@@ -170,8 +170,10 @@ class HealthQuerySpec(_Model):
     @field_validator("timeout", "interval")
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
-        if value.total_seconds() <= 0:
-            raise ValueError("must be positive, e.g. 1s")
+        # At most a minute: a waiting worker reports after every check, and the operator points
+        # out a worker silent for 5 minutes.
+        if not 0 < value.total_seconds() <= 60:
+            raise ValueError("must be positive and at most 1m, e.g. 1s")
         return value
 
 
