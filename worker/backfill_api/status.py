@@ -212,7 +212,7 @@ class ShardStatus(_StatusModel):
     eta_seconds: float | None = None
     """Estimated seconds left; absent when unknown."""
     throttle_reason: str = ""
-    """Why the worker is waiting right now, if it is: a :class:`ThrottleReason` value (``pause``,
+    """Why the worker is waiting right now, if it is: a ``ThrottleReason`` value (``pause``,
     ``maxRowsPerSecond``, ``replicationLag``, ``applicationImpact``, ``healthQuery``,
     ``maxWalBytesPerSecond``, ``maxActiveBackends``, ``maxLockWaits``, ``window``)."""
     next_window_start: str | None = None
@@ -258,7 +258,7 @@ class Progress(_StatusModel):
     batch_size: int = 0
     """Largest current batch size (the biggest transaction in flight)."""
     throttle_reason: str = ""
-    """Why a running shard is waiting, if one is (a :class:`ThrottleReason` value)."""
+    """Why a running shard is waiting, if one is (a ``ThrottleReason`` value)."""
     next_window_start: str | None = None
     """The earliest ``nextWindowStart`` of the running shards (outside ``spec.schedule``)."""
     impact: ImpactStatus | None = None
