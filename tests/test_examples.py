@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jsonschema
 import psycopg
@@ -11,15 +13,17 @@ import pytest
 import yaml
 
 from backfill_api.manifest import load_backfill
+from backfill_api.model import Backfill, ScheduleSpec, WindowSpec
 from backfill_worker.engine import run_backfill
 from backfill_worker.planner import plan_backfill
+from backfill_worker.schedule import window_state
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CRD = ROOT / "crds" / "backfill.dev_backfills.yaml"
 FOLDERS = sorted(p.parent.name for p in EXAMPLES.glob("*/backfill.yaml"))
 REQUIRED = {"customers-inactive", "uuid-keyed", "composite-key", "production-throttled", "django",
-            "purge-old-events", "copy-to-archive", "backfill-from-join"}
+            "purge-old-events", "copy-to-archive", "backfill-from-join", "maintenance-window"}
 
 
 def crd_validator() -> jsonschema.Draft4Validator:
@@ -63,7 +67,7 @@ def test_example_runs_to_a_verified_result(folder: str, database: str):
         conn.execute(directory.joinpath("schema.sql").read_text())
         conn.execute("ANALYZE")
     assert scalar(database, directory.joinpath("verify.sql").read_text()) > 0, "verify.sql must see the rows to fix"
-    backfill = load_backfill(directory / "backfill.yaml")
+    backfill = open_now(load_backfill(directory / "backfill.yaml"))
 
     plan = plan_backfill(backfill, database)
     assert plan.index_ok, f"{folder}: batch statements do not use the key index"
@@ -77,3 +81,27 @@ def test_example_runs_to_a_verified_result(folder: str, database: str):
     # A rerun finds its checkpoint done and changes nothing more.
     again = run_backfill(backfill, database)
     assert again.state == "done" and scalar(database, directory.joinpath("verify.sql").read_text()) == 0
+
+
+def open_now(backfill: Backfill) -> Backfill:
+    """The manifest with its run windows (if any) replaced by one open now, in the same zone."""
+    schedule = backfill.spec.schedule
+    if schedule is None:
+        return backfill
+    now = datetime.now(ZoneInfo(schedule.time_zone))
+    window = WindowSpec(start=(now - timedelta(minutes=1)).strftime("%H:%M:%S"),
+                        end=(now + timedelta(minutes=30)).strftime("%H:%M:%S"))
+    spec = backfill.spec.model_copy(update={"schedule": ScheduleSpec(time_zone=schedule.time_zone, windows=[window])})
+    return backfill.model_copy(update={"spec": spec})
+
+
+def test_maintenance_window_example_runs_nights_and_weekends_only():
+    schedule = load_backfill(EXAMPLES / "maintenance-window" / "backfill.yaml").spec.schedule
+    berlin = ZoneInfo("Europe/Berlin")
+    tuesday_noon = datetime(2026, 12, 1, 12, 0, tzinfo=berlin)
+    state = window_state(schedule, tuesday_noon)
+    assert not state.inside and state.next_start == datetime(2026, 12, 1, 22, 0, tzinfo=berlin).astimezone(UTC)
+    assert window_state(schedule, datetime(2026, 12, 2, 5, 0, tzinfo=berlin)).inside  # Tuesday night, after midnight
+    saturday = window_state(schedule, datetime(2026, 12, 5, 15, 0, tzinfo=berlin))
+    # Friday night runs into the weekend, and the weekend into Monday 00:00.
+    assert saturday.inside and saturday.closes_at == datetime(2026, 12, 7, 0, 0, tzinfo=berlin).astimezone(UTC)

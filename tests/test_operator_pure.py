@@ -146,7 +146,7 @@ def test_progress_aggregates_shards_by_estimated_keys():
     progress = aggregate_progress(shards, 2).to_wire()
     assert progress == {
         "rowsUpdated": 150, "batches": 3, "percent": 50, "rowsPerSecond": 25.0, "eta": "8s",
-        "batchSize": 80, "throttleReason": "maxRowsPerSecond", "impact": None,
+        "batchSize": 80, "throttleReason": "maxRowsPerSecond", "impact": None, "nextWindowStart": None,
     }
     assert aggregate_progress({}, 3).percent == 0 and aggregate_progress({}, 3).eta == ""
     assert aggregate_progress(shards, 2, succeeded=True).percent == 100

@@ -38,6 +38,7 @@ from backfill_api.status import (
     ShardState,
     Stall,
     StallReason,
+    ThrottleReason,
     aggregate_progress,
     for_merge_patch,
     phase_conditions,
@@ -355,6 +356,11 @@ def _message(phase: Phase, stall: Stall | None, failed: str, progress: Progress 
     if phase is Phase.PAUSED:
         return "suspended at a batch boundary: set spec.suspend to false to resume from the checkpoint"
     if phase is Phase.RUNNING and progress:
+        if progress.throttle_reason == ThrottleReason.WINDOW:
+            # Still Running (not stalled): the worker waits at a batch boundary and keeps reporting.
+            opens = f" opens at {progress.next_window_start}" if progress.next_window_start else " opens later"
+            return (f"{progress.percent}% done, {progress.rows_updated} rows updated; "
+                    f"outside the run window (spec.schedule): the next{opens}")
         eta = f", ETA {progress.eta}" if progress.eta else ""
         return f"{progress.percent}% done, {progress.rows_updated} rows updated{eta}"
     return "waiting for the worker Job to start"

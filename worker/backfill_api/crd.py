@@ -14,6 +14,7 @@ maps marked ``x-kubernetes-preserve-unknown-fields``.
 from __future__ import annotations
 
 import copy
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -64,7 +65,8 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "properties":
             out[key] = {name: _resolve(prop, defs) for name, prop in value.items()}
-        elif key == "default" and node.get("pattern") == DURATION_PATTERN and isinstance(value, str):
+        elif (key == "default" and node.get("pattern") == DURATION_PATTERN and isinstance(value, str)
+              and not re.fullmatch(DURATION_PATTERN, value)):  # an optional object's fields pass here twice
             # pydantic renders timedelta defaults as ISO 8601 ("PT0.2S"); the API speaks "200ms".
             out[key] = format_duration(_TIMEDELTA.validate_python(value))
         else:
@@ -115,7 +117,8 @@ def spec_schema() -> dict[str, Any]:
         # Never for a kind of change (delete, copy): its presence is what says what the backfill does.
         if name in KIND_FIELDS:
             continue
-        if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
+        # Not for a section with required fields (schedule): absent means "none", and {} is invalid.
+        if prop.get("type") == "object" and "properties" in prop and "default" not in prop and "required" not in prop:
             prop["default"] = {}
     schema["x-kubernetes-validations"] = [*_immutability_rules(), *_consistency_rules()]
     # Exactly one kind of change (no CEL: a plain structural `oneOf`, checked by every API server).
@@ -181,7 +184,10 @@ PRINTER_COLUMNS = [
     _column("Age", ".metadata.creationTimestamp"),
     _column("Table", ".spec.table", priority=1),
     _column("Batch", ".status.progress.batchSize", priority=1),
-    _column("Throttle", ".status.progress.throttleReason", priority=1),
+    _column("Throttle", ".status.progress.throttleReason", priority=1,
+            description="why the run waits: a ThrottleReason (window, healthQuery, maxWalBytesPerSecond, ...)"),
+    _column("Next-Window", ".status.progress.nextWindowStart", priority=1,
+            description="outside spec.schedule: when the next run window opens"),
     _column("Impact", ".status.progress.impact.summary", priority=1,
             description="application-impact throttle: duty cycle and the limiting signal"),
     _column("Message", ".status.message", priority=1),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import timedelta
+from datetime import time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -34,6 +34,7 @@ from pydantic.alias_generators import to_camel
 
 from .durations import DURATION_PATTERN, format_duration, parse_duration
 from .identifiers import QualifiedName, parse_qualified_name
+from .timezones import CLOCK_PATTERN, WEEKDAYS, Weekday, load_zone, parse_clock
 
 API_GROUP = "backfill.dev"
 API_VERSION = "v1alpha1"
@@ -147,6 +148,44 @@ class ApplicationImpactSpec(_Model):
         return value
 
 
+MAX_FRAGMENT_CHARS = 65536
+"""Upper bound on one ``set`` expression or the ``where`` predicate (checked before any SQL runs)."""
+
+
+class HealthQuerySpec(_Model):
+    """A health signal of your own: SQL run between batches, on a separate session.
+
+    The query is trusted input (run with the database role's privileges) and must return one
+    row whose first column is a boolean (pause while true) or a number (pause while it exceeds
+    ``maxValue``). It is run once before the first write: an error, no row, NULL or another type
+    fails validation."""
+
+    query: str = Field(min_length=1, max_length=MAX_FRAGMENT_CHARS)
+    """SQL returning one row; e.g. ``SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'IO'``."""
+    max_value: float | None = None
+    """For a numeric result: pause while the value is greater than this. Omit for a boolean result."""
+    timeout: Duration = Field(default=timedelta(seconds=1))
+    """``statement_timeout`` of the health query (at most 1m); a slow answer counts as unhealthy."""
+    interval: Duration = Field(default=timedelta(seconds=1))
+    """Run the query at most this often while healthy, and re-check this often while paused (at most 1m)."""
+
+    @field_validator("query")
+    @classmethod
+    def _query_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query is blank: give an SQL query returning one boolean or number")
+        return value
+
+    @field_validator("timeout", "interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        # At most a minute: a waiting worker reports after every check, and the operator points
+        # out a worker silent for 5 minutes.
+        if not 0 < value.total_seconds() <= 60:
+            raise ValueError("must be positive and at most 1m, e.g. 1s")
+        return value
+
+
 class LimitsSpec(_Model):
     """Safety limits that keep the live application's latency intact."""
 
@@ -162,6 +201,67 @@ class LimitsSpec(_Model):
     """Consecutive failed attempts of one batch before the run gives up."""
     application_impact: ApplicationImpactSpec = Field(default_factory=ApplicationImpactSpec)
     """The application-aware throttle (on by default: ``mode: protect``)."""
+    health: HealthQuerySpec | None = None
+    """Pause while a query of your own says the database is unhealthy (see ``docs/throttle.md``)."""
+    max_wal_bytes_per_second: int = Field(default=0, ge=0)
+    """Keep the server's WAL rate (all sessions, from ``pg_current_wal_lsn()``) under this many
+    bytes per second, pausing between batches; 0 disables. Needs a primary."""
+    max_active_backends: int = Field(default=0, ge=0)
+    """Pause while more than this many other client sessions are not idle (running a statement or
+    inside a transaction); 0 disables."""
+    max_lock_waits: int = Field(default=0, ge=0)
+    """Pause while more than this many other sessions wait for a lock; 0 disables."""
+
+
+class WindowSpec(_Model):
+    """One run window: on these days (of its start), from ``start`` to ``end`` local time.
+
+    An ``end`` at or before ``start`` crosses midnight (``22:00``-``06:00`` runs into the next
+    day); ``00:00``-``00:00`` is the whole day."""
+
+    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS), min_length=1, max_length=7)
+    """Days the window opens on: ``mon`` .. ``sun`` (default every day)."""
+    start: str = Field(pattern=CLOCK_PATTERN)
+    """Opening time, ``HH:MM`` (24 h; ``HH:MM:SS`` allowed) in ``spec.schedule.timeZone``."""
+    end: str = Field(pattern=CLOCK_PATTERN)
+    """Closing time, ``HH:MM``; at or before ``start``: the next day."""
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        parse_clock(value)
+        return value
+
+    @field_validator("days")
+    @classmethod
+    def _distinct_days(cls, value: list[Weekday]) -> list[Weekday]:
+        if len(set(value)) != len(value):
+            raise ValueError("days must be distinct")
+        return value
+
+    @property
+    def start_time(self) -> time:
+        return parse_clock(self.start)
+
+    @property
+    def end_time(self) -> time:
+        return parse_clock(self.end)
+
+
+class ScheduleSpec(_Model):
+    """When the backfill may run. Outside every window it waits at a batch boundary (phase stays
+    ``Running``, ``throttleReason: window``, ``nextWindowStart`` in the status)."""
+
+    time_zone: str = Field(default="UTC", min_length=1, max_length=100)
+    """IANA time zone of the windows, e.g. ``Europe/Berlin`` (daylight saving time applies)."""
+    windows: list[WindowSpec] = Field(min_length=1, max_length=50)
+    """The run windows; the backfill runs while any of them is open."""
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        load_zone(value)
+        return value
 
 
 class CheckpointMode(StrEnum):
@@ -207,10 +307,6 @@ class WorkerSpec(_Model):
     backoff_limit: int = Field(default=6, ge=0, le=100)
     """Pod restarts before the Job, and so the Backfill, is Failed."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
-
-
-MAX_FRAGMENT_CHARS = 65536
-"""Upper bound on one ``set`` expression or the ``where`` predicate (checked before any SQL runs)."""
 
 
 def _parses_as_table(value: str) -> str:
@@ -305,6 +401,8 @@ class BackfillSpec(_Model):
     needs a ``where`` that the change makes false, and ``batch`` sizes count blocks (docs/ctid.md)."""
     batch: BatchSpec = Field(default_factory=BatchSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    schedule: ScheduleSpec | None = None
+    """Run windows (e.g. nights only); absent: any time. Pacing only: may change mid-run."""
     parallelism: int = Field(default=1, ge=1, le=64)
     """Number of key-range shards processed concurrently."""
     suspend: bool = False

@@ -35,6 +35,28 @@ class Phase(StrEnum):
 PHASES = tuple(Phase)
 
 
+class ThrottleReason(StrEnum):
+    """``throttleReason`` values: why a running shard is waiting between batches (empty: it is not).
+
+    Each names the spec field that asked for the wait."""
+
+    PAUSE = "pause"
+    """``spec.batch.pause`` after each batch."""
+    MAX_ROWS_PER_SECOND = "maxRowsPerSecond"
+    REPLICATION_LAG = "replicationLag"
+    """A replica lags more than ``spec.limits.maxReplicationLag``."""
+    APPLICATION_IMPACT = "applicationImpact"
+    """The ``protect`` throttle's pause."""
+    HEALTH_QUERY = "healthQuery"
+    """``spec.limits.health.query`` says unhealthy (or failed: it counts as unhealthy)."""
+    WAL_RATE = "maxWalBytesPerSecond"
+    """The server's WAL rate since the last batch is above ``spec.limits.maxWalBytesPerSecond``."""
+    ACTIVE_BACKENDS = "maxActiveBackends"
+    LOCK_WAITS = "maxLockWaits"
+    WINDOW = "window"
+    """Outside every ``spec.schedule`` window (``nextWindowStart`` says when the next opens)."""
+
+
 class ShardState(StrEnum):
     """``status.shards.<i>.state``: where one key-range shard is."""
 
@@ -191,7 +213,13 @@ class ShardStatus(_StatusModel):
     eta_seconds: float | None = None
     """Estimated seconds left; absent when unknown."""
     throttle_reason: str = ""
-    """Why the worker is waiting right now (pause, maxRowsPerSecond, replicationLag), if it is."""
+    """Why the worker is waiting right now, if it is: a ``ThrottleReason`` value (``pause``,
+    ``maxRowsPerSecond``, ``replicationLag``, ``applicationImpact``, ``healthQuery``,
+    ``maxWalBytesPerSecond``, ``maxActiveBackends``, ``maxLockWaits``, ``window``)."""
+    next_window_start: str | None = None
+    """While waiting for a ``spec.schedule`` window: when the next one opens (RFC 3339, UTC)."""
+    throttled_seconds: dict[str, float] = Field(default_factory=dict)
+    """Seconds this run of the shard has waited, by ``throttleReason``."""
     last_error: str = ""
     """The last error (secrets redacted)."""
     last_error_reason: str = ""
@@ -232,7 +260,9 @@ class Progress(_StatusModel):
     batch_size: int = 0
     """Largest current batch size (the biggest transaction in flight)."""
     throttle_reason: str = ""
-    """Why a running shard is waiting, if one is."""
+    """Why a running shard is waiting, if one is (a ``ThrottleReason`` value)."""
+    next_window_start: str | None = None
+    """The earliest ``nextWindowStart`` of the running shards (outside ``spec.schedule``)."""
     impact: ImpactStatus | None = None
     """The application-impact state of the most throttled running shard (the one holding the run back)."""
 
@@ -341,6 +371,7 @@ def aggregate_progress(
         eta=eta,
         batch_size=max((r.batch_size for r in reports), default=0),
         throttle_reason=next((r.throttle_reason for r in active if r.throttle_reason), ""),
+        next_window_start=min((r.next_window_start for r in active if r.next_window_start), default=None),
         impact=min(impacts, key=lambda i: i.duty_percent) if impacts else None,
     )
 

@@ -61,6 +61,8 @@ class ProgressBar:
     def _refresh(self) -> None:
         s = self.state
         throttle = s.throttle_reason
+        if s.next_window_start is not None:  # outside spec.schedule: say when it resumes
+            throttle += f" until {s.next_window_start.astimezone().strftime('%Y-%m-%d %H:%M:%S %Z')}"
         self._progress.update(
             self._task,
             completed=s.percent,

@@ -42,6 +42,7 @@ from . import (
     blocks,
     changes,
     checkpointing,
+    health_probe,
     impact_governor,
     locking,
     pacing,
@@ -154,6 +155,8 @@ class _Shard:
         self.pacer = pacing.Pacer(
             self.identity, self.shard, (self.target.schema, self.target.table),
             self.backfill.spec.checkpoint.schema_name, self.control, self.emit, tuning, self.own,
+            open_health_session=lambda: open_connection(self.dsn, f"backfill {self.identity} shard {self.shard} health"),
+            redact=self._redact,
         )
 
     @property
@@ -198,6 +201,7 @@ class _Shard:
         finally:
             self.prefetcher.close()
             self.prefetcher = None
+            self.pacer.close()
         remaining = None
         if state == DONE:
             try:
@@ -386,6 +390,8 @@ def _validate(conn: psycopg.Connection, backfill: Backfill, dsn: str) -> Target:
     target = validation.resolve_target(conn, backfill.spec)
     validation.check_permissions(conn, target)
     validation.check_fragments(conn, target, secrets_of(dsn))
+    secrets = secrets_of(dsn)
+    health_probe.validate(conn, backfill.spec.limits, lambda text: redact(text, secrets))
     return target
 
 
@@ -450,7 +456,7 @@ def run_backfill(
             target = _validate(main, backfill, dsn)
             conns = _lock_shards(dsn, backfill, selected, main)
             checkpoints = checkpointing.plan(main, store, backfill, target)
-        tuning = Tuning(batch=spec.batch, limits=spec.limits)
+        tuning = Tuning(batch=spec.batch, limits=spec.limits, schedule=spec.schedule)
         change = changes.for_spec(spec, target)
         own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another
         runners = [

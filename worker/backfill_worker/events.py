@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
-from backfill_api.model import BatchSpec, LimitsSpec
+from backfill_api.model import BatchSpec, LimitsSpec, ScheduleSpec
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,24 @@ class Throttled:
     identity: str
     shard: int
     reason: str
-    """``pause``, ``maxRowsPerSecond``, ``replicationLag`` or ``applicationImpact``."""
+    """A ``backfill_api.status.ThrottleReason`` value (``pause``, ``maxRowsPerSecond``, ``window``, ...)."""
     seconds: float
+    next_window_start: datetime | None = None
+    """Reason ``window``: when the next run window opens (UTC)."""
+
+
+@dataclass(frozen=True)
+class HealthObserved:
+    """One look of the health throttles (``spec.limits.health``, WAL rate, backends, lock waits)."""
+
+    identity: str
+    shard: int
+    wal_bytes_per_second: float | None
+    """Server-wide WAL rate between this look and the previous one; None when not measured."""
+    active_backends: int | None
+    lock_waits: int | None
+    query_value: float | None
+    """The health query's value (a boolean as 0/1); None when it did not run this time."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,7 @@ class RunFinished:
 
 Event = (
     RunStarted | BatchCommitted | Throttled | ReplicationLagObserved | RetryScheduled | RunFinished | ImpactObserved
+    | HealthObserved
 )
 Listener = Callable[[Event], None]
 
@@ -132,6 +150,8 @@ class Tuning:
 
     batch: BatchSpec = field(default_factory=BatchSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
+    schedule: ScheduleSpec | None = None
+    """Run windows (``spec.schedule``)."""
 
 
 class RunControl(Protocol):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 
 from backfill_api.model import ApplicationImpactSpec
+from backfill_api.status import ThrottleReason
 
 from . import app_impact, impact_signals
 from .events import ImpactObserved
@@ -36,7 +37,7 @@ REBASELINE_SECONDS = 15.0
 SYNCHRONOUS_COMMIT = False
 """Batches commit asynchronously under ``protect`` too (as under ``fast``); the application-impact
 benchmark flips this to measure whether our WAL flushes queue the application's commits."""
-APPLICATION_IMPACT = "applicationImpact"
+APPLICATION_IMPACT = ThrottleReason.APPLICATION_IMPACT
 """``throttleReason`` of a pause the controller asked for."""
 
 

@@ -37,6 +37,7 @@ from backfill_api.model import (
     BatchSpec,
     CheckpointMode,
     LimitsSpec,
+    ScheduleSpec,
 )
 from backfill_api.specdiff import decode_applied, effective_spec
 from backfill_api.status import (
@@ -63,6 +64,10 @@ PATCH_INTERVAL_SECONDS = 2.0
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _rfc3339(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment is not None else None
 
 
 def load_backfill(api: KubeApi, namespace: str, name: str) -> tuple[Backfill, dict[str, Any]]:
@@ -115,9 +120,11 @@ class KubeControl:
         if spec.get("suspend") is True:
             self.request_stop("suspended")
         try:
+            schedule = spec.get("schedule")
             self._tuning = Tuning(
                 batch=BatchSpec.model_validate(spec.get("batch") or {}),
                 limits=LimitsSpec.model_validate(spec.get("limits") or {}),
+                schedule=ScheduleSpec.model_validate(schedule) if schedule is not None else None,
             )
         except ValidationError as error:  # keep the last good tuning; the operator reports the spec
             log.warning("ignoring invalid live tuning of %s/%s: %s", self._namespace, self._name, error.error_count())
@@ -173,6 +180,8 @@ def shard_status(
         estimated_keys=progress.estimated_keys,
         keys_done=progress.keys_done,
         throttle_reason=progress.throttle_reason,
+        next_window_start=_rfc3339(progress.next_window_start),
+        throttled_seconds={reason: round(seconds, 1) for reason, seconds in sorted(progress.throttled_seconds.items())},
         impact=impact_status(progress.impact) if progress.impact is not None else None,
         last_error=redact(progress.error, secrets) if progress.error else "",
         last_error_reason=error_reason,

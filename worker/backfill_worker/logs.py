@@ -237,8 +237,10 @@ class LogListener:
         elif isinstance(event, Throttled):
             # Pauses happen after every batch when configured: routine, so DEBUG. The others
             # mean the database (or the rate limit) is holding the run back: worth an INFO.
-            level = log.debug if event.reason in ("pause", "applicationImpact") else log.info
-            level("throttled", reason=event.reason, seconds=round(event.seconds, 3))
+            # The WAL-rate bound paces every batch when it binds: routine as well.
+            level = log.debug if event.reason in ("pause", "applicationImpact", "maxWalBytesPerSecond") else log.info
+            extra = {"next_window_start": event.next_window_start.isoformat()} if event.next_window_start else {}
+            level("throttled", reason=event.reason, seconds=round(event.seconds, 3), **extra)
         elif isinstance(event, ReplicationLagObserved):
             log.debug("replication lag", lag_seconds=event.lag_seconds)
         elif isinstance(event, ImpactObserved):

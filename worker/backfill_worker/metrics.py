@@ -10,7 +10,7 @@ event's identity (``namespace/name``), never from anything that could hold a sec
 | ``backfill_batches_total`` | counter | | committed batches |
 | ``backfill_batch_duration_seconds`` | histogram | | time each batch's write transaction was open |
 | ``backfill_batch_size`` | gauge | | batch size the next batch is planned with |
-| ``backfill_throttled_seconds_total`` | counter | ``reason`` | time spent waiting: pause, maxRowsPerSecond, replicationLag |
+| ``backfill_throttled_seconds_total`` | counter | ``reason`` | time spent waiting, by ``throttleReason`` (pause, window, healthQuery, ...) |
 | ``backfill_replication_lag_seconds`` | gauge | | largest replica replay lag last seen (NaN: no replicas) |
 | ``backfill_retries_total`` | counter | ``kind`` | failed batch attempts by cause (lockTimeout, deadlock, ...) |
 | ``backfill_progress_ratio`` | gauge | | estimated fraction of the shard's keys done, 0..1 |
@@ -22,6 +22,12 @@ event's identity (``namespace/name``), never from anything that could hold a sec
 | ``backfill_app_lock_waiters`` | gauge | | most sessions seen waiting for the backfill's row locks in the last window |
 | ``backfill_app_active_sessions`` | gauge | | mean number of other sessions running a statement |
 | ``backfill_wal_bytes_per_second`` | gauge | | server-wide WAL rate over the last window |
+| ``backfill_throttled`` | gauge | ``reason`` | 1 while the shard waits for this reason (``window``, ``healthQuery``, ...), else 0 |
+| ``backfill_health_wal_bytes_per_second`` | gauge | | health throttles: server-wide WAL rate between the last two looks |
+| ``backfill_health_active_backends`` | gauge | | other client sessions not idle, last look |
+| ``backfill_health_lock_waits`` | gauge | | other sessions waiting for a lock, last look |
+| ``backfill_health_query_value`` | gauge | | ``spec.limits.health.query``'s last value (a boolean as 0/1) |
+| ``backfill_next_window_start_timestamp_seconds`` | gauge | | outside ``spec.schedule``: when the next window opens (Unix time; NaN inside) |
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ from prometheus_client import (
 )
 
 from backfill_api.serving import MetricsServer, serve
-from backfill_api.status import ShardState
+from backfill_api.status import ShardState, ThrottleReason
 
 from .events import (
     BatchCommitted,
     Event,
+    HealthObserved,
     ImpactObserved,
     ReplicationLagObserved,
     RetryScheduled,
@@ -97,6 +104,22 @@ class WorkerMetrics:
             "wal": ("backfill_wal_bytes_per_second", "Server-wide WAL bytes per second over the last window."),
         }
         self.impact = {key: Gauge(name, doc, LABELS, registry=r) for key, (name, doc) in impact.items()}
+        self.throttled_now = Gauge(
+            "backfill_throttled", "1 while the shard waits for this reason, else 0.", (*LABELS, "reason"), registry=r,
+        )
+        health = {
+            "wal": ("backfill_health_wal_bytes_per_second", "Server-wide WAL bytes per second between the last two health looks."),
+            "backends": ("backfill_health_active_backends", "Other client sessions not idle, at the last health look."),
+            "lock_waits": ("backfill_health_lock_waits", "Other sessions waiting for a lock, at the last health look."),
+            "query": ("backfill_health_query_value", "The health query's last value (a boolean as 0/1)."),
+        }
+        self.health = {key: Gauge(name, doc, LABELS, registry=r) for key, (name, doc) in health.items()}
+        self.next_window_start = Gauge(
+            "backfill_next_window_start_timestamp_seconds", "When the next run window opens (NaN inside one).",
+            LABELS, registry=r,
+        )
+        self._windowed: set[tuple[str, str, str]] = set()
+        """Shards that waited for a run window (only they get the next-window series)."""
         self._estimated_keys: dict[tuple[str, str, str], int] = {}
         self._keys_done: dict[tuple[str, str, str], int] = {}
 
@@ -121,10 +144,26 @@ class WorkerMetrics:
             self.batches.labels(*labels).inc()
             self.batch_duration.labels(*labels).observe(event.duration_seconds)
             self.batch_size.labels(*labels).set(event.next_batch_size)
+            self._set_throttled(labels, "")
+            if labels in self._windowed:  # running again: inside a window
+                self.next_window_start.labels(*labels).set(math.nan)
             self._keys_done[labels] = self._keys_done.get(labels, 0) + event.keys_scanned
             self._set_progress(labels)
         elif isinstance(event, Throttled):
             self.throttled.labels(*labels, event.reason).inc(max(event.seconds, 0.0))
+            self._set_throttled(labels, event.reason)
+            start = event.next_window_start
+            if start is not None or labels in self._windowed:
+                self._windowed.add(labels)
+                self.next_window_start.labels(*labels).set(start.timestamp() if start is not None else math.nan)
+        elif isinstance(event, HealthObserved):
+            looked: dict[str, float | None] = {
+                "wal": event.wal_bytes_per_second, "backends": event.active_backends,
+                "lock_waits": event.lock_waits, "query": event.query_value,
+            }
+            for key, measured in looked.items():
+                if measured is not None:  # not measured at this look: keep the last value
+                    self.health[key].labels(*labels).set(measured)
         elif isinstance(event, ReplicationLagObserved):
             lag = math.nan if event.lag_seconds is None else event.lag_seconds
             self.replication_lag.labels(*labels).set(lag)
@@ -141,6 +180,7 @@ class WorkerMetrics:
             self.batch_size.labels(*labels).set(event.next_batch_size)
         elif isinstance(event, RunFinished):
             self._set_state(labels, event.state)
+            self._set_throttled(labels, "")
             if event.state == "done":
                 self.progress.labels(*labels).set(1.0)
 
@@ -148,6 +188,11 @@ class WorkerMetrics:
         estimated = self._estimated_keys.get(labels, 0)
         if estimated > 0:
             self.progress.labels(*labels).set(min(self._keys_done.get(labels, 0) / estimated, 1.0))
+
+    def _set_throttled(self, labels: tuple[str, str, str], current: str) -> None:
+        """One series per reason, 1 for the reason waited on now ("" = none)."""
+        for reason in ThrottleReason:
+            self.throttled_now.labels(*labels, reason.value).set(1.0 if reason.value == current else 0.0)
 
     def _set_state(self, labels: tuple[str, str, str], current: str) -> None:
         for state in SHARD_STATES:

@@ -1,6 +1,7 @@
-"""How fast one shard runs: batch size, live re-tuning, waits between batches, replica lag and the
-application-impact governor's hooks. The decisions are in ``throttle.py``, ``batching.py`` and
-``app_impact.py`` (pure); this module holds the shard's pacing state and does the waiting.
+"""How fast one shard runs: batch size, live re-tuning, waits between batches, replica lag, the
+application-impact governor's hooks, the health throttles and the run windows. The decisions are
+in ``throttle.py``, ``batching.py``, ``app_impact.py``, ``health.py`` and ``schedule.py`` (pure);
+this module holds the shard's pacing state and does the waiting.
 """
 
 from __future__ import annotations
@@ -8,13 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 import psycopg
 
 from backfill_api.model import ImpactMode
 
-from . import impact_governor, throttle
+from . import health, health_probe, impact_governor, schedule, throttle
 from .batching import BatchSizer
 from .events import Event, ReplicationLagObserved, RunControl, Throttled, Tuning
 
@@ -54,6 +56,12 @@ class Pacer:
     """Why the wait before the current batch happened ('' = none); reported with the batch."""
     governor: impact_governor.Governor | None = field(init=False, default=None)
     next_lag_check: float = 0.0
+    open_health_session: Callable[[], psycopg.Connection] | None = None
+    """Opens the health throttles' own session (None: they cannot run, e.g. in unit tests)."""
+    redact: Callable[[str], str] = str
+    wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    """The run windows' clock (a test may shift it)."""
+    gate: health_probe.HealthGate | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         batch = self.tuning.batch
@@ -88,11 +96,43 @@ class Pacer:
         self._set_governor()
 
     def before_batch(self, session: Session) -> None:
-        """The governor's first measurement, and the replica-lag wait when it is due."""
+        """The run window, the governor's first measurement, the replica-lag wait when it is due,
+        and the health throttles: each waits (re-reading the live spec) until it says go."""
+        self._wait_for_window()
         self._begin_impact_control(session)
         if self.tuning.limits.max_replication_lag.total_seconds() > 0 and time.monotonic() >= self.next_lag_check:
             self._wait_for_replicas(session)
             self.next_lag_check = time.monotonic() + throttle.LAG_POLL_SECONDS
+        self._wait_for_health()
+
+    def _wait_for_window(self) -> None:
+        """Outside ``spec.schedule``'s windows: wait at this batch boundary until one opens."""
+        while True:
+            now = self.wall_clock()
+            state = schedule.window_state(self.tuning.schedule, now)
+            wait = schedule.window_wait(state, now)
+            if wait is None:
+                return
+            self.throttle(wait, next_window_start=state.next_start, until_retuned=True)
+            self.retune()  # a changed schedule applies while waiting
+
+    def _wait_for_health(self) -> None:
+        while health.enabled(self.tuning.limits) and self.open_health_session is not None:
+            if self.gate is None:
+                self.gate = health_probe.HealthGate(
+                    self.identity, self.shard, self.open_health_session, self.emit, self.redact,
+                )
+            wait = self.gate.check(self.tuning.limits)
+            if wait is None:
+                return
+            self.throttle(wait, until_retuned=True)
+            self.retune()
+
+    def close(self) -> None:
+        """The end of the shard's run: the health session goes."""
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
 
     def after_batch(self, session: Session, rows: int, work_seconds: float, shard_count: int) -> None:
         """Wait as the spec's pause and rate limit say, or as the governor says when it is on."""
@@ -144,15 +184,22 @@ class Pacer:
                 return
             self.throttle(wait)
 
-    def throttle(self, wait: throttle.Wait) -> None:
+    def throttle(
+        self, wait: throttle.Wait, *, next_window_start: datetime | None = None, until_retuned: bool = False
+    ) -> None:
         self.throttle_reason = wait.reason
-        self.emit(Throttled(self.identity, self.shard, wait.reason, wait.seconds))
-        self.sleep(wait.seconds)
+        self.emit(Throttled(self.identity, self.shard, wait.reason, wait.seconds, next_window_start))
+        self.sleep(wait.seconds, until_retuned=until_retuned)
 
-    def sleep(self, seconds: float) -> None:
-        """Sleep in slices; raises :class:`StopRequested` as soon as the control asks to stop."""
+    def sleep(self, seconds: float, *, until_retuned: bool = False) -> None:
+        """Sleep in slices; raises :class:`StopRequested` as soon as the control asks to stop.
+
+        ``until_retuned``: also end early when the live spec changed (a long window or health
+        wait re-decides at once with the new spec)."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if self.control.stop_reason():
                 raise StopRequested
+            if until_retuned and self.control.tuning() not in (None, self.tuning):
+                return
             time.sleep(min(SLEEP_SLICE_SECONDS, left))

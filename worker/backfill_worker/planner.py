@@ -20,9 +20,9 @@ from psycopg import sql
 
 from backfill_api.model import Backfill
 
-from . import blocks, changes, introspect, sharding, statements, validation
+from . import blocks, changes, health_probe, introspect, sharding, statements, validation
 from .connection import connect, database_errors
-from .secrets import register_dsn, secrets_of
+from .secrets import redact, register_dsn, secrets_of
 from .statements import Style, Target
 
 INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
@@ -324,6 +324,7 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         target = validation.resolve_target(conn, backfill.spec)
         validation.check_permissions(conn, target)
         validation.check_fragments(conn, target, secrets_of(dsn))
+        health_probe.validate(conn, backfill.spec.limits, lambda text: redact(text, secrets_of(dsn)))
         change = changes.for_spec(backfill.spec, target)
         if target.by_ctid:
             shown = (

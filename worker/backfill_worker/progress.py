@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from .events import BatchCommitted, Event, ImpactObserved, RunFinished, RunStarted, Throttled
 
@@ -65,6 +66,10 @@ class ShardProgress:
     batch_size: int = 0
     last_key: tuple[str, ...] = ()
     throttle_reason: str = ""
+    next_window_start: datetime | None = None
+    """While waiting for a run window: when the next one opens."""
+    throttled_seconds: dict[str, float] = field(default_factory=dict)
+    """Time waited in this run, by throttle reason."""
     impact: ImpactObserved | None = None
     """The application-impact throttle's latest decision (None under ``mode: fast``)."""
     remaining_matches: int | None = None
@@ -90,9 +95,12 @@ class ShardProgress:
             self.batch_size = event.next_batch_size
             self.last_key = event.last_key
             self.throttle_reason = event.throttle_reason
+            self.next_window_start = None
             self.rate.add(now, event.rows_updated, event.keys_scanned)
         elif isinstance(event, Throttled):
             self.throttle_reason = event.reason
+            self.next_window_start = event.next_window_start
+            self.throttled_seconds[event.reason] = self.throttled_seconds.get(event.reason, 0.0) + max(event.seconds, 0.0)
         elif isinstance(event, ImpactObserved):
             self.impact = event
         elif isinstance(event, RunFinished):
@@ -102,6 +110,7 @@ class ShardProgress:
             self.remaining_matches = event.remaining_matches
             self.error = event.error
             self.throttle_reason = ""
+            self.next_window_start = None
             self.finished_at = now
 
     @property
@@ -173,3 +182,8 @@ class RunProgress:
     @property
     def throttle_reason(self) -> str:
         return next((s.throttle_reason for s in self.shards.values() if s.throttle_reason), "")
+
+    @property
+    def next_window_start(self) -> datetime | None:
+        """The earliest next run window of the shards waiting for one."""
+        return min((s.next_window_start for s in self.shards.values() if s.next_window_start), default=None)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import psycopg
 
-PAUSE = "pause"
-MAX_ROWS_PER_SECOND = "maxRowsPerSecond"
-REPLICATION_LAG = "replicationLag"
+from backfill_api.status import ThrottleReason
+
+PAUSE = ThrottleReason.PAUSE
+MAX_ROWS_PER_SECOND = ThrottleReason.MAX_ROWS_PER_SECOND
+REPLICATION_LAG = ThrottleReason.REPLICATION_LAG
 
 LAG_POLL_SECONDS = 1.0
 """How often lag is read while running, and re-read while waiting for replicas."""
