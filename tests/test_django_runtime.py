@@ -88,6 +88,15 @@ def test_orm_handler_saves_and_signals_commit_with_the_checkpoint(shop: str, tmp
     assert query(shop, "SELECT count(*) FROM customers_audit") == [(STALE_COUNT,)]
 
 
+def test_a_timeout_inside_the_orm_retries_the_batch(shop: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, "bf_django_shop.backfills:slow_once", limits={"statementTimeout": "100ms", "maxRetries": 3})
+    done = backfill(shop, "-v", "run", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "statementTimeout, retry 1" in done.stderr
+    assert f"rows_updated={STALE_COUNT} " in done.stdout
+    assert query(shop, "SELECT count(*), count(DISTINCT customer_id) FROM customers_audit") == [(STALE_COUNT, STALE_COUNT)]
+
+
 @pytest.mark.parametrize(
     "callable_,expected",
     [
