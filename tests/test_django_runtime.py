@@ -175,6 +175,13 @@ def test_shards_run_one_per_process_and_django_is_usable_after(shop: str, tmp_pa
     assert query(shop, "SELECT count(*), count(DISTINCT customer_id) FROM customers_audit") == [(STALE_COUNT, STALE_COUNT)]
 
 
+def test_a_lost_session_reconnects_through_django_and_changes_each_row_once(shop: str, tmp_path: Path) -> None:
+    result = script(shop, str(manifest(tmp_path, "bf_django_shop.backfills:terminate_once")), "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["done", str(STALE_COUNT), "1"]  # and Django's connection works afterwards
+    assert query(shop, "SELECT count(*), count(DISTINCT customer_id) FROM customers_audit") == [(STALE_COUNT, STALE_COUNT)]
+
+
 def test_a_run_inside_an_atomic_block_is_refused(shop: str, tmp_path: Path) -> None:
     result = script(shop, str(manifest(tmp_path)), "atomic")
     assert result.returncode == 0, result.stderr
