@@ -102,7 +102,11 @@ def test_every_immutable_field_is_guarded_in_the_cli() -> None:
              "delete": {"set": None, "delete": {}, "where": "v = 0"},
              "copy": {"set": None, "copy": {"table": "u", "onConflict": "doNothing"}},
              "from": {"from": [{"table": "u", "alias": "x", "condition": "x.id = t.id"}]},
-             "walk": {"walk": "ctid", "where": "v = 0"}}
+             "walk": {"walk": "ctid", "where": "v = 0"},
+             "handler": {"set": None, "handler": {"callable": "m:f"}}}
     assert set(edits) == set(FINGERPRINT_FIELDS)
     for field, edit in edits.items():
         assert BackfillSpec.model_validate({**SPEC, **edit}).fingerprint() != base.fingerprint(), field
+    handled = BackfillSpec.model_validate({**SPEC, "set": None, "handler": {"callable": "m:f"}})
+    other = BackfillSpec.model_validate({**SPEC, "set": None, "handler": {"callable": "m:f", "django": {"model": "a.B"}}})
+    assert handled.fingerprint() != other.fingerprint()

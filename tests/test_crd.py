@@ -78,7 +78,8 @@ def test_defaults_and_descriptions_come_from_the_model():
     assert batch["size"] == {**batch["size"], "default": 1000, "minimum": 1, "maximum": 1_000_000}
     assert spec["properties"]["checkpoint"]["properties"]["mode"]["enum"] == ["transactional", "atLeastOnce"]
     assert "primary key" in spec["properties"]["key"]["description"]
-    assert spec["required"] == ["table"]  # set, delete or copy: exactly one (the model checks it)
+    assert spec["required"] == ["table"]  # and exactly one of set, delete, copy, handler (oneOf below; the model)
+    assert "default" not in spec["properties"]["handler"]  # an omitted handler stays omitted
 
 
 def test_immutable_fields_have_cel_transition_rules():
@@ -150,8 +151,10 @@ _DELETE = object()
 
 BAD = [
     ("spec.table", _DELETE, "spec", "'table' is a required property"),
-    ("spec.set", _DELETE, "spec", "is not valid under any of the given schemas"),  # none of set/delete/copy
+    ("spec.set", _DELETE, "spec", "is not valid under any of the given schemas"),  # none of set/delete/copy/handler
     ("spec.delete", {}, "spec", "is valid under each of"),  # set and delete together
+    ("spec.handler", {"django": {"model": "a.B"}}, "spec.handler", "'callable' is a required property"),
+    ("spec.handler", {"callable": "no module"}, "spec.handler.callable", "does not match"),
     ("spec.set", {}, "spec.set", "should be non-empty"),
     ("spec.set", {"status": 1}, "spec.set.status", "is not of type 'string'"),
     ("spec.table", "", "spec.table", "should be non-empty"),

@@ -58,8 +58,8 @@ EVENTS = (
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"set": {"v": "1"}, "delete": {}}, "give exactly one of set, delete, copy (what the backfill does); got set, delete"),
-        ({}, "got none of them"),
+        ({"set": {"v": "1"}, "delete": {}}, "spec.set and spec.delete are both given: give exactly one of spec.set, spec.delete, spec.copy, spec.handler"),
+        ({}, "nothing to change: give exactly one of"),
         ({"delete": {}}, "spec.where is required with delete"),
         ({"delete": {"allRows": True}, "where": "v = 1"}, "allRows: true deletes every row, but spec.where is given"),
         ({"copy": {"table": "u"}}, "onConflict"),

@@ -111,13 +111,15 @@ def spec_schema() -> dict[str, Any]:
         "description": schema["properties"]["key"].get("description", ""),
         "x-kubernetes-preserve-unknown-fields": True,
     }
+    # Sections that are absent unless given (delete, copy, handler, schedule): a default would make them present.
+    optional = {field.alias or name for name, field in BackfillSpec.model_fields.items() if field.default is None}
     for name, prop in schema["properties"].items():
         # `default: {}` lets the API server fill the nested defaults of an omitted section
         # (batch, limits, checkpoint, worker), so `kubectl get -o yaml` shows the effective settings.
         # Never for a kind of change (delete, copy): its presence is what says what the backfill does.
-        if name in KIND_FIELDS:
+        if name in KIND_FIELDS or name in optional:
             continue
-        # Not for a section with required fields (schedule): absent means "none", and {} is invalid.
+        # Not for a section with required fields: {} would be invalid.
         if prop.get("type") == "object" and "properties" in prop and "default" not in prop and "required" not in prop:
             prop["default"] = {}
     schema["x-kubernetes-validations"] = [*_immutability_rules(), *_consistency_rules()]

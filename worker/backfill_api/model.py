@@ -309,6 +309,34 @@ class WorkerSpec(_Model):
     active_deadline_seconds: int | None = Field(default=None, ge=1)
 
 
+CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+"""``package.module:function`` (or ``module:Class.method``): what ``spec.handler.callable`` names."""
+
+
+class DjangoHandlerSpec(_Model):
+    """Run the handler on Django's own database connection and hand it a QuerySet of the batch."""
+
+    settings_module: str | None = Field(default=None, min_length=1, max_length=300, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    """Django settings module, e.g. ``shop.settings``; default: ``$DJANGO_SETTINGS_MODULE``."""
+    model: str = Field(min_length=3, max_length=300, pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+    """The model of ``spec.table``, as ``app_label.ModelName`` (e.g. ``customers.Customer``)."""
+    database: str = Field(default="default", min_length=1, max_length=100)
+    """Alias in ``DATABASES`` whose connection runs the batches."""
+
+
+class HandlerSpec(_Model):
+    """A Python callable that changes each batch's rows, inside the batch's transaction (docs/handlers.md).
+
+    Trusted input like ``set``: the worker imports and runs this code with the database role's
+    privileges. The callable takes one argument, the batch (``backfill_worker.handlers.Batch``),
+    and returns the number of rows it changed (or None: the rows ``batch.rows()`` yielded)."""
+
+    callable: str = Field(min_length=3, max_length=300, pattern=CALLABLE_PATTERN)
+    """``module:function`` imported by the worker, e.g. ``shop.backfills:deactivate``."""
+    django: DjangoHandlerSpec | None = None
+    """Run on Django's connection and pass a ``DjangoBatch`` (with ``queryset``); needs the ``[django]`` extra."""
+
+
 def _parses_as_table(value: str) -> str:
     parse_qualified_name(value)
     return value
@@ -369,7 +397,7 @@ class FromTable(_Model):
         return parse_qualified_name(self.table)
 
 
-KIND_FIELDS = ("set", "delete", "copy")
+KIND_FIELDS = ("set", "delete", "copy", "handler")
 """What a backfill does: exactly one of these is given."""
 _KIND_ATTRIBUTES = {"copy": "copy_"}
 """Python attribute of a kind field whose name is taken (``BaseModel.copy``)."""
@@ -385,7 +413,7 @@ class BackfillSpec(_Model):
     """Keyset columns; default: the table's primary key. Must be covered by a unique index."""
     set: dict[str, Annotated[str, Field(max_length=MAX_FRAGMENT_CHARS)]] | None = Field(default=None, min_length=1)
     """Update: column -> SQL expression (trusted input, may reference the row's columns and the
-    ``from`` tables). Exactly one of ``set``, ``delete``, ``copy``."""
+    ``from`` tables). Exactly one of ``set``, ``delete``, ``copy``, ``handler``."""
     delete: DeleteSpec | None = None
     """Batched DELETE of the rows matching ``where`` (``delete: {}``; ``{allRows: true}`` without ``where``)."""
     copy_: CopySpec | None = Field(default=None, alias="copy")
@@ -393,6 +421,8 @@ class BackfillSpec(_Model):
     from_: list[FromTable] | None = Field(default=None, alias="from", min_length=1, max_length=8)
     """Tables joined into a ``set`` update (``UPDATE ... FROM``), each with its join ``condition``.
     A target row must match at most one row of the join (``backfill plan`` checks a sample batch)."""
+    handler: HandlerSpec | None = None
+    """A Python callable run per batch instead of ``set`` (docs/handlers.md)."""
     where: str | None = Field(default=None, max_length=MAX_FRAGMENT_CHARS)
     """SQL predicate selecting the rows that still need the change (trusted input)."""
     walk: Walk = Walk.KEY
@@ -415,9 +445,14 @@ class BackfillSpec(_Model):
     @model_validator(mode="after")
     def _one_kind(self) -> BackfillSpec:
         given = [name for name in KIND_FIELDS if getattr(self, _KIND_ATTRIBUTES.get(name, name)) is not None]
-        if len(given) != 1:
-            named = ", ".join(given) if given else "none of them"
-            raise ValueError(f"give exactly one of {', '.join(KIND_FIELDS)} (what the backfill does); got {named}")
+        choices = ", ".join(f"spec.{name}" for name in KIND_FIELDS)
+        if not given:
+            raise ValueError(
+                f"nothing to change: give exactly one of {choices} (what the backfill does; spec.set: column -> SQL expression)"
+            )
+        if len(given) > 1:
+            both = " and ".join(f"spec.{name}" for name in given)
+            raise ValueError(f"{both} are both given: give exactly one of {choices} (what the backfill does)")
         if self.delete is not None and self.where is None and not self.delete.all_rows:
             raise ValueError(
                 "spec.where is required with delete (the rows to delete); to delete every row of the table, "
@@ -472,6 +507,11 @@ class BackfillSpec(_Model):
 
     @model_validator(mode="after")
     def _ctid_walk_is_complete(self) -> BackfillSpec:
+        if self.walk is Walk.CTID and self.handler is not None:
+            raise ValueError(
+                "walk: ctid is not available with spec.handler: a handler's batch is a key range (batch.lower/upper, "
+                "rows() in key order); use walk: key with a unique key"
+            )
         if self.walk is Walk.CTID:
             if self.key is not None:
                 raise ValueError(
@@ -505,7 +545,7 @@ class BackfillSpec(_Model):
             "parallelism": self.parallelism,
         }
         # Only when given, so checkpoints of updates written before these fields existed still match.
-        for name, value in (("delete", self.delete), ("copy", self.copy_), ("from", self.from_)):
+        for name, value in (("delete", self.delete), ("copy", self.copy_), ("from", self.from_), ("handler", self.handler)):
             if value is not None:
                 essence[name] = _dump(value)
         if self.walk is not Walk.KEY:  # absent for key walks: their fingerprints stay as they were
@@ -516,7 +556,7 @@ class BackfillSpec(_Model):
 # Fields that define *which* rows change and *how*: changing them mid-run would break
 # exactly-once, so they are immutable once a run has started.
 IMMUTABLE_SPEC_FIELDS = (
-    "database", "table", "key", "walk", "set", "delete", "copy", "from", "where", "parallelism", "checkpoint",
+    "database", "table", "key", "walk", "set", "delete", "copy", "from", "handler", "where", "parallelism", "checkpoint",
 )
 
 

@@ -287,7 +287,7 @@ def _batch_timeouts(conn: psycopg.Connection, backfill: Backfill) -> None:
 def _estimated_rows_to_change(conn: psycopg.Connection, change: changes.BatchChange, upper: Sequence[str]) -> int:
     plan = _explain(conn, change.statement(has_lower=False), statements.range_params(None, upper))
     top = plan[0]["Plan"]
-    child = top["Plans"][0] if top.get("Node Type") == "ModifyTable" and top.get("Plans") else top
+    child = top["Plans"][0] if top.get("Node Type") in ("ModifyTable", "LockRows") and top.get("Plans") else top
     return int(child.get("Plan Rows", 0))
 
 
@@ -312,6 +312,7 @@ def _sample_batch(
             counted = conn.execute(statements.count_duplicate_matches(target, has_lower=False), list(batch_upper)).fetchone()
             duplicates = int(counted[0]) if counted else 0
             started = time.monotonic()  # the check is not part of a batch's time
+        # A handler's sample locks and reads the batch's rows (rows()); the handler itself is not called.
         rows = conn.execute(change.statement(has_lower=False), list(batch_upper)).rowcount
         seconds = time.monotonic() - started
     return Sample(size, keys, rows, seconds), duplicates

@@ -354,6 +354,45 @@ def update_batch_checked(target: Target, *, has_lower: bool, style: Style = Styl
     )
 
 
+def batch_predicate(target: Target, *, has_lower: bool) -> sql.Composed:
+    """``key > lo AND key <= hi AND (where)``: the rows of one batch (params: lo..., hi...)."""
+    binder = _Binder(Style.PSYCOPG)
+    return sql.SQL("{}{}").format(_range(target, binder, has_lower), _where(target, binder))
+
+
+def lock_batch_rows(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """The rows of a range still matching ``where``, in key order, locked (params: lo..., hi...).
+
+    ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key columns takes: it does not block
+    inserts into tables whose foreign keys reference these rows (``FOR UPDATE`` would).
+    """
+    binder = _Binder(style)
+    return sql.SQL("SELECT * FROM {table} WHERE {range}{where} ORDER BY {order} FOR NO KEY UPDATE").format(
+        table=target.table_identifier,
+        range=_range(target, binder, has_lower),
+        where=_where(target, binder),
+        order=_order_by(target),
+    )
+
+
+def batch_statement(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """The statement of one batch of ``target.kind`` (params: lo..., hi...): the ``UPDATE``,
+    ``DELETE`` or ``INSERT ... SELECT``, or for a handler the locking ``SELECT`` its ``rows()`` runs."""
+    build = {"set": update_batch, "delete": delete_batch, "copy": copy_batch, "handler": lock_batch_rows}[target.kind]
+    return build(target, has_lower=has_lower, style=style)
+
+
+def typed_keys(target: Target, count: int) -> sql.Composed:
+    """``SELECT CAST(%s AS <type>), ...`` for ``count`` keys: text key values as the column's own type."""
+    binder = _Binder(Style.PSYCOPG)
+    casts = [
+        sql.SQL("CAST({} AS {})").format(binder.param(), sql.SQL(key_type))  # format_type() output from the catalog
+        for _ in range(count)
+        for key_type in target.key_types
+    ]
+    return sql.SQL("SELECT {}").format(sql.SQL(", ").join(casts))
+
+
 def count_keys(target: Target, *, has_lower: bool) -> sql.Composed:
     """Keys in a range (params: lo..., hi...): sizes the last, short batch."""
     binder = _Binder(Style.PSYCOPG)

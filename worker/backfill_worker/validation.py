@@ -225,9 +225,13 @@ def check_permissions(conn: psycopg.Connection, target: Target) -> None:
     if read_only:
         raise ValidationFailed("spec.database", "the session is read-only (default_transaction_read_only): use a writable role or database")
     table = target.table_identifier.as_string(conn)
-    needed = {"set": "SELECT, UPDATE", "delete": "SELECT, DELETE", "copy": "SELECT"}[target.kind]
+    needed = {"set": "SELECT, UPDATE", "delete": "SELECT, DELETE", "copy": "SELECT", "handler": "SELECT, UPDATE"}[target.kind]
     if not _has_privilege(conn, table, None, "SELECT"):
         raise ValidationFailed("spec.table", f"the role lacks SELECT on {target.display_table}: GRANT {needed} to it")
+    if target.kind == "handler":  # its rows() locks them FOR NO KEY UPDATE, which needs UPDATE on some column
+        allowed = conn.execute("SELECT has_any_column_privilege(%s, 'UPDATE')", [table]).fetchone()[0]  # type: ignore[index]
+        if not allowed:
+            raise ValidationFailed("spec.handler", f"the role lacks UPDATE on {target.display_table}: GRANT UPDATE to it")
     for column, _ in target.set:
         if not _has_privilege(conn, table, column, "UPDATE"):
             raise ValidationFailed(f"spec.set.{column}", f"the role lacks UPDATE on {target.display_table}({column}): GRANT UPDATE to it")
@@ -285,11 +289,10 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
         if target.copy is not None:
             _check_copy_fragments(conn, target, dsn_secrets)
         # The real statements, as the engine will issue them.
-        change = changes.KINDS[target.kind](target)
         for has_lower in (False, True):
             bounds = statements.range_params(one_key if has_lower else None, one_key)
             field = "spec.copy" if target.copy is not None else "spec"
-            _compile(conn, statements.explain(change.statement(has_lower=has_lower)), bounds, field, dsn_secrets)
+            _compile(conn, statements.explain(statements.batch_statement(target, has_lower=has_lower)), bounds, field, dsn_secrets)
             if target.by_ctid and target.kind == "set":
                 checked = statements.update_batch_checked(target, has_lower=has_lower)
                 _compile(conn, statements.explain(checked), bounds, "spec", dsn_secrets)
