@@ -197,7 +197,7 @@ def check_index_use(
     conn: psycopg.Connection, target: Target, lower: Sequence[str], run_upper: Sequence[str], size: int
 ) -> list[IndexCheck]:
     """Custom and generic plans of the probe and the batch statement of a real batch after ``lower``."""
-    change = changes.KINDS[target.kind](target)
+    name_of_batch = changes.STATEMENT_NAMES[target.kind]
     checks = []
     key_indexes = introspect.hierarchy_key_indexes(conn, target)
     probe_params = [*statements.range_params(lower, run_upper), size - 1]
@@ -207,9 +207,12 @@ def check_index_use(
     def probe(has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
         return statements.probe_upper_bound(target, has_lower=has_lower, style=style)
 
+    def batch(has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+        return statements.batch_statement(target, has_lower=has_lower, style=style)
+
     cases = (
         ("probe", probe, probe_params),
-        (change.name, change.statement, statements.range_params(lower, batch_upper)),
+        (name_of_batch, batch, statements.range_params(lower, batch_upper)),
     )
     with conn.transaction(force_rollback=True):
         for name, build, params in cases:
@@ -220,7 +223,7 @@ def check_index_use(
                     plan = _explain(conn, build(has_lower=True), params)
                 scans = table_scans(plan, key_indexes)
                 uses = reads_only_through(plan, key_indexes)
-                required = not (whole_table and name == change.name)
+                required = not (whole_table and name == name_of_batch)
                 checks.append(IndexCheck(name, generic, uses, tuple(describe_scan(s) for s in scans), required))
     return checks
 
