@@ -1,0 +1,64 @@
+"""``manage.py backfill run|plan|status|reset FILE`` and ``manage.py backfill manifest MODULE:CALLABLE``.
+
+``run``, ``plan``, ``status`` and ``reset`` ARE the ``backfill`` CLI's commands (the same typer
+app, its options, output and exit codes; see ``backfill run --help``), with one difference: the
+database defaults to ``settings.DATABASES[--database]`` when neither ``--dsn`` nor
+``$BACKFILL_DSN`` is given. ``manifest`` prints the Backfill YAML a QuerySet and its update
+compile to (``backfill_django.queryset``), to review, commit and ``kubectl apply``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from backfill_api.errors import BackfillError
+
+CLI_COMMANDS = ("run", "plan", "status", "reset")
+
+
+def cli_arguments(arguments: list[str], dsn: str | None) -> list[str]:
+    """The ``backfill`` CLI's argv: the database from Django unless the user named one (PURE)."""
+    named = any(a == "--dsn" or a.startswith("--dsn=") for a in arguments)
+    return arguments if named or dsn is None else [*arguments, "--dsn", dsn]
+
+
+class Command(BaseCommand):
+    help = (
+        "Run, plan, show or reset a Backfill manifest like the `backfill` CLI, on this project's database "
+        f"(subcommands: {', '.join(CLI_COMMANDS)}, manifest; `manage.py backfill run --help`)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--database", default="default",
+                            help="settings.DATABASES alias used when neither --dsn nor $BACKFILL_DSN is given.")
+        parser.add_argument("arguments", nargs=argparse.REMAINDER, metavar="SUBCOMMAND ...")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        arguments: list[str] = list(options["arguments"])
+        if not arguments or arguments[0] not in CLI_COMMANDS:
+            raise CommandError(f"give a subcommand: {', '.join(CLI_COMMANDS)} (e.g. `manage.py backfill run backfill.yaml`)")
+        self.cli(arguments, options["database"])
+
+    def cli(self, arguments: list[str], alias: str) -> None:
+        """The CLI's own command; a non-zero exit status leaves as SystemExit, as from `backfill`."""
+        from typer.main import get_command
+
+        from backfill_cli.app import app
+
+        from ...database import dsn_for
+
+        dsn = None
+        if not os.environ.get("BACKFILL_DSN") and "--help" not in arguments:
+            try:
+                dsn = dsn_for(alias)
+            except BackfillError as error:
+                raise CommandError(str(error)) from None
+        try:
+            get_command(app).main(args=cli_arguments(arguments, dsn), prog_name="manage.py backfill", standalone_mode=True)
+        except SystemExit as done:
+            if done.code:
+                raise
