@@ -167,7 +167,7 @@ RUNTIME_CHECKPOINTS = "runtime_checkpoints"
 CATALOGUE: list[Case] = [
     # -- schema violations: rejected before any connection ----------------------------------
     Case("missing-table", 2, ("spec.table", "required field is missing"), without(M(), "spec", "table")),
-    Case("missing-set", 2, ("spec.set", "required field is missing"), without(M(), "spec", "set")),
+    Case("missing-set", 2, ("spec: nothing to change", "spec.set", "spec.handler"), without(M(), "spec", "set")),
     Case("unknown-field", 2, ("spec.batch.sise", "unknown field"), M(batch={"sise": 10})),
     Case("unknown-top-level-field", 2, ("spec.wher", "unknown field"), M(wher="grp < 5")),
     Case("batch-size-zero", 2, ("spec.batch.size", "greater than or equal to 1"), M(batch={"size": 0})),
