@@ -55,8 +55,8 @@ class Command(BaseCommand):
         if not os.environ.get("BACKFILL_DSN") and "--help" not in arguments:
             try:
                 dsn = dsn_for(alias)
-            except BackfillError as error:
-                raise CommandError(str(error)) from None
+            except BackfillError as error:  # the CLI's exit codes: 2 for a spec/settings problem
+                raise CommandError(str(error), returncode=error.exit_code) from None
         try:
             get_command(app).main(args=cli_arguments(arguments, dsn), prog_name="manage.py backfill", standalone_mode=True)
         except SystemExit as done:
