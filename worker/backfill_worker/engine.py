@@ -399,13 +399,13 @@ def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int
 
 
 def _lock_shards(
-    dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection, connections: Connections
+    dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection | None, connections: Connections
 ) -> dict[int, psycopg.Connection]:
-    """One locked connection per shard (the first reuses ``first``); AlreadyRunning if any is taken."""
+    """One locked connection per shard (the first reuses ``first`` if given); AlreadyRunning if any is taken."""
     conns: dict[int, psycopg.Connection] = {}
     try:
         for index, shard in enumerate(shards):
-            conn = first if index == 0 else connect(dsn, f"backfill {backfill.identity} shard {shard}", connections)
+            conn = first if index == 0 and first is not None else connect(dsn, f"backfill {backfill.identity} shard {shard}", connections)
             conns[shard] = conn
             if not locking.try_lock(conn, backfill.identity, shard):
                 raise AlreadyRunning(
@@ -458,7 +458,9 @@ def run_backfill(
         handlers.load(spec.handler, redact_text)  # before connecting: nothing is written if it does not import
     connections: Connections = runtime.connections if runtime is not None else DsnConnections(dsn)
     store = _checkpoints(backfill, dsn, at_least_once_store)
-    main = connect(dsn, f"backfill {backfill.identity}", connections)
+    # Validation and planning always on a plain session (parameters bound server-side); a runtime's
+    # connections only run the shards' batches.
+    main = connect(dsn, f"backfill {backfill.identity}")
     conns: dict[int, psycopg.Connection] = {}
     runners: list[_Shard] = []
     try:
@@ -467,7 +469,7 @@ def run_backfill(
             shard_changes = {
                 s: changes.for_spec(spec, target, shard=s, runtime=runtime, redact_text=redact_text) for s in selected
             }
-            conns = _lock_shards(dsn, backfill, selected, main, connections)
+            conns = _lock_shards(dsn, backfill, selected, main if runtime is None else None, connections)
             checkpoints = checkpointing.plan(main, store, backfill, target)
         tuning = Tuning(batch=spec.batch, limits=spec.limits)
         own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another
@@ -483,7 +485,7 @@ def run_backfill(
                 connections.close(conn)
         for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
             runner._drop_connection()
-        connections.close(main)
+        main.close()
     report = RunReport(tuple(sorted(reports, key=lambda r: r.shard)), time.monotonic() - started)
     if errors:
         error = errors[0]

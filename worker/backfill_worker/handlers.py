@@ -279,12 +279,20 @@ class Runtime(Protocol):
     """Where a handler's batches run: the engine's own psycopg connections (the default) or a
     framework's (``backfill_django.runtime``), which then also owns the batch transaction."""
 
-    connections: Connections
-    """Opens (and closes) the validation and shard connections."""
-    dsn: str
-    """For the engine's other connections (probe, failure record, status)."""
-    one_shard_per_process: bool
-    """The framework's connection is per thread: run one shard per process (``--shard``)."""
+    @property
+    def connections(self) -> Connections:
+        """Opens (and closes) the shards' sessions."""
+        ...
+
+    @property
+    def dsn(self) -> str:
+        """For the engine's other sessions (validation, planning, key probe, failure record, status)."""
+        ...
+
+    @property
+    def one_shard_per_process(self) -> bool:
+        """The framework's connection is per thread: run one shard per process (``--shard``)."""
+        ...
 
     def change(self, target: Target, handler: Handler, shard: int, redact_text: Callable[[str], str]) -> Any:
         """The shard's ``changes.BatchChange``."""
@@ -299,7 +307,7 @@ def runtime_for(spec: BackfillSpec, dsn: str | None) -> Runtime | None:
     if spec.handler is None or spec.handler.django is None:
         return None
     try:
-        from backfill_django.runtime import DjangoRuntime  # type: ignore[import-not-found, unused-ignore]
+        from backfill_django.runtime import DjangoRuntime
     except ImportError as error:
         if error.name is not None and error.name.split(".")[0] == "django":
             raise ValidationFailed(
