@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from django_shop import manage, scalar, seed_customers, wrong_rows
+import yaml
+from django_shop import SHOP, manage, scalar, seed_customers, wrong_rows
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from support_faults.kubelet import write_kubeconfig
 
 from backfill_api.errors import ValidationFailed
 from backfill_api.kubeapi import KubeApi, backfill_path
 from backfill_api.status import Phase
-from backfill_django.database import conninfo_from_params
 from backfill_django.management.commands.backfill import cli_arguments
 from backfill_django.operations import atomic_refusal, cluster_verdict, local_phase, local_verdict, where_to_run
 from backfill_worker.checkpoint import ShardCheckpoint
@@ -77,6 +77,21 @@ def test_ensure_fails_migrate_until_the_backfill_succeeded_then_manage_backfill_
     no_traceback(missing)
     unknown = manage(database, "backfill", "frobnicate", migrations=SQL)
     assert unknown.returncode == 1 and "give a subcommand: run, plan, status, reset" in unknown.stderr
+
+
+def test_queue_from_a_queryset_and_the_manifest_command_compile_the_shipped_sql_manifest(database: str):
+    """QueueBackfill(queryset=...) of the historical model runs the change Django's compiler wrote;
+    `manage.py backfill manifest` prints exactly the shipped examples/django/backfill.yaml."""
+    assert manage(database, "migrate", "customers", "0001", migrations="bfdj_queryset").returncode == 0
+    stale = seed_customers(database, 800)
+    printed = manage(database, "backfill", "manifest", "customers.backfills:stale_customers", "--name", "customers-inactive",
+                     "--namespace", "shop", "--secret", "shop-db", migrations="bfdj_queryset")
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert yaml.safe_load(printed.stdout) == yaml.safe_load((SHOP / "backfill.yaml").read_text())
+    queued = manage(database, "migrate", migrations="bfdj_queryset")
+    assert queued.returncode == 0, queued.stderr[-3000:]
+    assert f"state=done rows_updated={stale} rows_this_run={stale}" in queued.stdout
+    assert wrong_rows(database) == 0
 
 
 # -- cluster mode, over HTTP to kmock ------------------------------------------------------------
@@ -178,9 +193,3 @@ def test_the_cli_gets_django_s_database_unless_one_is_named():
     assert cli_arguments(["run", "f.yaml"], "dbname=x") == ["run", "f.yaml", "--dsn", "dbname=x"]
     assert cli_arguments(["run", "f.yaml", "--dsn=dbname=y"], "dbname=x") == ["run", "f.yaml", "--dsn=dbname=y"]
     assert cli_arguments(["status", "f.yaml"], None) == ["status", "f.yaml"]
-
-
-def test_django_connection_parameters_become_a_libpq_dsn_without_python_objects():
-    params = {"dbname": "shop", "user": "app", "password": "p w", "host": "db", "port": "5433", "sslmode": "require",
-              "cursor_factory": object, "context": object(), "prepare_threshold": None, "client_encoding": "UTF8"}
-    assert conninfo_from_params(params) == "dbname=shop user=app password='p w' host=db port=5433 sslmode=require client_encoding=UTF8"

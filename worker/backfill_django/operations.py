@@ -31,7 +31,7 @@ Decisions (where to run, what the message says) are pure functions below.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -225,17 +225,40 @@ class _BackfillOperation(Operation):
 class QueueBackfill(_BackfillOperation):
     """Start a Backfill from a migration: in the cluster, or run locally to the end, in batches.
 
-    ``manifest``: a path (relative to ``settings.BASE_DIR``) or a dict of the Backfill manifest.
+    Either ``manifest``: a path (relative to ``settings.BASE_DIR``) or a dict of the Backfill
+    manifest; or ``queryset``: a function of the migration's ``apps`` (as ``RunPython`` gets them)
+    returning ``(queryset, update)``, compiled to ``where``/``set`` by Django (``name`` required;
+    ``spec`` adds fields such as ``database``, ``batch``, ``limits``). Keep the clock out of a
+    QuerySet's literals (``Now() - timedelta(...)``, not ``timezone.now()``): the compiled SQL is
+    the change's identity, and a resumed ``migrate`` must compile the same one.
     """
 
-    def __init__(self, manifest: ManifestSource) -> None:
-        self.manifest = manifest
+    def __init__(self, manifest: ManifestSource | None = None, *, queryset: Callable[[Any], Any] | None = None,
+                 name: str | None = None, namespace: str = "default", spec: Mapping[str, Any] | None = None) -> None:
+        if (manifest is None) == (queryset is None):
+            raise ValueError("QueueBackfill: give either manifest or queryset")
+        if queryset is not None and not name:
+            raise ValueError("QueueBackfill(queryset=...): name the Backfill (name=...)")
+        self.manifest, self.queryset, self.name, self.namespace = manifest, queryset, name, namespace
+        self.spec = dict(spec or {})
 
     def deconstruct(self) -> tuple[str, list[Any], dict[str, Any]]:
-        return (type(self).__qualname__, [self.manifest], {})
+        if self.queryset is None:
+            return (type(self).__qualname__, [self.manifest], {})
+        kwargs: dict[str, Any] = {"queryset": self.queryset, "name": self.name, "namespace": self.namespace}
+        if self.spec:
+            kwargs["spec"] = self.spec
+        return (type(self).__qualname__, [], kwargs)
 
-    def backfill(self) -> Backfill:
+    def backfill(self, apps: Any = None) -> Backfill:
         try:
+            if self.queryset is not None:
+                from .sources import from_result
+
+                assert self.name is not None
+                return from_result(self.queryset(apps), name=self.name, namespace=self.namespace, spec=self.spec,
+                                   origin="QueueBackfill(queryset=...)")
+            assert self.manifest is not None
             return load_manifest(self.manifest)
         except BackfillError as error:
             raise BackfillMigrationError(f"QueueBackfill: {error}") from None
@@ -244,6 +267,8 @@ class QueueBackfill(_BackfillOperation):
         return f"Queue backfill {self._identity_hint()}"
 
     def _identity_hint(self) -> str:
+        if self.queryset is not None:
+            return f"{self.namespace}/{self.name}"
         if isinstance(self.manifest, Mapping):
             meta = self.manifest.get("metadata") or {}
             return f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}"
@@ -254,7 +279,7 @@ class QueueBackfill(_BackfillOperation):
         return "queue_backfill"
 
     def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
-        backfill = self.backfill()
+        backfill = self.backfill(from_state.apps)
         description = f"QueueBackfill {backfill.identity}"
         if getattr(schema_editor, "collect_sql", False):  # sqlmigrate: no SQL of its own to show
             schema_editor.collected_sql.append(f"-- {description}: runs in batches outside this script (not SQL)")

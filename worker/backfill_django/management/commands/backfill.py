@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from backfill_api.errors import BackfillError
 
 CLI_COMMANDS = ("run", "plan", "status", "reset")
+MANIFEST_USAGE = "manage.py backfill manifest MODULE:CALLABLE --name NAME [--namespace NS] [--secret NAME[:KEY]]"
 
 
 def cli_arguments(arguments: list[str], dsn: str | None) -> list[str]:
@@ -39,8 +40,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         arguments: list[str] = list(options["arguments"])
-        if not arguments or arguments[0] not in CLI_COMMANDS:
-            raise CommandError(f"give a subcommand: {', '.join(CLI_COMMANDS)} (e.g. `manage.py backfill run backfill.yaml`)")
+        if not arguments or arguments[0] not in (*CLI_COMMANDS, "manifest"):
+            raise CommandError(f"give a subcommand: {', '.join(CLI_COMMANDS)} or manifest (e.g. `manage.py backfill run backfill.yaml`)")
+        if arguments[0] == "manifest":
+            self.manifest(arguments[1:])
+            return
         self.cli(arguments, options["database"])
 
     def cli(self, arguments: list[str], alias: str) -> None:
@@ -62,3 +66,28 @@ class Command(BaseCommand):
         except SystemExit as done:
             if done.code:
                 raise
+
+    def manifest(self, arguments: list[str]) -> None:
+        """Print the Backfill YAML that ``MODULE:CALLABLE``'s QuerySet and update compile to."""
+        import yaml
+
+        from ...queryset import manifest_document
+        from ...sources import backfill_from_callable
+
+        parser = argparse.ArgumentParser(prog="manage.py backfill manifest", description=(
+            "CALLABLE takes no argument and returns (queryset, update) or a Backfill; "
+            "the where/set are compiled by Django's SQL compiler (literals quoted by psycopg)."))
+        parser.add_argument("callable", metavar="MODULE:CALLABLE")
+        parser.add_argument("--name", required=True, help="metadata.name of the Backfill")
+        parser.add_argument("--namespace", default="default", help="metadata.namespace (default: default)")
+        parser.add_argument("--secret", help="spec.database.dsnSecretRef for the cluster, as NAME or NAME:KEY")
+        options = parser.parse_args(arguments)
+        spec: dict[str, Any] = {}
+        if options.secret:
+            secret, _, key = options.secret.partition(":")
+            spec["database"] = {"dsnSecretRef": {"name": secret, "key": key or "dsn"}}
+        try:
+            backfill = backfill_from_callable(options.callable, name=options.name, namespace=options.namespace, spec=spec)
+        except BackfillError as error:
+            raise CommandError(str(error), returncode=error.exit_code) from None
+        self.stdout.write(yaml.safe_dump(manifest_document(backfill), sort_keys=False, allow_unicode=True), ending="")
