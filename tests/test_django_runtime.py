@@ -20,7 +20,8 @@ pytest.importorskip("django")
 
 TESTS = Path(__file__).resolve().parent
 SCHEMA = """
-CREATE TABLE customers_customer (id serial PRIMARY KEY, email text NOT NULL, status text, last_login timestamptz NOT NULL);
+CREATE TABLE customers_customer (id serial PRIMARY KEY, email text NOT NULL, status text, last_login timestamptz NOT NULL,
+                                 visits int NOT NULL DEFAULT 0);
 CREATE TABLE customers_audit (id bigserial PRIMARY KEY, customer_id int NOT NULL, status text);
 INSERT INTO customers_customer (email, status, last_login)
 SELECT 'c' || g || '@example.com', CASE WHEN g % 7 = 0 THEN 'active' END,
@@ -176,3 +177,64 @@ def test_a_run_inside_an_atomic_block_is_refused(shop: str, tmp_path: Path) -> N
     assert result.stdout.startswith("ValidationFailed spec.handler.django: Django's connection 'default' is inside transaction.atomic()")
     assert "atomic = False" in result.stdout
     assert query(shop, "SELECT count(*) FROM customers_audit") == [(0,)]
+
+
+QUERYSET_SCRIPT = """
+import json, sys
+from datetime import timedelta
+import django
+django.setup()
+from django.db.models import F, Value
+from django.db.models.functions import Concat, Lower, Now
+from django.utils import timezone
+from bf_django_shop.customers.models import Customer
+from backfill_django.queryset import manifest_document, manifest_from_queryset
+from backfill_django.runtime import dsn_from_settings
+from backfill_worker.engine import run_backfill
+Customer.objects.filter(pk__in=[1, 2, 3]).update(email="O'Hara%1@Example.com")  # quote and percent in a parameter
+Customer.objects.filter(pk=4).update(email="O'Hara_1@Example.com")  # LIKE's '_' must stay literal
+cutoff = timezone.now() - timedelta(days=365)
+queryset = Customer.objects.filter(status__isnull=True, last_login__lt=cutoff, email__startswith="O'Hara%")
+expected = sorted(queryset.values_list("pk", flat=True))
+update = {"status": Concat(Value("inactive since "), F("last_login__year")), "visits": F("visits") + 1, "email": Lower("email")}
+backfill = manifest_from_queryset(queryset, update, name="compiled", namespace="shop", batch={"size": 2, "minSize": 1, "maxSize": 2})
+report = run_backfill(backfill, dsn_from_settings("default"))
+changed = sorted(Customer.objects.filter(visits=1).values_list("pk", flat=True))
+print(json.dumps({"spec": manifest_document(backfill)["spec"], "expected": expected, "changed": changed,
+                  "rows": report.rows_updated, "remaining": report.remaining_matches,
+                  "values": sorted(set(Customer.objects.filter(visits=1).values_list("status", "email")))}))
+for bad in (Customer.objects.filter(pk__in=[]), Customer.objects.filter(pk__lt=3)[:1]):
+    try:
+        manifest_from_queryset(bad, {"status": "x"}, name="bad")
+    except Exception as error:
+        print(type(error).__name__, error)
+try:
+    manifest_from_queryset(Customer.objects.all(), {"nope": 1}, name="bad")
+except Exception as error:
+    print(type(error).__name__, error)
+"""
+
+
+def test_a_queryset_and_update_values_compile_to_a_set_backfill(shop: str) -> None:
+    import json
+
+    env = {**os.environ, "BF_SHOP_DSN": shop, "PYTHONPATH": str(TESTS), "DJANGO_SETTINGS_MODULE": "bf_django_shop.settings"}
+    result = subprocess.run([sys.executable, "-c", QUERYSET_SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    first, *errors = result.stdout.splitlines()
+    outcome = json.loads(first)
+    spec = outcome["spec"]
+    assert spec["table"] == "customers_customer"
+    # psycopg's literal: the quote doubled, LIKE's escaped '%' kept, then Django's own wildcard
+    assert "LIKE  E'O''Hara\\\\%%'" in spec["where"], spec["where"]
+    assert set(spec["set"]) == {"status", "visits", "email"}
+    assert spec["set"]["visits"] == '("customers_customer"."visits" + 1)'
+    assert outcome["expected"] == [2] and outcome["changed"] == [2]  # 1 and 3 are recent or active; 4 has '_'
+    assert outcome["rows"] == 1 and outcome["remaining"] == 0
+    (status, email), = outcome["values"]
+    assert status.startswith("inactive since 20") and email == "o'hara%1@example.com"
+    assert errors == [
+        "ValidationFailed queryset: the filter matches no row at all (e.g. pk__in=[]): nothing to backfill",
+        "ValidationFailed queryset: slices, union/intersection, distinct() and aggregation cannot be a backfill: use filter() only",
+        "ValidationFailed update.nope: Customer has no field named 'nope'",
+    ]

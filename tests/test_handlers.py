@@ -304,3 +304,12 @@ def test_a_handler_that_does_not_import_writes_nothing(database: str) -> None:
     with pytest.raises(ValidationFailed, match="spec.handler.callable: cannot import module"):
         run_backfill(make("no_such_module_z:f"), database)
     assert run_sql(database, "SELECT count(*) FROM pg_namespace WHERE nspname = 'backfill'") == [(0,)]
+
+
+def test_a_django_handler_without_django_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "django", None)  # as if not installed: `import django` fails
+    backfill = make("m:f", handler={"callable": "m:f", "django": {"model": "shop.Customer"}})
+    with pytest.raises(ValidationFailed) as caught:
+        handlers.runtime_for(backfill.spec, None)
+    assert caught.value.field == "spec.handler.django"
+    assert "pip install 'backfill-operator[django]'" in caught.value.message

@@ -307,6 +307,8 @@ def runtime_for(spec: BackfillSpec, dsn: str | None) -> Runtime | None:
     if spec.handler is None or spec.handler.django is None:
         return None
     try:
+        import django  # noqa: F401  (the extra's one dependency: a clear message when it is missing)
+
         from backfill_django.runtime import DjangoRuntime
     except ImportError as error:
         if error.name is not None and error.name.split(".")[0] == "django":

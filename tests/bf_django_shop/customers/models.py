@@ -9,6 +9,7 @@ class Customer(models.Model):
     email = models.TextField()
     status = models.TextField(null=True)
     last_login = models.DateTimeField()
+    visits = models.IntegerField(default=0)
 
     class Meta:
         app_label = "customers"
