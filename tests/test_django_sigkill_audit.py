@@ -1,6 +1,6 @@
 """Exactly once with model code and signals, under SIGKILL: the example shop's ORM handler
 (``save()`` per customer, a ``post_save`` receiver writing an audit row) runs as a real
-``manage.py backfill run`` subprocess over 10,000 customers (5,000 to change), is SIGKILLed at random moments
+``manage.py backfill run`` subprocess over 8,000 customers (4,000 to change), is SIGKILLed at random moments
 mid-run at least 10 times, and resumed each time. Afterwards: one audit row per changed
 customer, no customer changed twice, none skipped. The kill delays are random: the seed is
 printed (``FAULT-FIGURES`` line) and ``BACKFILL_TEST_SEED=<seed>`` replays it.
@@ -21,7 +21,7 @@ import pytest
 import yaml
 from django_shop import SHOP, scalar, seed_customers, shop_environment
 
-ROWS = 10_000
+ROWS = 8_000
 KILLS = 10
 IDENTITY = "shop/customers-inactive-orm"
 
