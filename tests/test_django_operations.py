@@ -48,6 +48,8 @@ def test_queue_runs_the_backfill_in_batches_outside_the_migration_then_ensure_pa
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"rows_updated={stale} rows_this_run=0" in again.stdout
     assert scalar(database, "SELECT count(*) FROM customers_customer WHERE status = 'inactive'") == stale
+    shown = manage(database, "sqlmigrate", "customers", "0002", migrations=SQL)
+    assert shown.returncode == 0 and "-- Queue backfill from backfill.yaml\n--\n-- THIS OPERATION CANNOT BE WRITTEN AS SQL" in shown.stdout
 
 
 def test_the_example_project_migrates_with_its_orm_handler_and_audits_each_customer_once(database: str):

@@ -25,6 +25,7 @@ backfill's own sessions would wait for that transaction's locks (the schema chan
 and a rollback of the migration could not undo committed batches. Reversing: ``QueueBackfill``
 is a no-op backwards (committed rows stay changed, like ``RunPython.noop``; the checkpoint stays,
 so re-applying does not change a row twice); ``EnsureBackfillSucceeded`` backwards checks nothing.
+Neither is SQL (``reduces_to_sql = False``: ``sqlmigrate`` says so).
 Decisions (where to run, what the message says) are pure functions below.
 """
 
@@ -272,7 +273,7 @@ class QueueBackfill(_BackfillOperation):
         if isinstance(self.manifest, Mapping):
             meta = self.manifest.get("metadata") or {}
             return f"{meta.get('namespace', 'default')}/{meta.get('name', '?')}"
-        return str(self.manifest)
+        return f"from {self.manifest}"
 
     @property
     def migration_name_fragment(self) -> str:
@@ -281,9 +282,6 @@ class QueueBackfill(_BackfillOperation):
     def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
         backfill = self.backfill(from_state.apps)
         description = f"QueueBackfill {backfill.identity}"
-        if getattr(schema_editor, "collect_sql", False):  # sqlmigrate: no SQL of its own to show
-            schema_editor.collected_sql.append(f"-- {description}: runs in batches outside this script (not SQL)")
-            return
         _guard(schema_editor, description)
         if _mode() == CLUSTER:
             queue_in_cluster(backfill)
@@ -386,9 +384,6 @@ class EnsureBackfillSucceeded(_BackfillOperation):
         return meta.namespace, meta.name, backfill.spec.checkpoint.schema_name, backfill.spec.fingerprint()
 
     def database_forwards(self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any) -> None:
-        if getattr(schema_editor, "collect_sql", False):
-            schema_editor.collected_sql.append(f"-- {self.describe()} (checked by migrate, not SQL)")
-            return
         namespace, name, schema, fingerprint = self._target()
         if _mode() == CLUSTER:
             problem = cluster_verdict(namespace, name, _read_object(namespace, name))
