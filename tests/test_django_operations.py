@@ -6,6 +6,7 @@ against kmock over HTTP. Pure decisions (mode, messages, argv, DSN) are tested d
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +20,16 @@ from backfill_api.errors import ValidationFailed
 from backfill_api.kubeapi import KubeApi, backfill_path
 from backfill_api.status import Phase
 from backfill_django.management.commands.backfill import cli_arguments
-from backfill_django.operations import atomic_refusal, cluster_verdict, local_phase, local_verdict, where_to_run
+from backfill_django.operations import (
+    EnsureBackfillSucceeded,
+    QueueBackfill,
+    atomic_refusal,
+    cluster_verdict,
+    local_phase,
+    local_verdict,
+    where_to_run,
+)
+from backfill_django.sources import backfill_from_callable, from_result
 from backfill_worker.checkpoint import ShardCheckpoint
 
 SQL = "bfdj_sql"
@@ -205,3 +215,30 @@ def test_the_cli_gets_django_s_database_unless_one_is_named():
     assert cli_arguments(["run", "f.yaml"], "dbname=x") == ["run", "f.yaml", "--dsn", "dbname=x"]
     assert cli_arguments(["run", "f.yaml", "--dsn=dbname=y"], "dbname=x") == ["run", "f.yaml", "--dsn=dbname=y"]
     assert cli_arguments(["status", "f.yaml"], None) == ["status", "f.yaml"]
+
+
+def test_operations_say_what_they_need_and_deconstruct_to_their_arguments():
+    with pytest.raises(ValueError, match="either manifest or queryset"):
+        QueueBackfill()
+    with pytest.raises(ValueError, match="name the Backfill"):
+        QueueBackfill(queryset=len)
+    with pytest.raises(ValueError, match="either name"):
+        EnsureBackfillSucceeded()
+    assert QueueBackfill("b.yaml").deconstruct() == ("QueueBackfill", ["b.yaml"], {})
+    queued = QueueBackfill(queryset=len, name="n", namespace="shop", spec={"batch": {"size": 10}})
+    assert queued.deconstruct() == ("QueueBackfill", [], {"queryset": len, "name": "n", "namespace": "shop", "spec": {"batch": {"size": 10}}})
+    assert queued.describe() == "Queue backfill shop/n"
+    assert EnsureBackfillSucceeded("n", "shop").deconstruct() == ("EnsureBackfillSucceeded", [], {"name": "n", "namespace": "shop"})
+
+
+def test_a_manifest_source_must_be_an_importable_function_returning_a_queryset_and_update():
+    for path, message in [
+        ("customers_backfills", "name a function as module:function"),
+        ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+        ("json:no_such_function", "'json' has no attribute 'no_such_function'"),
+        ("json:__doc__", "is a str, not a function"),
+    ]:
+        with pytest.raises(ValidationFailed, match=re.escape(message)):
+            backfill_from_callable(path, name="n")
+    with pytest.raises(ValidationFailed, match=re.escape("returned str: return (queryset, {field: value}) or a Backfill")):
+        from_result("x", name="n", namespace="d", spec={}, origin="json:dumps")
