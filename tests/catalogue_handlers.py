@@ -34,3 +34,12 @@ def commits(batch: Any) -> None:
 def returns_text(batch: Any) -> str:
     bump(batch)
     return "done"
+
+
+def deactivate(batch: Any) -> int:
+    """A well-behaved handler (tests/test_kube_worker.py): counter + 1 and status for the batch's rows."""
+    pred, params = batch.predicate()
+    from psycopg import sql
+
+    statement = sql.SQL("UPDATE {} SET counter = counter + 1, status = 'inactive' WHERE {}").format(batch.table_identifier, pred)
+    return int(batch.connection.execute(statement, params).rowcount)

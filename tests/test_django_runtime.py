@@ -79,13 +79,18 @@ def test_orm_handler_saves_and_signals_commit_with_the_checkpoint(shop: str, tmp
     ]
     assert query(shop, "SELECT count(*) FROM customers_customer WHERE status = 'inactive'") == [(STALE_COUNT,)]
     assert query(shop, "SELECT count(*) FROM customers_customer WHERE status = 'active'") == [(17,)]
-    status = backfill(shop, "status", str(path))
-    assert status.returncode == 0 and "done" in status.stdout, status.stderr
-    planned = backfill(shop, "plan", str(path))
-    assert "FOR NO KEY UPDATE" in planned.stdout, planned.stdout + planned.stderr
-    again = backfill(shop, "run", str(path))  # done: the handler is not called again
-    assert again.returncode == 0
+    planned = backfill(shop, "plan", str(path))  # reads and locks a sample batch, rolled back; no handler call
+    assert planned.returncode == 0 and "FOR NO KEY UPDATE" in planned.stdout, planned.stdout + planned.stderr
     assert query(shop, "SELECT count(*) FROM customers_audit") == [(STALE_COUNT,)]
+
+
+def test_a_timeout_inside_the_orm_retries_the_batch(shop: str, tmp_path: Path) -> None:
+    path = manifest(tmp_path, "bf_django_shop.backfills:slow_once", limits={"statementTimeout": "100ms", "maxRetries": 3})
+    done = backfill(shop, "-v", "run", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "statementTimeout, retry 1" in done.stderr
+    assert f"rows_updated={STALE_COUNT} " in done.stdout
+    assert query(shop, "SELECT count(*), count(DISTINCT customer_id) FROM customers_audit") == [(STALE_COUNT, STALE_COUNT)]
 
 
 @pytest.mark.parametrize(
@@ -111,12 +116,11 @@ def test_failing_orm_handlers_roll_their_batch_back(shop: str, tmp_path: Path, c
     [
         ({"handler": {"callable": "bf_django_shop.backfills:deactivate", "django": {"model": "customers.Nope"}}},
          "bf_django_shop.settings", "spec.handler.django.model", "doesn't have a 'Nope' model"),
-        ({}, "bf_django_shop.no_settings", "spec.handler.django.settingsModule", "cannot import the settings module"),
         ({}, None, "spec.handler.django.settingsModule", "no Django settings module"),
         ({"table": "customers_audit"}, "bf_django_shop.settings", "spec.table", "customers.Customer's table is 'customers_customer'"),
         ({"parallelism": 2}, "bf_django_shop.settings", "spec.parallelism", "run each of the 2 shards in its own process"),
     ],
-    ids=["model-missing", "settings-missing", "settings-not-given", "table-not-the-models", "parallel"],
+    ids=["model-missing", "settings-not-given", "table-not-the-models", "parallel"],  # (settings missing: the catalogue)
 )
 def test_bad_django_specs_are_refused_before_any_write(
     shop: str, tmp_path: Path, edit: dict[str, Any], settings: str | None, field: str, message: str

@@ -313,3 +313,25 @@ def test_a_django_handler_without_django_names_the_extra(monkeypatch: pytest.Mon
         handlers.runtime_for(backfill.spec, None)
     assert caught.value.field == "spec.handler.django"
     assert "pip install 'backfill-operator[django]'" in caught.value.message
+
+
+def test_the_cli_runs_plans_and_shows_a_handler_manifest(database: str, handler_module: Any, tmp_path: Path) -> None:
+    from manifests import write_manifest
+    from typer.testing import CliRunner
+
+    from backfill_cli.app import app
+
+    run_sql(database, PEOPLE)
+    module = handler_module(NORMALIZE)
+    document = backfill_document("cli", "t", table="people", where="NOT normalized", handler={"callable": f"{module}:normalize"},
+                                 batch=small(25))
+    path = str(write_manifest(tmp_path, document))
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", path, "--dsn", database])
+    assert planned.exit_code == 0, planned.output
+    assert "FOR NO KEY UPDATE" in planned.output and "plan_ok=true" in planned.output
+    assert run_sql(database, "SELECT count(*) FROM audit") == [(0,)]  # plan does not call the handler
+    done = runner.invoke(app, ["run", path, "--dsn", database])
+    assert done.exit_code == 0 and "state=done rows_updated=95 " in done.output, done.output
+    status = runner.invoke(app, ["status", path, "--dsn", database])
+    assert status.exit_code == 0 and "done" in status.output and "95" in status.output, status.output

@@ -147,6 +147,26 @@ async def test_invalid_sql_is_reported_as_a_permanent_failure_without_the_passwo
     assert table_state(database)["once"] == 0
 
 
+async def test_a_python_handler_runs_in_cluster_and_its_failure_reaches_the_status(api, database):
+    make_table(database)
+    document = backfill("bf", handler={"callable": "catalogue_handlers:deactivate"})
+    del document["spec"]["set"]
+    await call(api.create, backfill_path(NS), document)
+    assert await call(run_worker, api, NS, "bf", 0, database, run=1, poll_seconds=0.2, patch_interval=0.2) == 0
+    assert table_state(database) == {"once": 2000, "twice": 0, "wrong_rows": 0}
+    shard = (await call(api.get, backfill_path(NS, "bf")))["status"]["shards"]["0"]
+    assert shard["state"] == "done" and shard["rowsUpdated"] == 2000 and shard["remainingMatches"] == 0
+
+    failing = backfill("bad", handler={"callable": "catalogue_handlers:raises_with_the_password"})
+    del failing["spec"]["set"], failing["spec"]["where"]
+    await call(api.create, backfill_path(NS), failing)
+    assert await call(run_worker, api, NS, "bad", 0, database, run=1, poll_seconds=0.2, patch_interval=0.2) == 1
+    shard = (await call(api.get, backfill_path(NS, "bad")))["status"]["shards"]["0"]
+    assert shard["state"] == "failed" and "spec.handler: catalogue_handlers:raises_with_the_password raised ValueError" in shard["lastError"]
+    assert "canary" not in json.dumps(shard).lower()
+    assert table_state(database)["twice"] == 0  # the failed batch's counter + 1 was rolled back
+
+
 async def test_status_backed_progress_store_round_trips(api):
     await call(api.create, backfill_path(NS), backfill("bf", checkpoint={"mode": "atLeastOnce"}))
     store = StatusProgressStore(api, NS, "bf")

@@ -1,6 +1,8 @@
 """Handlers for the tests: the ORM with save() and signals, and some that misbehave."""
 
-from django.db import transaction
+from django.db import connection, transaction
+
+SLEPT: list[bool] = []
 
 
 def deactivate(batch):
@@ -26,3 +28,12 @@ def explode(batch):
 def commits(batch):
     deactivate(batch)
     transaction.commit()
+
+
+def slow_once(batch):
+    """The first attempt outlives statementTimeout inside the ORM (Django wraps the error): retried."""
+    if not SLEPT:
+        SLEPT.append(True)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0.5)")
+    return deactivate(batch)

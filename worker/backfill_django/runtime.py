@@ -29,7 +29,8 @@ from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.model import BackfillSpec, DjangoHandlerSpec
 from backfill_worker import session_settings
 from backfill_worker.changes import PythonHandler
-from backfill_worker.handlers import Batch, Handler
+from backfill_worker.handlers import Batch, Handler, describe_exception
+from backfill_worker.secrets import register_dsn
 from backfill_worker.statements import Target
 
 FIELD = "spec.handler.django"
@@ -63,6 +64,16 @@ def setup(settings_module: str | None) -> None:
             f"{FIELD}.settingsModule",
             "no Django settings module: set spec.handler.django.settingsModule, DJANGO_SETTINGS_MODULE or --django-settings",
         )
+    try:  # first, so a missing module is reported the same whatever this process set up before
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise ValidationFailed(
+            f"{FIELD}.settingsModule",
+            f"cannot import the settings module {module!r}: no module named {error.name!r}; put the project on "
+            "PYTHONPATH (e.g. PYTHONPATH=. backfill run ...) or install it in the worker's image",
+        ) from None
+    except Exception as error:  # noqa: BLE001 - the settings are user code: any exception is the user's to see
+        raise ValidationFailed(f"{FIELD}.settingsModule", f"importing {module!r} failed: {describe_exception(error)}") from None
     if settings.configured:
         current = getattr(settings, "SETTINGS_MODULE", None)
         if settings_module is not None and current not in (None, settings_module):
@@ -70,14 +81,6 @@ def setup(settings_module: str | None) -> None:
                 f"{FIELD}.settingsModule", f"Django is already set up with {current!r} in this process, not {settings_module!r}"
             )
     else:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            raise ValidationFailed(
-                f"{FIELD}.settingsModule",
-                f"cannot import the settings module {module!r}: no module named {error.name!r}; put the project on "
-                "PYTHONPATH (e.g. PYTHONPATH=. backfill run ...) or install it in the worker's image",
-            ) from None
         os.environ["DJANGO_SETTINGS_MODULE"] = module
     if not apps.ready:
         django.setup()
@@ -179,7 +182,9 @@ class DjangoRuntime:
             raise ValidationFailed(
                 "spec.table", f"{django_spec.model}'s table is {model._meta.db_table!r}, but spec.table names {table.name!r}"
             )
-        return cls(DjangoConnections(alias), dsn or dsn_from_settings(alias), model, spec.handler.callable, spec.where)
+        dsn = dsn or dsn_from_settings(alias)
+        register_dsn(dsn)  # its password is masked in every log line and message from here on
+        return cls(DjangoConnections(alias), dsn, model, spec.handler.callable, spec.where)
 
     def change(self, target: Target, handler: Handler, shard: int, redact_text: Callable[[str], str]) -> PythonHandler:
         pk = self.model._meta.pk

@@ -139,14 +139,27 @@ class PythonHandler:
         """What leaves ``apply`` when the handler raised: transient database errors as they are (retried)."""
         if handlers.is_guard_error(error) or not _still_armed(conn, token):
             return self._ended_by_handler(lower)
-        if isinstance(error, psycopg.Error) and retry.classify(error, conn.closed) is not None:
-            return error
+        transient = _transient_database_error(error, conn)
+        if transient is not None:
+            return transient
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return handlers.HandlerFailed(self.redact_text(
             f"{handlers.FIELD}: {self.name} raised {type(error).__name__}{': ' + message if message else ''} "
             f"({handlers.handler_location(error, self.handler)}; {self._where(lower)}); the batch was rolled back, "
             "nothing of it was committed. Fix the handler and rerun: the run resumes from the checkpoint"
         ))
+
+
+def _transient_database_error(error: BaseException, conn: psycopg.Connection) -> psycopg.Error | None:
+    """The retryable psycopg error behind ``error`` (itself, or its cause: Django wraps them), if any."""
+    seen: BaseException | None = error
+    for _ in range(5):  # a short chain: a wrapper or two
+        if seen is None:
+            return None
+        if isinstance(seen, psycopg.Error) and retry.classify(seen, conn.closed) is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _still_armed(conn: psycopg.Connection, token: str) -> bool:

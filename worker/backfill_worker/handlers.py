@@ -39,7 +39,7 @@ from .connection import Connections
 from .secrets import redact
 from .statements import Target
 
-__all__ = ["Batch", "Handler", "HandlerFailed", "Runtime", "load", "make_batch", "runtime_for"]
+__all__ = ["Batch", "Handler", "HandlerFailed", "Runtime", "describe_exception", "load", "make_batch", "runtime_for"]
 
 FIELD = "spec.handler"
 CALLABLE_FIELD = "spec.handler.callable"
@@ -134,9 +134,9 @@ def load(spec: HandlerSpec, redact_text: Callable[[str], str] = redact) -> Handl
                 "worker runs (in Kubernetes: spec.worker.image = your application's image) or put its directory on "
                 "PYTHONPATH (e.g. PYTHONPATH=. backfill run ...)",
             ) from None
-        raise ValidationFailed(CALLABLE_FIELD, f"importing {module_name!r} failed: {_describe(error, redact_text)}") from None
+        raise ValidationFailed(CALLABLE_FIELD, f"importing {module_name!r} failed: {describe_exception(error, redact_text)}") from None
     except Exception as error:  # noqa: BLE001 - user code runs at import: any exception is the user's to see
-        raise ValidationFailed(CALLABLE_FIELD, f"importing {module_name!r} failed: {_describe(error, redact_text)}") from None
+        raise ValidationFailed(CALLABLE_FIELD, f"importing {module_name!r} failed: {describe_exception(error, redact_text)}") from None
     target: Any = module
     walked = module_name
     for part in attribute_path.split("."):
@@ -171,7 +171,7 @@ def signature_problem(function: Callable[..., object]) -> str | None:
     return None
 
 
-def _describe(error: BaseException, redact_text: Callable[[str], str]) -> str:
+def describe_exception(error: BaseException, redact_text: Callable[[str], str] = redact) -> str:
     """``Type: message (at file:line in function)`` of an exception raised by user code, redacted."""
     frames = traceback.extract_tb(error.__traceback__)
     where = ""
