@@ -554,3 +554,67 @@ async def test_operator_path_bad_input_is_a_condition_and_changes_nothing(kmock,
     assert len(posted) == sum(case.job for case in KUBE_CATALOGUE)
     assert await to_thread(snapshot, env.admin) == before, "rows or checkpoints changed"
     assert_absent(env.secrets, kubelet.output())
+
+
+# -- the Django layer: migrations and manage.py backfill (examples/django, real subprocesses) ---
+# One database migrated to the example's 0001 with customers in it; every case runs `manage.py`
+# and must fail with its documented status and message, without a traceback or a secret, with
+# every table (and the absence of any checkpoint) exactly as before.
+
+from django_shop import manage as shop_manage  # noqa: E402
+from django_shop import seed_customers  # noqa: E402
+
+
+@dataclass(frozen=True)
+class DjangoCase:
+    id: str
+    args: tuple[str, ...]
+    expect_exit: int
+    expect: tuple[str, ...]
+    migrations: str = "bfdj_sql"
+    env: tuple[tuple[str, str], ...] = ()
+
+
+DJANGO_CATALOGUE = [
+    DjangoCase("queue-in-atomic-migration", ("migrate",), 1,
+               ("QueueBackfill shop/customers-inactive: this migration runs in a transaction", "Add `atomic = False`"),
+               migrations="bfdj_atomic"),
+    DjangoCase("queue-manifest-missing", ("migrate",), 1, ("QueueBackfill:", "no-such-backfill.yaml", "cannot read"),
+               migrations="bfdj_missing"),
+    DjangoCase("mode-unknown", ("migrate",), 1, ("$BACKFILL_MODE / settings.BACKFILL['MODE']", "'kubernetes' is not a mode"),
+               env=(("BACKFILL_MODE", "kubernetes"),)),
+    DjangoCase("cluster-mode-without-cluster", ("migrate",), 1, ("BACKFILL_MODE=cluster, but no cluster configuration",),
+               env=(("BACKFILL_MODE", "cluster"), ("KUBECONFIG", "/nonexistent/kubeconfig"))),
+    DjangoCase("manage-unknown-database-alias", ("backfill", "--database", "replica", "run", "backfill.yaml"), 2,
+               ("database: settings.DATABASES has no alias 'replica'",)),
+    DjangoCase("manage-unknown-subcommand", ("backfill", "apply", "backfill.yaml"), 1, ("give a subcommand: run, plan, status, reset",)),
+]
+
+
+@pytest.fixture(scope="module")
+def shop_database(pg_server: LocalPostgres) -> Iterator[str]:
+    name = f"catalogue_shop_{SUFFIX}"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = pg_server.dsn(dbname=name)
+    try:
+        assert shop_manage(dsn, "migrate", "contenttypes", migrations="bfdj_sql").returncode == 0  # the other app's
+        assert shop_manage(dsn, "migrate", "customers", "0001", migrations="bfdj_sql").returncode == 0
+        seed_customers(dsn, 300)
+        yield dsn
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.mark.parametrize("case", DJANGO_CATALOGUE, ids=[case.id for case in DJANGO_CATALOGUE])
+def test_django_bad_input_fails_clearly_and_changes_nothing(case: DjangoCase, shop_database: str) -> None:
+    before = snapshot(shop_database)
+    result = shop_manage(shop_database, *case.args, migrations=case.migrations, **dict(case.env))
+    output = result.stdout + result.stderr
+    assert result.returncode == case.expect_exit, output[-3000:]
+    for expected in case.expect:
+        assert expected in output, f"{expected!r} missing from: {output[-3000:]}"
+    assert "Traceback" not in output
+    assert_absent([CANARY_PASSWORD, shop_database], {"manage.py output": output})
+    assert snapshot(shop_database) == before, "rows or checkpoints changed"

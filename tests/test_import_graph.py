@@ -2,6 +2,9 @@
 
 ``backfill_api`` is the contract and imports no other package of ours; ``backfill_worker`` and
 ``backfill_operator`` import it and never each other; only ``backfill_cli`` knows both.
+``backfill_django`` (the optional ``[django]`` extra) sits on top: it may use the contract, the
+engine and the CLI's functions, never the operator directly; nothing of ours imports it except
+lazily, inside a function, where a manifest names Django (so Django stays optional).
 """
 
 from __future__ import annotations
@@ -17,24 +20,46 @@ PACKAGES = {
     "backfill_worker": ROOT / "worker" / "backfill_worker",
     "backfill_operator": ROOT / "operator" / "backfill_operator",
     "backfill_cli": ROOT / "worker" / "backfill_cli",
+    "backfill_django": ROOT / "worker" / "backfill_django",
 }
 ALLOWED = {
     "backfill_api": set(),
     "backfill_worker": {"backfill_api"},
     "backfill_operator": {"backfill_api"},
     "backfill_cli": {"backfill_api", "backfill_worker", "backfill_operator"},
+    "backfill_django": {"backfill_api", "backfill_worker", "backfill_cli"},
 }
+LAZILY_ALLOWED = {
+    # The engine loads the Django runtime for a `spec.handler.django` manifest; the CLI its helpers.
+    "backfill_worker": {"backfill_django"},
+    "backfill_cli": {"backfill_django"},
+}
+ENGINE_SIDE = ("runtime.py", "queryset.py")
+"""backfill_django modules the worker imports (in a worker image): the contract and the engine only."""
 
 
-def imported_packages(source: str) -> set[str]:
-    """Top-level names of our packages that ``source`` imports (relative imports stay inside)."""
+def imported_packages(source: str, *, lazy: bool | None = None) -> set[str]:
+    """Top-level names of our packages that ``source`` imports (relative imports stay inside).
+
+    ``lazy=None``: every import; ``False``: module-level ones only; ``True``: those inside a
+    function (run only when called).
+    """
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    inside_functions = {
+        id(node)
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+        for node in ast.walk(function)
+    }
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
         else:
+            continue
+        if lazy is not None and (id(node) in inside_functions) != lazy:
             continue
         found |= {name.split(".")[0] for name in names} & set(PACKAGES)
     return found
@@ -43,14 +68,29 @@ def imported_packages(source: str) -> set[str]:
 def test_the_reader_sees_absolute_lazy_and_relative_imports():
     source = "import backfill_api.model\nfrom .x import y\ndef f():\n    from backfill_operator import jobs\n"
     assert imported_packages(source) == {"backfill_api", "backfill_operator"}
+    assert imported_packages(source, lazy=False) == {"backfill_api"}
+    assert imported_packages(source, lazy=True) == {"backfill_operator"}
+
+
+def modules_of(package: str) -> list[Path]:
+    modules = sorted(PACKAGES[package].rglob("*.py"))
+    assert modules, f"no modules found for {package} under {PACKAGES[package]}"
+    return modules
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))
 def test_package_imports_only_the_layers_below_it(package: str):
-    modules = sorted(PACKAGES[package].glob("*.py"))
-    assert modules, f"no modules found for {package} under {PACKAGES[package]}"
-    violations = {
-        str(path.relative_to(ROOT)): sorted(imported_packages(path.read_text()) - ALLOWED[package] - {package})
-        for path in modules
-    }
-    assert {path: bad for path, bad in violations.items() if bad} == {}
+    violations = {}
+    for path in modules_of(package):
+        source = path.read_text()
+        eager = imported_packages(source, lazy=False) - ALLOWED[package] - {package}
+        lazy = imported_packages(source, lazy=True) - ALLOWED[package] - LAZILY_ALLOWED.get(package, set()) - {package}
+        if eager | lazy:
+            violations[str(path.relative_to(ROOT))] = sorted(eager | lazy)
+    assert violations == {}
+
+
+def test_the_django_modules_the_worker_loads_need_neither_the_cli_nor_the_operator():
+    for name in ENGINE_SIDE:
+        source = (PACKAGES["backfill_django"] / name).read_text()
+        assert imported_packages(source) <= {"backfill_api", "backfill_worker", "backfill_django"}, name

@@ -1,3 +1,3 @@
--- Rows that are still wrong after the backfill: must be 0.
-SELECT count(*) FROM accounts_user
-WHERE email_normalized IS DISTINCT FROM lower(btrim(email)) OR updated_at < now() - interval '1 hour';
+-- Rows that are still wrong after the backfill (stale but not inactive, or recent but changed): must be 0.
+SELECT count(*) FROM customers_customer
+WHERE (last_login < now() - interval '365 days') IS DISTINCT FROM (status IS NOT DISTINCT FROM 'inactive');

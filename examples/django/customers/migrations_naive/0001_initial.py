@@ -1,0 +1,5 @@
+"""The same schema as customers/migrations/0001_initial.py (one definition, imported)."""
+
+from importlib import import_module
+
+Migration = import_module("customers.migrations.0001_initial").Migration
