@@ -128,6 +128,8 @@ def test_the_charts_rbac_on_the_server(operator_release: Cluster) -> None:
     assert can(cluster, operator_sa, "get", "secrets")
     assert not can(cluster, operator_sa, "list", "secrets"), "the operator reads one named Secret, never lists them"
     assert not can(cluster, operator_sa, "delete", "backfills.backfill.dev")
+    assert can(cluster, operator_sa, "list", "pods"), "to name an OOM-killed worker"
+    assert not can(cluster, operator_sa, "get", "pods/log") and not can(cluster, operator_sa, "delete", "pods")
     assert can(cluster, worker_sa, "patch", "backfills.backfill.dev/status")
     assert can(cluster, worker_sa, "get", "backfills.backfill.dev")
     assert not can(cluster, worker_sa, "patch", "backfills.backfill.dev"), "workers write status only"

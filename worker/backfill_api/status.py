@@ -64,6 +64,8 @@ class StallReason(StrEnum):
     JOB_NAME_TAKEN = "JobNameTaken"
     # a run that failed
     JOB_FAILED = "JobFailed"
+    OOM_KILLED = "OOMKilled"
+    """The worker container exceeded its memory limit (read from its pod; the worker cannot say)."""
     FAILED = "Failed"
     # reported by a worker (BackfillError.reason)
     ERROR = "Error"
@@ -104,15 +106,20 @@ _PERMANENT = frozenset({
 })
 
 
-def error_reasons() -> set[str]:
-    """The ``reason`` of every BackfillError class (the worker's vocabulary)."""
-    found: set[str] = set()
+def error_classes() -> list[type[BackfillError]]:
+    """BackfillError and all its subclasses (each has its exit code and reason)."""
+    found: list[type[BackfillError]] = []
     pending: list[type[BackfillError]] = [BackfillError]
     while pending:
         cls = pending.pop()
-        found.add(cls.reason)
+        found.append(cls)
         pending.extend(cls.__subclasses__())
     return found
+
+
+def error_reasons() -> set[str]:
+    """The ``reason`` of every BackfillError class (the worker's vocabulary)."""
+    return {cls.reason for cls in error_classes()}
 
 
 class _StatusModel(BaseModel):
