@@ -131,7 +131,8 @@ def test_oom_kills_are_read_from_the_jobs_own_pods():
     assert jobs.has_failed_pods([{"status": {"active": 1}}, {"status": {"failed": 1}}])
 
 
-RUNNING = {"phase": "Running", "run": 1, "shards": {"0": {"state": "running", "run": 1, "updatedAt": "2026-12-02T00:00:00Z"}}}
+RUNNING = {"phase": "Running", "run": 1, "shards": {"0": {
+    "state": "running", "run": 1, "updatedAt": "2026-12-02T00:00:00Z", "etaSeconds": 3, "rowsPerSecond": 90}}}
 FAILED_JOB = {"failed": 2, "conditions": [
     {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}
 
@@ -156,6 +157,7 @@ def test_a_job_failed_by_oom_kills_fails_the_backfill_with_reason_oomkilled():
     assert conditions["Stalled"]["status"] == "True" and conditions["Stalled"]["reason"] == "OOMKilled"
     assert conditions["Ready"]["reason"] == "OOMKilled"
     assert {e.key for e in plan.events if e.reason == "OOMKilled"} == {"oom-uid-p1", "oom-uid-p2"}
+    assert not plan.status["progress"].get("eta") and plan.status["progress"]["rowsPerSecond"] == 0
     assert any(e.type == "Warning" and e.reason == "Failed" and "OOMKilled" in e.message for e in plan.events)
     # Terminal (not recoverable): the next pass keeps it, without reading pods again.
     again = reconcile(observe(jobs_=[job], status={**RUNNING, **plan.status}))

@@ -298,6 +298,9 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.D
         progress = aggregate_progress(
             status.shards, checked.spec.parallelism, succeeded=decision.phase is Phase.SUCCEEDED,
         )
+        if decision.phase in (Phase.FAILED, Phase.PAUSED):
+            # Nothing runs: no rate and no time left (a killed worker's last report still has its ETA).
+            progress = progress.model_copy(update={"eta": "", "rows_per_second": 0.0})
         names = {s: _name(j) for s, j in current.items()}
         names.update({jobs_mod.job_shard(j) or 0: _name(j) for j in create})
         job_names = [names[s] for s in sorted(names)]
