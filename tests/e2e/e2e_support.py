@@ -191,8 +191,9 @@ class Processes:
         return argv, cwd
 
     def start(self, name: str, argv: list[str], cwd: str) -> int:
-        # The binary's directory first on PATH, as `up` runs containerd (it finds its shim there).
-        env = {**os.environ, "PATH": f"{Path(argv[0]).parent}:{os.environ.get('PATH', '')}"}
+        env = dict(os.environ)
+        if os.path.isabs(argv[0]):  # its directory first on PATH, as `up` runs containerd (it finds its shim there)
+            env["PATH"] = f"{Path(argv[0]).parent}:{env.get('PATH', '')}"
         with (self.logs / f"{name}.log").open("ab") as log:
             child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

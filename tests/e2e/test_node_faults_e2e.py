@@ -9,6 +9,7 @@ The restart tests need the PIDs ``tests/e2e/cluster/up`` records (skipped on ano
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,6 +54,8 @@ def test_kubelet_restarted_mid_run(operator_release: Cluster, pod_database: Any)
                                "100 more rows while the kubelet is down", timeout=60)
         finally:
             processes.start("kubelet", argv, cwd)
+        # `down` stops what is recorded: the new kubelet, run as before.
+        assert Path(f"/proc/{processes.pid('kubelet')}/cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv]
         cluster.wait_until(processes.kubelet_healthy, "the restarted kubelet healthy", timeout=120)
         cluster.wait_until(lambda: node_ready(cluster), "the node Ready again", timeout=120)
         wait_ready(cluster, name)
