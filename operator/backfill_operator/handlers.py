@@ -273,6 +273,7 @@ class Controller:
         except KubeApiError as error:  # an Event is best effort; the status holds the truth
             if not (event.key and error.status == 409):
                 log.warning("could not post event %s: %s", event.reason, error)
+                return  # a keyed one is tried again by the next pass
         if event.key:
             self._posted.add(event.key)
 

@@ -81,6 +81,7 @@ def test_container_runtime_restarted_mid_run(operator_release: Cluster, pod_data
         cluster.wait_until(lambda: node_ready(cluster), "the node Ready again", timeout=120)
         wait_ready(cluster, name)
         assert_exactly_once(db.admin_dsn, ROWS)
+        print(f"{runtime} restarted: the Backfill finished in run {cluster.status(name)['run']}")
         if runtime == "containerd":
             assert cluster.status(name)["run"] == 1, "the worker's container outlived containerd's restart"
     # Whatever the runtime did to it, the operator pod is back (the next tests need it).
