@@ -171,3 +171,16 @@ def test_the_workers_own_error_wins_over_an_earlier_oom_kill():
     plan = reconcile(observe(jobs_=[{**render(), "status": FAILED_JOB}], status=status, pods=[pod("p1")]))
     assert plan.status["phase"] == "Failed" and "batch kept failing" in plan.status["message"]
     assert {c["type"]: c for c in plan.status["conditions"]}["Stalled"]["reason"] == "RetriesExhausted"
+
+
+def test_a_job_the_server_refuses_stalls_until_fixed():
+    refused = "the API server refused worker Job ns/bf-s0-r1: Kubernetes API 422 Invalid: ...; fix spec.worker"
+    observed = observe(jobs_=[])
+    plan = reconcile(Observed(**{**observed.__dict__, "job_rejected": refused}))
+    assert plan.status["phase"] == "Pending" and plan.status["message"] == refused
+    stalled = {c["type"]: c for c in plan.status["conditions"]}["Stalled"]
+    assert stalled["status"] == "True" and stalled["reason"] == "JobRejected"
+    assert any(e.type == "Warning" and e.reason == "JobRejected" for e in plan.events)
+    assert StallReason.JOB_REJECTED.recoverable
+    fixed = reconcile(observe(jobs_=[], status=plan.status))
+    assert fixed.create_jobs and any(e.reason == "Resolved" for e in fixed.events)

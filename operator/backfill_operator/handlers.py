@@ -38,6 +38,10 @@ class JobNameTaken(Exception):
     """A Job with the deterministic name exists but another owner's: never adopt or touch it."""
 
 
+class JobRejected(Exception):
+    """The API server refused the Job (422 invalid pod settings, 403 quota or admission)."""
+
+
 def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -183,6 +187,10 @@ class Controller:
         except JobNameTaken as conflict:
             plan = reconcile(replace(observed, secret=SecretCheck(True), job_conflict=str(conflict)), self.defaults)
             plan = replace(plan, create_jobs=[], delete_jobs=[])
+        except JobRejected as rejected:
+            # Tried again every pass: it converges once the spec (or the quota) is fixed.
+            plan = reconcile(replace(observed, secret=SecretCheck(True), job_rejected=str(rejected)), self.defaults)
+            plan = replace(plan, create_jobs=[], delete_jobs=[])
         for job_name in plan.delete_jobs:
             try:
                 self.api.delete(jobs_path(namespace, job_name))
@@ -204,6 +212,11 @@ class Controller:
             self.metrics.jobs_created.inc()
             log.info("created Job %s/%s", namespace, job_name)
         except KubeApiError as error:
+            if error.status in (403, 422):
+                raise JobRejected(
+                    f"the API server refused worker Job {namespace}/{job_name}: {str(error)[:700]}; "
+                    "fix spec.worker (or the namespace's quota or admission policy)"
+                ) from None
             if error.status != 409:
                 raise
             # Created by an earlier pass whose status write was lost (e.g. an operator restart):

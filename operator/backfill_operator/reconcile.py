@@ -72,6 +72,8 @@ class Observed:
     """None: not looked up yet (only needed before creating Jobs)."""
     job_conflict: str = ""
     """Set when a Job of the planned name exists but belongs to someone else."""
+    job_rejected: str = ""
+    """Set when the API server refused to create a planned Job (its answer)."""
     pods: Sequence[Mapping[str, Any]] = ()
     """The worker pods, read only when a Job counts failed ones (``jobs.has_failed_pods``)."""
     server: jobs_mod.ServerCapabilities = jobs_mod.BASELINE
@@ -261,6 +263,8 @@ def _decide(
             return Decision(view.phase, Stall(reason, observed.secret.message), delete=view.stop)
         if observed.job_conflict:
             return Decision(view.phase, Stall(StallReason.JOB_NAME_TAKEN, observed.job_conflict), delete=view.stop)
+        if observed.job_rejected:
+            return Decision(view.phase, Stall(StallReason.JOB_REJECTED, observed.job_rejected), delete=view.stop)
         return Decision(view.phase, stall, launch=view.needs_job, delete=view.stop, stale=view.stale,
                         oom=view.oom, retrying=view.retrying)
     return Decision(view.phase, stall, delete=view.stop, stale=view.stale, oom=view.oom, retrying=view.retrying)

@@ -156,3 +156,23 @@ def test_a_permanent_worker_error_fails_the_job_at_once(operator_release: Cluste
             cluster.wait_until(lambda: not cluster.items("jobs", selector=f"backfill.dev/name={name}"),
                                "the operator deleted the Job", timeout=120)
         assert counter_histogram(db.admin_dsn) == {0: 10}, "nothing written before validation passed"
+
+
+def test_a_job_the_server_refuses_is_a_stall_until_fixed(operator_release: Cluster, pod_database: Any) -> None:
+    """``requests.memory`` above ``limits.memory``: the API server refuses the Job (422). The
+    Backfill says so (Stalled, JobRejected, the server's words) and runs once the spec is fixed."""
+    cluster, name = operator_release, "job-rejected"
+    worker = {"resources": {"requests": {"memory": "512Mi"}, "limits": {"memory": "256Mi"}}}
+    with counter_run(cluster, pod_database, name, rows=10, started_at=0, worker=worker) as db:
+        def stalled() -> dict[str, Any] | None:
+            status = cluster.status(name)
+            return status if any(c["type"] == "Stalled" and c["status"] == "True" and c["reason"] == "JobRejected"
+                                 for c in status.get("conditions") or []) else None
+
+        status = cluster.wait_until(stalled, "Stalled=True, JobRejected", timeout=120)
+        assert "must be less than or equal to memory limit" in status["message"], status["message"]
+        assert "spec.worker" in status["message"] and not cluster.items("jobs", selector=f"backfill.dev/name={name}")
+        assert cluster.events(name, "JobRejected")
+        cluster.patch_spec(name, {"worker": {"resources": {"requests": {"memory": "128Mi"}}}})
+        wait_ready(cluster, name)
+        assert_exactly_once(db.admin_dsn, 10)

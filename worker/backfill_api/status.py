@@ -62,6 +62,8 @@ class StallReason(StrEnum):
     SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
     SECRET_FORBIDDEN = "SecretForbidden"
     JOB_NAME_TAKEN = "JobNameTaken"
+    JOB_REJECTED = "JobRejected"
+    """The API server refused to create the worker Job (invalid pod settings, quota, admission)."""
     # a run that failed
     JOB_FAILED = "JobFailed"
     OOM_KILLED = "OOMKilled"
@@ -98,7 +100,7 @@ class StallReason(StrEnum):
 _RECOVERABLE = frozenset({
     StallReason.INVALID_SPEC, StallReason.IMMUTABLE_FIELD_CHANGED, StallReason.SECRET_REF_MISSING,
     StallReason.SECRET_NOT_FOUND, StallReason.SECRET_KEY_NOT_FOUND, StallReason.SECRET_FORBIDDEN,
-    StallReason.JOB_NAME_TAKEN,
+    StallReason.JOB_NAME_TAKEN, StallReason.JOB_REJECTED,
 })
 _PERMANENT = frozenset({
     StallReason.INVALID_SPEC, StallReason.VALIDATION_FAILED,
