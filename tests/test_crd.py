@@ -78,7 +78,8 @@ def test_defaults_and_descriptions_come_from_the_model():
     assert batch["size"] == {**batch["size"], "default": 1000, "minimum": 1, "maximum": 1_000_000}
     assert spec["properties"]["checkpoint"]["properties"]["mode"]["enum"] == ["transactional", "atLeastOnce"]
     assert "primary key" in spec["properties"]["key"]["description"]
-    assert spec["required"] == ["table", "set"]
+    assert spec["required"] == ["table"]  # and exactly one of set / handler (the model; docs/reference.md)
+    assert "default" not in spec["properties"]["handler"]  # an omitted handler stays omitted
 
 
 def test_immutable_fields_have_cel_transition_rules():
@@ -149,7 +150,9 @@ _DELETE = object()
 
 BAD = [
     ("spec.table", _DELETE, "spec", "'table' is a required property"),
-    ("spec.set", _DELETE, "spec", "'set' is a required property"),
+    # (neither set nor handler: refused by the model, as InvalidSpec; the schema cannot say "one of")
+    ("spec.handler", {"django": {"model": "a.B"}}, "spec.handler", "'callable' is a required property"),
+    ("spec.handler", {"callable": "no module"}, "spec.handler.callable", "does not match"),
     ("spec.set", {}, "spec.set", "should be non-empty"),
     ("spec.set", {"status": 1}, "spec.set.status", "is not of type 'string'"),
     ("spec.table", "", "spec.table", "should be non-empty"),

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CRD = ROOT / "crds" / "backfill.dev_backfills.yaml"
 FOLDERS = sorted(p.parent.name for p in EXAMPLES.glob("*/backfill.yaml"))
-REQUIRED = {"customers-inactive", "uuid-keyed", "composite-key", "production-throttled", "django"}
+REQUIRED = {"customers-inactive", "uuid-keyed", "composite-key", "production-throttled", "django", "python-handler"}
 
 
 def crd_validator() -> jsonschema.Draft4Validator:
@@ -55,9 +55,10 @@ def scalar(dsn: str, query: str) -> Any:
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_example_runs_to_a_verified_result(folder: str, database: str):
+def test_example_runs_to_a_verified_result(folder: str, database: str, monkeypatch: pytest.MonkeyPatch):
     """The manifest exactly as shipped (throttles included), against its sample table."""
     directory = EXAMPLES / folder
+    monkeypatch.syspath_prepend(str(directory))  # a spec.handler's module lives beside its manifest
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(directory.joinpath("schema.sql").read_text())
         conn.execute("ANALYZE")

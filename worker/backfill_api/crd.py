@@ -108,10 +108,12 @@ def spec_schema() -> dict[str, Any]:
         "description": schema["properties"]["key"].get("description", ""),
         "x-kubernetes-preserve-unknown-fields": True,
     }
-    for prop in schema["properties"].values():
+    # Sections that are absent unless given (spec.handler): a default would make them present.
+    optional = {field.alias or name for name, field in BackfillSpec.model_fields.items() if field.default is None}
+    for name, prop in schema["properties"].items():
         # `default: {}` lets the API server fill the nested defaults of an omitted section
         # (batch, limits, checkpoint, worker), so `kubectl get -o yaml` shows the effective settings.
-        if prop.get("type") == "object" and "properties" in prop and "default" not in prop:
+        if prop.get("type") == "object" and "properties" in prop and "default" not in prop and name not in optional:
             prop["default"] = {}
     schema["x-kubernetes-validations"] = _immutability_rules()
     return schema

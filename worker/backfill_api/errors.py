@@ -70,3 +70,11 @@ class RetriesExhausted(BackfillError):
 
     exit_code = 1
     reason = "RetriesExhausted"
+
+
+class HandlerFailed(BackfillError):
+    """``spec.handler`` raised, returned something else than a row count, or ended the batch
+    transaction itself; that batch was rolled back (earlier batches stay committed)."""
+
+    exit_code = 1
+    reason = "Error"

@@ -226,6 +226,37 @@ class WorkerSpec(_Model):
         return value
 
 
+CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+"""``package.module:function`` (or ``module:Class.method``): what ``spec.handler.callable`` names."""
+
+
+class DjangoHandlerSpec(_Model):
+    """Run the handler on Django's own database connection and hand it a QuerySet of the batch."""
+
+    settings_module: str | None = Field(default=None, min_length=1, max_length=300, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    """Django settings module, e.g. ``shop.settings``; default: ``$DJANGO_SETTINGS_MODULE``."""
+    model: str = Field(min_length=3, max_length=300, pattern=r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+    """The model of ``spec.table``, as ``app_label.ModelName`` (e.g. ``customers.Customer``)."""
+    database: str = Field(default="default", min_length=1, max_length=100)
+    """Alias in ``DATABASES`` whose connection runs the batches."""
+
+
+class HandlerSpec(_Model):
+    """A Python callable that changes each batch's rows, inside the batch's transaction (docs/handlers.md).
+
+    Trusted input like ``set``: the worker imports and runs this code with the database role's
+    privileges. The callable takes one argument, the batch (``backfill_worker.handlers.Batch``),
+    and returns the number of rows it changed (or None: the rows ``batch.rows()`` yielded)."""
+
+    callable: str = Field(min_length=3, max_length=300, pattern=CALLABLE_PATTERN)
+    """``module:function`` imported by the worker, e.g. ``shop.backfills:deactivate``."""
+    django: DjangoHandlerSpec | None = None
+    """Run on Django's connection and pass a ``DjangoBatch`` (with ``queryset``); needs the ``[django]`` extra."""
+
+
+CHANGE_FIELDS = ("set", "handler")
+"""The alternatives saying what a batch does to its rows: exactly one is given."""
+
 MAX_FRAGMENT_CHARS = 65536
 """Upper bound on one ``set`` expression or the ``where`` predicate (checked before any SQL runs)."""
 
@@ -238,8 +269,11 @@ class BackfillSpec(_Model):
     """Target table, ``schema.table`` or ``table``; double-quote parts containing dots or quotes."""
     key: list[str] | None = None
     """Keyset columns; default: the table's primary key. Must be covered by a unique index."""
-    set: dict[str, Annotated[str, Field(max_length=MAX_FRAGMENT_CHARS)]] = Field(min_length=1)
-    """Column -> SQL expression (trusted input, may reference the row's columns)."""
+    set: dict[str, Annotated[str, Field(max_length=MAX_FRAGMENT_CHARS)]] | None = Field(default=None, min_length=1)
+    """Column -> SQL expression (trusted input, may reference the row's columns). Exactly one of
+    ``set`` and ``handler`` is given."""
+    handler: HandlerSpec | None = None
+    """A Python callable run per batch instead of ``set`` (docs/handlers.md)."""
     where: str | None = Field(default=None, max_length=MAX_FRAGMENT_CHARS)
     """SQL predicate selecting the rows that still need the change (trusted input)."""
     batch: BatchSpec = Field(default_factory=BatchSpec)
@@ -277,9 +311,21 @@ class BackfillSpec(_Model):
         parse_qualified_name(value)
         return value
 
+    @model_validator(mode="after")
+    def _one_kind_of_change(self) -> BackfillSpec:
+        given = [name for name in CHANGE_FIELDS if getattr(self, name) is not None]
+        choices = ", ".join(f"spec.{name}" for name in CHANGE_FIELDS)
+        if not given:
+            raise ValueError(f"nothing to change: give one of {choices} (spec.set: column -> SQL expression)")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(f'spec.{name}' for name in given)} are both given: give exactly one of {choices}")
+        return self
+
     @field_validator("set")
     @classmethod
-    def _set_entries_valid(cls, value: dict[str, str]) -> dict[str, str]:
+    def _set_entries_valid(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
         for column, expression in value.items():
             if not column:
                 raise ValueError("column names in set must not be empty")
@@ -300,19 +346,21 @@ class BackfillSpec(_Model):
 
     def fingerprint(self) -> str:
         """Hash of what defines the change; a checkpoint of another fingerprint is not resumed."""
-        essence = {
+        essence: dict[str, Any] = {
             "table": self.table,
             "key": self.key,
             "set": self.set,
             "where": self.where,
             "parallelism": self.parallelism,
         }
+        if self.handler is not None:  # only when given: the fingerprints of set-based specs stay as they were
+            essence["handler"] = self.handler.model_dump(mode="json", by_alias=True)
         return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Fields that define *which* rows change and *how*: changing them mid-run would break
 # exactly-once, so they are immutable once a run has started.
-IMMUTABLE_SPEC_FIELDS = ("database", "table", "key", "set", "where", "parallelism", "checkpoint")
+IMMUTABLE_SPEC_FIELDS = ("database", "table", "key", "set", "handler", "where", "parallelism", "checkpoint")
 
 
 class ObjectMeta(BaseModel):

@@ -55,6 +55,11 @@ DsnOption = Annotated[
                  help="libpq connection string or URI of the target database (never printed)."),
 ]
 FileArgument = Annotated[Path, typer.Argument(help="Backfill manifest (YAML), the same you would kubectl apply.")]
+DjangoSettingsOption = Annotated[
+    str | None,
+    typer.Option("--django-settings", envvar="DJANGO_SETTINGS_MODULE", show_envvar=True, show_default=False,
+                 help="Django settings module for a spec.handler.django manifest (its DATABASES give the DSN when --dsn is not given)."),
+]
 StateDirOption = Annotated[
     Path, typer.Option("--state-dir", help="Where checkpoint.mode: atLeastOnce keeps progress (a JSON file per backfill).")
 ]
@@ -116,6 +121,22 @@ def _require_dsn(dsn: str | None) -> str:
     if not dsn:
         fail(ValidationFailed("--dsn", "no database given: pass --dsn or set the BACKFILL_DSN environment variable"))
     return dsn
+
+
+def _dsn_for(backfill: Backfill, dsn: str | None, django_settings: str | None = None) -> str:
+    """``--dsn``; for a ``spec.handler.django`` manifest without it, Django's ``DATABASES``."""
+    handler = backfill.spec.handler
+    if handler is None or handler.django is None:
+        return _require_dsn(dsn)
+    import os
+
+    from backfill_worker.handlers import runtime_for
+
+    if django_settings:
+        os.environ["DJANGO_SETTINGS_MODULE"] = django_settings
+    runtime = runtime_for(backfill.spec, dsn)
+    assert runtime is not None
+    return runtime.dsn
 
 
 def _store(backfill: Backfill, state_dir: Path) -> JsonFileStore | None:
@@ -212,12 +233,14 @@ def run(
     shard: Annotated[list[int] | None, typer.Option("--shard", help="Run only this shard (repeatable).")] = None,
     state_dir: StateDirOption = Path(".backfill-state"),
     json_progress: Annotated[bool, typer.Option("--json-progress", help="One JSON line per engine event instead of a progress bar.")] = False,
+    django_settings: DjangoSettingsOption = None,
 ) -> None:
     """Run the backfill to completion (resumable: rerun after a stop or crash continues)."""
     with user_errors():
         backfill = load_backfill(file)
+        dsn = _dsn_for(backfill, dsn, django_settings)
         if backfill.spec.dry_run:  # spec.dryRun: plan only, write nothing
-            result = plan_backfill(backfill, _require_dsn(dsn))
+            result = plan_backfill(backfill, dsn)
             print_plan(result, out)
             err.print("spec.dryRun is true: planned only, nothing was changed")
             raise typer.Exit(0 if result.index_ok else 1)
@@ -225,7 +248,7 @@ def run(
         store = _store(backfill, state_dir)
         if store is None:  # transactional: an atLeastOnce progress file means the mode was switched
             checkpoint_guard.refuse_file_progress(JsonFileStore(state_dir, backfill.identity), backfill)
-        report = _execute(backfill, _require_dsn(dsn), shards=shard, json_progress=json_progress,
+        report = _execute(backfill, dsn, shards=shard, json_progress=json_progress,
                           store=store, description=backfill.identity, start=start)
         if not json_progress:
             print_report(report, out, rows_before=start.rows)
@@ -281,11 +304,11 @@ def print_plan(plan: Plan, console: Console) -> None:
 
 
 @app.command()
-def plan(file: FileArgument, dsn: DsnOption = None) -> None:
+def plan(file: FileArgument, dsn: DsnOption = None, django_settings: DjangoSettingsOption = None) -> None:
     """Dry run: key, estimates, the exact SQL, the index check and a timed, rolled-back sample batch."""
     with user_errors():
         backfill = load_backfill(file)
-        result = plan_backfill(backfill, _require_dsn(dsn))
+        result = plan_backfill(backfill, _dsn_for(backfill, dsn, django_settings))
         print_plan(result, out)
         raise typer.Exit(0 if result.index_ok else 1)
 
@@ -314,12 +337,13 @@ def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], co
 
 
 @app.command()
-def status(file: FileArgument, dsn: DsnOption = None, state_dir: StateDirOption = Path(".backfill-state")) -> None:
+def status(file: FileArgument, dsn: DsnOption = None, state_dir: StateDirOption = Path(".backfill-state"),
+           django_settings: DjangoSettingsOption = None) -> None:
     """Show the checkpoint of every shard."""
     with user_errors():
         backfill = load_backfill(file)
         store = _store(backfill, state_dir)
-        checkpoints = read_checkpoints(backfill, _require_dsn(dsn) if store is None else (dsn or ""), store=store)
+        checkpoints = read_checkpoints(backfill, _dsn_for(backfill, dsn, django_settings) if store is None else (dsn or ""), store=store)
         print_checkpoints(backfill, checkpoints, out)
 
 

@@ -9,19 +9,23 @@ retries, throttles and checkpoints exist once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 from psycopg import sql
 
 from backfill_api.model import BackfillSpec
 
-from . import statements
+from . import handlers, retry, statements
 from .checkpoint import Key
+from .secrets import redact
 from .statements import Target
+
+if TYPE_CHECKING:
+    from .handlers import Batch, Handler, Runtime
 
 
 class BatchChange(Protocol):
@@ -65,6 +69,109 @@ class SqlUpdate:
         return count(conn, statements.count_remaining(self.target, has_lower=lower is not None), lower, upper)
 
 
+@dataclass(frozen=True)
+class PythonHandler:
+    """``spec.handler``: the user's callable changes the range's rows inside the batch transaction.
+
+    The transaction is the engine's (``handlers.owned_transaction``) or a framework's (Django's
+    ``atomic``); either way the handler's writes commit with the checkpoint or not at all, and
+    only the engine ends it (``handlers`` guards it). Transient database errors the handler
+    raises (lock or statement timeout, deadlock, lost connection) retry like ``set``'s.
+    """
+
+    target: Target
+    handler: Handler
+    name: str
+    """``spec.handler.callable``, for messages."""
+    shard: int
+    redact_text: Callable[[str], str] = redact
+    open_transaction: Callable[[psycopg.Connection], AbstractContextManager[object]] = field(
+        default=handlers.owned_transaction
+    )
+    decorate: Callable[[Batch], Batch] | None = None
+    """Turns the plain batch into the runtime's own (``DjangoBatch``)."""
+
+    def transaction(self, conn: psycopg.Connection) -> AbstractContextManager[object]:
+        return self.open_transaction(conn)
+
+    def apply(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int:
+        token = handlers.arm_guard(conn)
+        batch = handlers.make_batch(conn, self.target, lower, upper, self.shard)
+        if self.decorate is not None:
+            batch = self.decorate(batch)
+        try:
+            result = self.handler(batch)
+        except Exception as error:  # noqa: BLE001 - user code may raise anything: each becomes a clear, redacted failure
+            raise self._failure(conn, token, error, lower) from None
+        if not handlers.guard_intact(conn, token):
+            raise self._ended_by_handler(lower)
+        rows = self._rows(result, batch)
+        handlers.release_guard(conn)
+        return rows
+
+    def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
+        if self.target.where is None:
+            return None
+        return count(conn, statements.count_remaining(self.target, has_lower=lower is not None), lower, upper)
+
+    def _rows(self, result: object, batch: Batch) -> int:
+        if result is None:
+            return batch.rows_yielded
+        if isinstance(result, bool) or not isinstance(result, int) or result < 0:
+            raise handlers.HandlerFailed(
+                f"{handlers.FIELD}: {self.name} returned {type(result).__name__} {self.redact_text(repr(result))[:80]}: return the "
+                "number of rows it changed (an int >= 0) or None (counts the rows batch.rows() yielded); the batch was rolled back"
+            )
+        return result
+
+    def _where(self, lower: Key | None) -> str:
+        return f"shard {self.shard}, the batch after key {list(lower or ())}"
+
+    def _ended_by_handler(self, lower: Key | None) -> handlers.HandlerFailed:
+        return handlers.HandlerFailed(
+            f"{handlers.FIELD}: {self.name} committed or rolled back the batch transaction itself ({self._where(lower)}); "
+            "refused: the engine commits each batch together with its checkpoint, which is what makes the handler run "
+            "exactly once per row. Remove conn.commit()/rollback()/COMMIT/ROLLBACK from the handler; nothing of the batch "
+            "was committed"
+        )
+
+    def _failure(self, conn: psycopg.Connection, token: str, error: BaseException, lower: Key | None) -> BaseException:
+        """What leaves ``apply`` when the handler raised: transient database errors as they are (retried)."""
+        if handlers.is_guard_error(error) or not _still_armed(conn, token):
+            return self._ended_by_handler(lower)
+        transient = _transient_database_error(error, conn)
+        if transient is not None:
+            return transient
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return handlers.HandlerFailed(self.redact_text(
+            f"{handlers.FIELD}: {self.name} raised {type(error).__name__}{': ' + message if message else ''} "
+            f"({handlers.handler_location(error, self.handler)}; {self._where(lower)}); the batch was rolled back, "
+            "nothing of it was committed. Fix the handler and rerun: the run resumes from the checkpoint"
+        ))
+
+
+def _transient_database_error(error: BaseException, conn: psycopg.Connection) -> psycopg.Error | None:
+    """The retryable psycopg error behind ``error`` (itself, or its cause: Django wraps them), if any."""
+    seen: BaseException | None = error
+    for _ in range(5):  # a short chain: a wrapper or two
+        if seen is None:
+            return None
+        if isinstance(seen, psycopg.Error) and retry.classify(seen, conn.closed) is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _still_armed(conn: psycopg.Connection, token: str) -> bool:
+    """After a handler raised: was the batch transaction ended by it? (An aborted one is still ours.)"""
+    if conn.closed:
+        return True  # lost connection: a transient error, not the handler's doing
+    status = conn.info.transaction_status
+    if status == psycopg.pq.TransactionStatus.INERROR:
+        return True
+    return handlers.guard_intact(conn, token)
+
+
 def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, upper: Key) -> int:
     """A ``SELECT count(*)`` over the range, without a statement timeout (verification may scan)."""
     with conn.transaction():
@@ -73,7 +180,15 @@ def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, 
     return int(row[0]) if row else 0
 
 
-def for_spec(spec: BackfillSpec, target: Target) -> BatchChange:
-    """The change a validated spec asks for."""
-    del spec  # one kind today; the spec picks among kinds as they are added
+def for_spec(
+    spec: BackfillSpec, target: Target, *, shard: int = 0, runtime: Runtime | None = None,
+    redact_text: Callable[[str], str] = redact,
+) -> BatchChange:
+    """The change a validated spec asks for (``shard``: whose batches it runs; a handler is told)."""
+    if spec.handler is not None:
+        handler = handlers.load(spec.handler, redact_text)
+        if runtime is not None:
+            change: BatchChange = runtime.change(target, handler, shard, redact_text)
+            return change
+        return PythonHandler(target, handler, spec.handler.callable, shard, redact_text)
     return SqlUpdate(target)

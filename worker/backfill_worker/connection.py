@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
 
 import psycopg
 
@@ -57,11 +59,34 @@ def open_connection(dsn: str, application_name: str = "backfill") -> psycopg.Con
     return conn
 
 
-def connect(dsn: str, application_name: str = "backfill") -> psycopg.Connection:
-    """Like :func:`open_connection` but failures become :class:`ConnectionFailed` (redacted)."""
+class Connections(Protocol):
+    """Where the engine's validation and shard connections come from (the batch's connection)."""
+
+    def open(self, application_name: str) -> psycopg.Connection:
+        """An autocommit session with the text settings pinned; raises psycopg errors."""
+        ...
+
+    def close(self, conn: psycopg.Connection) -> None: ...
+
+
+@dataclass(frozen=True)
+class DsnConnections:
+    """The default: a new session of ``dsn`` each time."""
+
+    dsn: str
+
+    def open(self, application_name: str) -> psycopg.Connection:
+        return open_connection(self.dsn, application_name)
+
+    def close(self, conn: psycopg.Connection) -> None:
+        conn.close()
+
+
+def connect(dsn: str, application_name: str = "backfill", connections: Connections | None = None) -> psycopg.Connection:
+    """Like :func:`open_connection` (or ``connections.open``) but failures become :class:`ConnectionFailed` (redacted)."""
     register_dsn(dsn)
     try:
-        return open_connection(dsn, application_name)
+        return (connections or DsnConnections(dsn)).open(application_name)
     except psycopg.Error as error:
         raise ConnectionFailed(
             f"cannot connect to {describe_dsn(dsn)}: {redact(first_line(error), secrets_of(dsn))}"

@@ -40,6 +40,7 @@ from . import (
     batch_transaction,
     changes,
     checkpointing,
+    handlers,
     impact_governor,
     locking,
     pacing,
@@ -48,7 +49,7 @@ from . import (
     validation,
 )
 from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, ProgressStore, ShardCheckpoint
-from .connection import connect, database_errors, first_line, open_connection
+from .connection import Connections, DsnConnections, connect, database_errors, first_line, open_connection
 from .events import (
     BatchCommitted,
     Event,
@@ -145,6 +146,8 @@ class _Shard:
     """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
     own: impact_governor.OwnActivity = field(default_factory=impact_governor.OwnActivity)
     """The backfill's own transactions over all shards (the application-impact throttle's input)."""
+    connections: Connections | None = None
+    """Where a reconnect gets the shard's session (default: a new session of ``dsn``)."""
 
     def __post_init__(self, tuning: Tuning) -> None:
         if self.conn is not None:
@@ -293,7 +296,7 @@ class _Shard:
         """The shard's connection; after a loss: reconnect, re-take the lock, re-read the checkpoint."""
         if self.conn is not None and not self.conn.closed:
             return self.conn
-        conn = open_connection(self.dsn, f"backfill {self.identity} shard {self.shard}")
+        conn = (self.connections or DsnConnections(self.dsn)).open(f"backfill {self.identity} shard {self.shard}")
         stale = self.lost_backend_pid
         if not locking.try_lock(conn, self.identity, self.shard) and not (
             stale is not None and locking.take_over_from_own_session(conn, self.identity, self.shard, stale)
@@ -395,12 +398,14 @@ def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int
     return selected
 
 
-def _lock_shards(dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection) -> dict[int, psycopg.Connection]:
-    """One locked connection per shard (the first reuses ``first``); AlreadyRunning if any is taken."""
+def _lock_shards(
+    dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection | None, connections: Connections
+) -> dict[int, psycopg.Connection]:
+    """One locked connection per shard (the first reuses ``first`` if given); AlreadyRunning if any is taken."""
     conns: dict[int, psycopg.Connection] = {}
     try:
         for index, shard in enumerate(shards):
-            conn = first if index == 0 else connect(dsn, f"backfill {backfill.identity} shard {shard}")
+            conn = first if index == 0 and first is not None else connect(dsn, f"backfill {backfill.identity} shard {shard}", connections)
             conns[shard] = conn
             if not locking.try_lock(conn, backfill.identity, shard):
                 raise AlreadyRunning(
@@ -410,7 +415,7 @@ def _lock_shards(dsn: str, backfill: Backfill, shards: list[int], first: psycopg
     except BaseException:
         for conn in conns.values():
             if conn is not first:
-                conn.close()
+                connections.close(conn)
         raise
     return conns
 
@@ -423,12 +428,15 @@ def run_backfill(
     listeners: Sequence[Listener] = (),
     control: RunControl | None = None,
     at_least_once_store: ProgressStore | None = None,
+    runtime: handlers.Runtime | None = None,
 ) -> RunReport:
     """Run the given shards (default all) until done, paused by ``control``, or failed.
 
     Validates everything before the first write. Several shards run concurrently, one thread
     and one connection each. Raises ``errors.*`` with redacted messages; a failing shard's
     error is raised after the other shards finished (``error.report`` holds the RunReport).
+    ``runtime``: where a ``spec.handler`` runs (default: ``handlers.runtime_for`` the spec,
+    e.g. Django's connection for ``spec.handler.django``; plain psycopg sessions otherwise).
     """
     register_dsn(dsn)
     started = time.monotonic()
@@ -436,27 +444,45 @@ def run_backfill(
     emit = _Emitter(listeners)
     selected = _shard_numbers(backfill, shards)
     spec = backfill.spec
+    secrets = secrets_of(dsn)
+    redact_text = lambda text: redact(text, secrets)  # noqa: E731
+    if runtime is None:
+        runtime = handlers.runtime_for(spec, dsn)
+    if runtime is not None and runtime.one_shard_per_process and len(selected) > 1:
+        raise ValidationFailed(
+            "spec.parallelism",
+            f"this handler runs on a per-thread connection (Django's), so one process runs one shard: run each of the "
+            f"{spec.parallelism} shards in its own process with --shard N (the in-cluster worker does), or set parallelism: 1",
+        )
+    if spec.handler is not None:
+        handlers.load(spec.handler, redact_text)  # before connecting: nothing is written if it does not import
+    connections: Connections = runtime.connections if runtime is not None else DsnConnections(dsn)
     store = _checkpoints(backfill, dsn, at_least_once_store)
+    # Validation and planning always on a plain session (parameters bound server-side); a runtime's
+    # connections only run the shards' batches.
     main = connect(dsn, f"backfill {backfill.identity}")
     conns: dict[int, psycopg.Connection] = {}
     runners: list[_Shard] = []
     try:
         with database_errors(dsn):
             target = _validate(main, backfill, dsn)
-            conns = _lock_shards(dsn, backfill, selected, main)
+            shard_changes = {
+                s: changes.for_spec(spec, target, shard=s, runtime=runtime, redact_text=redact_text) for s in selected
+            }
+            conns = _lock_shards(dsn, backfill, selected, main if runtime is None else None, connections)
             checkpoints = checkpointing.plan(main, store, backfill, target)
         tuning = Tuning(batch=spec.batch, limits=spec.limits)
-        change = changes.for_spec(spec, target)
         own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another
         runners = [
-            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, store, change, tuning, own=own)
+            _Shard(backfill, dsn, target, checkpoints[s], conns[s], control, emit, store, shard_changes[s], tuning,
+                   own=own, connections=connections)
             for s in selected
         ]
         reports, errors = _run_all(runners, dsn)
     finally:
         for conn in conns.values():
             if conn is not main:
-                conn.close()
+                connections.close(conn)
         for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
             runner._drop_connection()
         main.close()

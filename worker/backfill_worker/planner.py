@@ -192,7 +192,7 @@ def check_index_use(
     whole_table = row is None
     cases = (
         ("probe", statements.probe_upper_bound, probe_params),
-        ("update", statements.update_batch, statements.range_params(lower, batch_upper)),
+        ("update", statements.batch_statement, statements.range_params(lower, batch_upper)),
     )
     with conn.transaction(force_rollback=True):
         for name, build, params in cases:
@@ -209,9 +209,9 @@ def check_index_use(
 
 
 def _estimated_rows_to_change(conn: psycopg.Connection, target: Target, upper: Sequence[str]) -> int:
-    plan = _explain(conn, statements.update_batch(target, has_lower=False), statements.range_params(None, upper))
+    plan = _explain(conn, statements.batch_statement(target, has_lower=False), statements.range_params(None, upper))
     top = plan[0]["Plan"]
-    child = top["Plans"][0] if top.get("Node Type") == "ModifyTable" and top.get("Plans") else top
+    child = top["Plans"][0] if top.get("Node Type") in ("ModifyTable", "LockRows") and top.get("Plans") else top
     return int(child.get("Plan Rows", 0))
 
 
@@ -231,7 +231,8 @@ def _sample_batch(conn: psycopg.Connection, target: Target, backfill: Backfill, 
             keys = int(counted[0]) if counted else 0
         else:
             keys = size
-        rows = conn.execute(statements.update_batch(target, has_lower=False), list(batch_upper)).rowcount
+        # A handler's sample locks and reads the batch's rows (rows()); the handler itself is not called.
+        rows = conn.execute(statements.batch_statement(target, has_lower=False), list(batch_upper)).rowcount
         seconds = time.monotonic() - started
     return Sample(size, keys, rows, seconds)
 
@@ -245,7 +246,7 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         validation.check_fragments(conn, target, secrets_of(dsn))
         rendered = {
             "probe": statements.probe_upper_bound(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
-            "update": statements.update_batch(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
+            "update": statements.batch_statement(target, has_lower=True, style=Style.DOLLAR).as_string(conn),
         }
         low = sharding.edge(conn, target, last=False)
         high = sharding.edge(conn, target, last=True)

@@ -157,6 +157,46 @@ def update_batch(target: Target, *, has_lower: bool, style: Style = Style.PSYCOP
     )
 
 
+def batch_predicate(target: Target, *, has_lower: bool) -> sql.Composed:
+    """``key > lo AND key <= hi AND (where)``: the rows of one batch (params: lo..., hi...)."""
+    binder = _Binder(Style.PSYCOPG)
+    return sql.SQL("{}{}").format(_range(target, binder, has_lower), _where(target, binder))
+
+
+def lock_batch_rows(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """The rows of a range still matching ``where``, in key order, locked (params: lo..., hi...).
+
+    ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key columns takes: it does not block
+    inserts into tables whose foreign keys reference these rows (``FOR UPDATE`` would).
+    """
+    binder = _Binder(style)
+    return sql.SQL("SELECT * FROM {table} WHERE {range}{where} ORDER BY {order} FOR NO KEY UPDATE").format(
+        table=target.table_identifier,
+        range=_range(target, binder, has_lower),
+        where=_where(target, binder),
+        order=_order_by(target),
+    )
+
+
+def batch_statement(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """The statement that reads (and locks) a batch's rows: the ``UPDATE`` of ``set``, or the
+    locking ``SELECT`` a handler's ``rows()`` runs (for validation and ``backfill plan``)."""
+    if target.set:
+        return update_batch(target, has_lower=has_lower, style=style)
+    return lock_batch_rows(target, has_lower=has_lower, style=style)
+
+
+def typed_keys(target: Target, count: int) -> sql.Composed:
+    """``SELECT CAST(%s AS <type>), ...`` for ``count`` keys: text key values as the column's own type."""
+    binder = _Binder(Style.PSYCOPG)
+    casts = [
+        sql.SQL("CAST({} AS {})").format(binder.param(), sql.SQL(key_type))  # format_type() output from the catalog
+        for _ in range(count)
+        for key_type in target.key_types
+    ]
+    return sql.SQL("SELECT {}").format(sql.SQL(", ").join(casts))
+
+
 def count_keys(target: Target, *, has_lower: bool) -> sql.Composed:
     """Keys in a range (params: lo..., hi...): sizes the last, short batch."""
     binder = _Binder(Style.PSYCOPG)

@@ -41,7 +41,7 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
                 f"key column {column!r} is nullable: rows with NULL keys would be skipped; add NOT NULL or choose another key",
             )
     _check_key_types(conn, table, key)
-    for column in spec.set:
+    for column in spec.set or {}:
         if column not in table.columns:
             raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
         if column in key:
@@ -55,7 +55,7 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
         table=table.name,
         key=key,
         key_index=index.name,
-        set=tuple(spec.set.items()),
+        set=tuple((spec.set or {}).items()),
         where=spec.where,
         key_types=tuple(table.columns[c].type for c in key),
     )
@@ -123,6 +123,10 @@ def check_permissions(conn: psycopg.Connection, target: Target) -> None:
     can_select = conn.execute("SELECT has_table_privilege(%s, 'SELECT')", [table]).fetchone()[0]  # type: ignore[index]
     if not can_select:
         raise ValidationFailed("spec.table", f"the role lacks SELECT on {target.display_table}: GRANT SELECT, UPDATE to it")
+    if not target.set:  # a handler: its rows() locks them FOR NO KEY UPDATE, which needs UPDATE on some column
+        allowed = conn.execute("SELECT has_any_column_privilege(%s, 'UPDATE')", [table]).fetchone()[0]  # type: ignore[index]
+        if not allowed:
+            raise ValidationFailed("spec.handler", f"the role lacks UPDATE on {target.display_table}: GRANT UPDATE to it")
     for column, _ in target.set:
         allowed = conn.execute("SELECT has_column_privilege(%s, %s, 'UPDATE')", [table, column]).fetchone()[0]  # type: ignore[index]
         if not allowed:
@@ -152,7 +156,7 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
         # The real statements, as the engine will issue them.
         for has_lower in (False, True):
             bounds = statements.range_params(one_key if has_lower else None, one_key)
-            _compile(conn, statements.explain(statements.update_batch(target, has_lower=has_lower)), bounds, "spec", dsn_secrets)
+            _compile(conn, statements.explain(statements.batch_statement(target, has_lower=has_lower)), bounds, "spec", dsn_secrets)
             _compile(conn, statements.explain(statements.probe_upper_bound(target, has_lower=has_lower)), [*bounds, 0], "spec", dsn_secrets)
 
 

@@ -1,0 +1,1 @@
+"""Django integration of backfill-operator (the ``[django]`` extra): handlers on Django's connection."""
