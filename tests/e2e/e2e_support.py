@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -216,6 +218,28 @@ class Processes:
                 return bool(response.read().strip() == b"ok")
         except OSError:
             return False
+
+
+def build_user_image(tag: str, base: str, files: list[Path], dockerfile_lines: list[str]) -> None:
+    """A user's image, as a user makes one: ``FROM`` the project image plus ``files`` and
+    ``dockerfile_lines``, built by the harness's dockerd (classic builder: nothing is pulled) and
+    made available to the node's runtime (containerd imports it; dockershim uses dockerd's store)."""
+    sock = RUN_DIR / "docker.sock"
+    if not sock.exists():
+        pytest.skip(f"building a user image needs the dockerd of `tests/e2e/cluster/up` ({sock}); on another "
+                    "cluster build it yourself and load it onto the node")
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER_BUILDKIT": "0"}
+    with tempfile.TemporaryDirectory() as context:
+        for path in files:
+            shutil.copy(path, Path(context) / path.name)
+        (Path(context) / "Dockerfile").write_text("\n".join([f"FROM {base}", *dockerfile_lines]) + "\n")
+        subprocess.run(["docker", "build", "-q", "-t", tag, context], env=env, check=True, capture_output=True, timeout=300)
+    containerd = RUN_DIR / "containerd.sock"
+    if containerd.exists():
+        ctr = RUN_DIR.parent / "containerd" / "bin" / "ctr"
+        saved = subprocess.run(["docker", "save", tag], env=env, check=True, capture_output=True, timeout=300).stdout
+        subprocess.run([str(ctr), "-a", str(containerd), "-n", "k8s.io", "images", "import", "-"], input=saved,
+                       check=True, capture_output=True, timeout=300)
 
 
 def _ready(pod: dict[str, Any]) -> bool:

@@ -25,6 +25,7 @@ from e2e_support import (
     Cluster,
     PodDatabase,
     assert_exactly_once,
+    build_user_image,
     counter_histogram,
     counter_run,
     helm_install_args,
@@ -35,6 +36,9 @@ from e2e_support import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").iterdir() if (p / "backfill.yaml").is_file())
+# Examples that name their own worker image (a handler's code in it) get one built by their own test.
+USER_IMAGE_EXAMPLES = {f for f in EXAMPLES if (load_example(f)["spec"].get("worker") or {}).get("image")}
+HANDLER_IMAGE = "backfill-e2e/python-handler:e2e"
 
 
 def run_sql_file(dsn: str, path: Path) -> None:
@@ -67,7 +71,8 @@ def test_operator_runs_as_a_pod_from_the_image(operator_release: Cluster) -> Non
 def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, pod_database: Any) -> None:
     cluster = operator_release
     started: dict[str, PodDatabase] = {}
-    for folder in EXAMPLES:
+    assert {"python-handler"} == USER_IMAGE_EXAMPLES, "each example with its own image needs a test building it"
+    for folder in sorted(set(EXAMPLES) - USER_IMAGE_EXAMPLES):
         manifest = load_example(folder)
         db = pod_database(f"ex-{folder}")
         run_sql_file(db.admin_dsn, ROOT / "examples" / folder / "schema.sql")
@@ -89,6 +94,37 @@ def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, p
         cluster.wait_until(all_pods_succeeded, f"{name}: every worker pod Succeeded", timeout=120)
     for name in started:
         cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+
+
+def test_python_handler_runs_from_a_user_image(operator_release: Cluster, pod_database: Any) -> None:
+    """examples/python-handler as a user ships it: an image FROM the project's with the handler
+    module added, named in ``spec.worker.image``; the handler runs in a real worker pod and
+    changes each row exactly once (an AFTER UPDATE trigger logs every row update)."""
+    cluster, folder = operator_release, "python-handler"
+    build_user_image(HANDLER_IMAGE, cluster.image, [ROOT / "examples" / folder / "signup_emails.py"],
+                     ["COPY signup_emails.py /opt/handlers/", "ENV PYTHONPATH=/opt/handlers"])
+    manifest = load_example(folder)
+    name = manifest["metadata"]["name"]
+    db = pod_database(f"ex-{folder}")
+    run_sql_file(db.admin_dsn, ROOT / "examples" / folder / "schema.sql")
+    with psycopg.connect(db.admin_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.signup_updates (id bigint NOT NULL)")
+        conn.execute("CREATE FUNCTION public.log_update() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN INSERT INTO public.signup_updates VALUES (NEW.id); RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER log_update AFTER UPDATE ON public.signups FOR EACH ROW EXECUTE FUNCTION public.log_update()")
+        rows = conn.execute("SELECT count(*) FROM public.signups").fetchone()
+    manifest["spec"]["database"]["dsnSecretRef"]["name"] = db.secret
+    manifest["spec"]["worker"] = {**manifest["spec"]["worker"], "image": HANDLER_IMAGE, "imagePullPolicy": "Never"}
+    cluster.apply(manifest)
+    wait_ready(cluster, name)
+    with psycopg.connect(db.admin_dsn) as conn:
+        wrong = conn.execute((ROOT / "examples" / folder / "verify.sql").read_text()).fetchone()  # type: ignore[arg-type]
+        updates = conn.execute("SELECT count(*), count(DISTINCT id) FROM public.signup_updates").fetchone()
+    assert wrong == (0,), "rows still wrong after the handler ran"
+    assert rows is not None and updates == (rows[0], rows[0]), f"each of {rows[0]} rows updated exactly once: {updates}"
+    pods = cluster.items("pods", selector=f"backfill.dev/name={name}")
+    assert pods and {p["spec"]["containers"][0]["image"] for p in pods} == {HANDLER_IMAGE}
+    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
 
 
 def test_worker_pod_deleted_mid_run_applies_each_row_exactly_once(operator_release: Cluster, pod_database: Any) -> None:
