@@ -42,7 +42,7 @@ def test_kubelet_restarted_mid_run(operator_release: Cluster, pod_database: Any)
     running without it (same pod, never restarted, one Job run) and the run completes."""
     processes = processes_or_skip()
     cluster, name = operator_release, "kubelet-restart"
-    with counter_run(cluster, pod_database, name, rows=ROWS) as db:
+    with counter_run(cluster, pod_database, name, rows=ROWS, rows_per_second=200) as db:
         (worker,) = cluster.wait_until(lambda: cluster.worker_pods(name), "the running worker pod")
         argv, cwd = processes.stop("kubelet")
         try:
@@ -75,7 +75,7 @@ def test_container_runtime_restarted_mid_run(operator_release: Cluster, pod_data
     processes = processes_or_skip()
     cluster, name = operator_release, "runtime-restart"
     runtime = processes.runtime()
-    with counter_run(cluster, pod_database, name, rows=ROWS) as db:
+    with counter_run(cluster, pod_database, name, rows=ROWS, rows_per_second=200) as db:
         cluster.wait_until(lambda: cluster.worker_pods(name), "the running worker pod")
         processes.restart(runtime, down_seconds=2)
         cluster.wait_until(lambda: node_ready(cluster), "the node Ready again", timeout=120)
