@@ -299,6 +299,11 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, *, resync_
         controller.observe_event(type, dict(body))
 
     @kopf.on.startup(registry=registry)
+    async def detect_server(**_: Any) -> None:
+        # Logged at startup (which Job form this server gets); a failure is retried on the first pass.
+        await asyncio.get_running_loop().run_in_executor(None, controller.server)
+
+    @kopf.on.startup(registry=registry)
     async def start_resync(memo: kopf.Memo, **_: Any) -> None:
         async def loop() -> None:
             while True:
