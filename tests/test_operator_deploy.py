@@ -37,6 +37,7 @@ def test_least_privilege():
     op = rbac.OPERATOR_RULES
     assert _verbs(op, "", "secrets") == {"get"}, "the operator only checks that the DSN Secret exists"
     assert _verbs(op, "batch", "jobs") == {"get", "list", "watch", "create", "delete"}
+    assert _verbs(op, "", "pods") == {"list"}, "pods are only listed, to name an OOM kill"
     assert "delete" not in _verbs(op, "backfill.dev", "backfills")
     worker = rbac.WORKER_RULES
     assert _verbs(worker, "backfill.dev", "backfills") == {"get", "list", "watch"}

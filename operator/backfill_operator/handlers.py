@@ -38,6 +38,10 @@ class JobNameTaken(Exception):
     """A Job with the deterministic name exists but another owner's: never adopt or touch it."""
 
 
+class JobRejected(Exception):
+    """The API server refused the Job (422 invalid pod settings, 403 quota or admission)."""
+
+
 def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -58,6 +62,9 @@ class Controller:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._stopped = threading.Event()
+        self._server: jobs_mod.ServerCapabilities | None = None
+        self._posted: set[str] = set()
+        """Keys of keyed events posted by this process (a restarted one gets 409 instead)."""
 
     def stop(self) -> None:
         """No new passes (an in-flight one finishes); called when the operator shuts down."""
@@ -126,14 +133,45 @@ class Controller:
             self.metrics.reconciles.labels("ok").inc()
             return plan
 
+    def server(self) -> jobs_mod.ServerCapabilities:
+        """The API server's Job features, from ``/version`` (read once; unreadable: 1.20's)."""
+        if self._server is not None:
+            return self._server
+        try:
+            version = self.api.get("/version")
+        except KubeApiError as error:  # the server answered: it has no readable version
+            log.warning("could not read the API server's version (%s): using plain Jobs", error.status)
+            version = {}
+        except (OSError, urllib3.exceptions.HTTPError) as error:  # unreachable: ask again next pass
+            log.warning("could not read the API server's version (%s): plain Jobs this pass", type(error).__name__)
+            return jobs_mod.BASELINE
+        self._server = jobs_mod.server_capabilities(version)
+        log.info("API server %s: %s", version.get("gitVersion", "?"), self._server)
+        return self._server
+
+    def worker_pods(self, namespace: str, name: str, jobs: list[dict[str, Any]], phase: Any) -> list[dict[str, Any]]:
+        """Worker pods, only when a Job counts failed ones and the run is not over (why they died)."""
+        if phase == "Failed" or not jobs_mod.has_failed_pods(jobs):
+            return []
+        try:
+            return self.api.list(core_path(namespace, "pods"), jobs_mod.selector_labels(name))
+        except KubeApiError as error:
+            if error.status not in (403, 404):
+                raise
+            # An older chart's RBAC without pods: the status names the Job's failure, not the OOM.
+            log.warning("cannot list worker pods in %s (%s): OOM kills will not be named", namespace, error.status)
+            return []
+
     def _reconcile(self, body: dict[str, Any]) -> Plan:
         meta = body.get("metadata", {})
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
         jobs = self.api.list(jobs_path(namespace), jobs_mod.selector_labels(name))
+        status = body.get("status") or {}
         observed = Observed(
             name=name, namespace=namespace, uid=uid, generation=meta.get("generation"),
             raw_spec=body.get("spec") or {}, annotations=meta.get("annotations") or {},
-            status=body.get("status") or {}, jobs=jobs, now=utcnow(),
+            status=status, jobs=jobs, now=utcnow(),
+            pods=self.worker_pods(namespace, name, jobs, status.get("phase")), server=self.server(),
         )
         plan = reconcile(observed, self.defaults)
         if plan.needs_secret:
@@ -148,6 +186,10 @@ class Controller:
                 self._create_job(namespace, uid, job)
         except JobNameTaken as conflict:
             plan = reconcile(replace(observed, secret=SecretCheck(True), job_conflict=str(conflict)), self.defaults)
+            plan = replace(plan, create_jobs=[], delete_jobs=[])
+        except JobRejected as rejected:
+            # Tried again every pass: it converges once the spec (or the quota) is fixed.
+            plan = reconcile(replace(observed, secret=SecretCheck(True), job_rejected=str(rejected)), self.defaults)
             plan = replace(plan, create_jobs=[], delete_jobs=[])
         for job_name in plan.delete_jobs:
             try:
@@ -170,6 +212,11 @@ class Controller:
             self.metrics.jobs_created.inc()
             log.info("created Job %s/%s", namespace, job_name)
         except KubeApiError as error:
+            if error.status in (403, 422):
+                raise JobRejected(
+                    f"the API server refused worker Job {namespace}/{job_name}: {str(error)[:700]}; "
+                    "fix spec.worker (or the namespace's quota or admission policy)"
+                ) from None
             if error.status != 409:
                 raise
             # Created by an earlier pass whose status write was lost (e.g. an operator restart):
@@ -214,11 +261,16 @@ class Controller:
     def post_event(self, body: Mapping[str, Any], event: EventSpec) -> None:
         meta = body.get("metadata", {})
         now = utcnow()
+        if event.key and event.key in self._posted:
+            return
+        # A keyed event has a name of its own: posting it again (another pass, a restarted
+        # operator) is a 409, not a second event.
+        suffix = jobs_mod.fit_name(event.key, limit=60) if event.key else uuid.uuid4().hex[:16]
         try:
             self.api.create(core_path(meta["namespace"], "events"), {
                 "apiVersion": "v1",
                 "kind": "Event",
-                "metadata": {"name": f"{jobs_mod.fit_name(meta['name'], limit=200)}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+                "metadata": {"name": f"{jobs_mod.fit_name(meta['name'], limit=190)}.{suffix}", "namespace": meta["namespace"]},
                 "involvedObject": {
                     "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
                     "namespace": meta["namespace"], "uid": meta.get("uid"),
@@ -232,7 +284,11 @@ class Controller:
                 "count": 1,
             })
         except KubeApiError as error:  # an Event is best effort; the status holds the truth
-            log.warning("could not post event %s: %s", event.reason, error)
+            if not (event.key and error.status == 409):
+                log.warning("could not post event %s: %s", event.reason, error)
+                return  # a keyed one is tried again by the next pass
+        if event.key:
+            self._posted.add(event.key)
 
 
 def register(registry: kopf.OperatorRegistry, controller: Controller, *, resync_seconds: float = 3.0) -> None:
@@ -241,6 +297,11 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, *, resync_
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     def backfill_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         controller.observe_event(type, dict(body))
+
+    @kopf.on.startup(registry=registry)
+    async def detect_server(**_: Any) -> None:
+        # Logged at startup (which Job form this server gets); a failure is retried on the first pass.
+        await asyncio.get_running_loop().run_in_executor(None, controller.server)
 
     @kopf.on.startup(registry=registry)
     async def start_resync(memo: kopf.Memo, **_: Any) -> None:

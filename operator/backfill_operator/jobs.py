@@ -1,19 +1,27 @@
 """Worker Jobs: rendering (one Job per shard) and reading their state back (PURE).
 
 One plain Job per shard rather than an Indexed Job, so that it works on Kubernetes 1.20 (Indexed
-Jobs arrived in 1.21). Names are deterministic (``<name>-s<shard>-r<run>``) so a restarted
-operator finds, rather than duplicates, what it created. The DSN reaches the pod only through a
-``secretKeyRef``: the Job never contains it.
+Jobs arrived in 1.21) and so that one shard can be relaunched alone. Names are deterministic
+(``<name>-s<shard>-r<run>``) so a restarted operator finds, rather than duplicates, what it
+created. The DSN reaches the pod only through a ``secretKeyRef``: the Job never contains it.
+
+What the API server supports is decided from its version (:func:`server_capabilities`): on 1.26+
+the Job carries a ``podFailurePolicy`` that fails it at the first worker exit code meaning "no
+retry can fix this" (instead of ``backoffLimit`` retries) and does not count evicted pods as
+failures. Whether a stored Job has that policy is read from the Job itself
+(:func:`fails_itself_on_permanent_error`): a server with the feature gate off drops the field.
+Pods are read back only to say why a worker died (:func:`oom_kills`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from backfill_api.model import API_GROUP, API_VERSION, KIND, BackfillSpec
+from backfill_api.status import StallReason, error_classes
 
 MAX_NAME = 63  # a label value and a DNS label: the Job name is copied into the Pod's job-name label
 LABEL_NAME = "backfill.dev/name"
@@ -25,6 +33,9 @@ RUN_ENV = "BACKFILL_RUN"
 METRICS_PORT = 9090
 
 JobState = Literal["pending", "running", "succeeded", "failed"]
+CONTAINER = "worker"
+POD_FAILURE_POLICY_SINCE = (1, 26)
+"""``Job.spec.podFailurePolicy``: beta and on by default from 1.26 (alpha, off, in 1.25)."""
 
 DEFAULT_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
     "allowPrivilegeEscalation": False,
@@ -57,6 +68,52 @@ class WorkerDefaults:
 
 
 DEFAULT_WORKER = WorkerDefaults()
+
+
+@dataclass(frozen=True)
+class ServerCapabilities:
+    """What the API server's Job API offers beyond 1.20's."""
+
+    pod_failure_policy: bool = False
+
+
+BASELINE = ServerCapabilities()
+"""Kubernetes 1.20, or a server whose version could not be read: plain Jobs."""
+
+
+def server_capabilities(version: Mapping[str, Any] | None) -> ServerCapabilities:
+    """From the API server's ``/version`` body (``major``/``minor`` such as ``"1"``/``"26+"``,
+    else ``gitVersion`` such as ``v1.37.2``); anything unreadable is the baseline."""
+    if not version:
+        return BASELINE
+    try:
+        major_minor = (int(str(version["major"]).rstrip("+")), int(str(version["minor"]).rstrip("+")))
+    except (KeyError, ValueError):
+        parts = str(version.get("gitVersion", "")).lstrip("v").split(".")
+        try:
+            major_minor = (int(parts[0]), int(parts[1]))
+        except (IndexError, ValueError):
+            return BASELINE
+    return ServerCapabilities(pod_failure_policy=major_minor >= POD_FAILURE_POLICY_SINCE)
+
+
+def permanent_exit_codes() -> list[int]:
+    """Worker exit codes that only permanent errors use (no pod restart can fix them)."""
+    permanent = {c.exit_code for c in error_classes() if StallReason.of_worker(c.reason).permanent}
+    others = {c.exit_code for c in error_classes() if not StallReason.of_worker(c.reason).permanent}
+    return sorted(permanent - others)
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Fail the Job at once on a permanent worker error; an evicted or preempted pod
+    (``DisruptionTarget``) is retried without using up ``backoffLimit``."""
+    return {
+        "rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": permanent_exit_codes()}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
 
 
 def fit_name(base: str, suffix: str = "", limit: int = MAX_NAME) -> str:
@@ -108,15 +165,16 @@ def render_job(
     shard: int,
     run: int,
     defaults: WorkerDefaults = DEFAULT_WORKER,
+    capabilities: ServerCapabilities = BASELINE,
 ) -> dict[str, Any]:
-    """The ``batch/v1`` Job for one shard of one run."""
+    """The ``batch/v1`` Job for one shard of one run (1.20's form unless ``capabilities`` say more)."""
     worker = spec.worker
     ref = spec.database.dsn_secret_ref
     if ref is None:
         raise ValueError("spec.database.dsnSecretRef is required in a cluster: name the Secret holding the DSN")
     labels = job_labels(name, shard, run)
     container: dict[str, Any] = {
-        "name": "worker",
+        "name": CONTAINER,
         "image": worker.image or defaults.image,
         "imagePullPolicy": worker.image_pull_policy or defaults.image_pull_policy,
         "command": ["backfill"],
@@ -152,6 +210,8 @@ def render_job(
     }
     if worker.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = worker.active_deadline_seconds
+    if capabilities.pod_failure_policy:
+        job_spec["podFailurePolicy"] = pod_failure_policy()
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -204,3 +264,63 @@ def job_failure_message(job: Mapping[str, Any]) -> str:
         if condition.get("type") == "Failed" and condition.get("status") == "True":
             return f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".strip(": ")
     return "the worker Job failed"
+
+
+def fails_itself_on_permanent_error(job: Mapping[str, Any]) -> bool:
+    """The stored Job has the FailJob rule (the server kept ``podFailurePolicy``): the Job
+    controller ends it on a permanent worker error, so the operator need not delete it, and
+    the failed pod (and its logs) stay for ``kubectl logs``."""
+    rules = ((job.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []
+    codes = set(permanent_exit_codes())
+    return any(
+        r.get("action") == "FailJob" and codes <= set((r.get("onExitCodes") or {}).get("values") or [])
+        and (r.get("onExitCodes") or {}).get("operator") == "In"
+        for r in rules
+    )
+
+
+def has_failed_pods(jobs: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any Job counts a failed pod: only then are the pods worth reading (why it died)."""
+    return any(int((j.get("status") or {}).get("failed") or 0) > 0 for j in jobs)
+
+
+@dataclass(frozen=True)
+class OomKill:
+    """A worker container the kernel killed for exceeding its memory limit."""
+
+    pod: str
+    uid: str
+    limit: str
+    """The container's ``resources.limits.memory`` (empty: none set, the node ran out)."""
+
+
+def oom_kills(pods: Sequence[Mapping[str, Any]], job: Mapping[str, Any]) -> list[OomKill]:
+    """The pods of ``job`` whose worker container was OOMKilled, oldest first."""
+    shard, run = job_shard(job), job_run(job)
+    found: list[tuple[str, OomKill]] = []
+    for pod in pods:
+        if shard is None or (_label_int(pod, LABEL_SHARD), _label_int(pod, LABEL_RUN)) != (shard, run):
+            continue
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        for container in status.get("containerStatuses") or []:
+            if container.get("name") != CONTAINER:
+                continue
+            ends = [(container.get(k) or {}).get("terminated") or {} for k in ("state", "lastState")]
+            if any(t.get("reason") == "OOMKilled" for t in ends):
+                spec_containers = (pod.get("spec") or {}).get("containers") or []
+                limits = next(
+                    ((c.get("resources") or {}).get("limits") or {} for c in spec_containers if c.get("name") == CONTAINER),
+                    {},
+                )
+                kill = OomKill(str(meta.get("name", "")), str(meta.get("uid", "")), str(limits.get("memory", "")))
+                found.append((str(meta.get("creationTimestamp", "")), kill))
+    return [kill for _, kill in sorted(found, key=lambda item: item[0])]
+
+
+def oom_message(kill: OomKill) -> str:
+    """What the user reads, with the field to change."""
+    limit = f"its memory limit {kill.limit}" if kill.limit else "the node's free memory (no memory limit set)"
+    return (
+        f"worker pod {kill.pod} was OOMKilled: it needed more than {limit}; raise "
+        "spec.worker.resources.limits.memory (and requests.memory)"
+    )

@@ -2,8 +2,8 @@
 
 Operator: watch Backfills and write their status and the applied-spec annotation; create, read
 and delete worker Jobs; post Events; read Secrets only to check the DSN Secret exists with its
-key (the value is never read out). kopf itself needs to list/watch namespaces and CRDs when it
-runs cluster-wide (discovery of new namespaces and of the CRD).
+key (the value is never read out); list worker pods (to name an OOM kill). kopf itself needs to
+list/watch namespaces and CRDs when it runs cluster-wide (discovery of new namespaces and the CRD).
 Worker: read its Backfill (spec polling) and patch its status (progress mirror).
 """
 
@@ -22,6 +22,8 @@ OPERATOR_RULES: list[Rule] = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    # Only to say why a worker pod failed (OOMKilled): its container status is on the pod.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
 ]
 """Namespaced part: a Role per watched namespace, or a ClusterRole for all namespaces."""
 

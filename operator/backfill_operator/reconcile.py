@@ -73,6 +73,12 @@ class Observed:
     """None: not looked up yet (only needed before creating Jobs)."""
     job_conflict: str = ""
     """Set when a Job of the planned name exists but belongs to someone else."""
+    job_rejected: str = ""
+    """Set when the API server refused to create a planned Job (its answer)."""
+    pods: Sequence[Mapping[str, Any]] = ()
+    """The worker pods, read only when a Job counts failed ones (``jobs.has_failed_pods``)."""
+    server: jobs_mod.ServerCapabilities = jobs_mod.BASELINE
+    """What the API server's Job API supports (from its version)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,9 @@ class EventSpec:
     type: str  # Normal | Warning
     reason: str
     message: str
+    key: str = ""
+    """Set for an event about one fact (e.g. one pod's OOM kill) that every pass sees again:
+    posted once per key (the Event's name is derived from it)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,10 @@ class ShardsView:
     stale: list[str] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     """Jobs to delete: their worker failed for a reason no retry can fix."""
+    oom: list[tuple[int, jobs_mod.OomKill]] = field(default_factory=list)
+    """Worker pods of the current Jobs killed for their memory limit, by shard."""
+    retrying: list[str] = field(default_factory=list)
+    """Why a shard's Job is retrying (an OOM kill), for the message."""
 
     @property
     def phase(self) -> Phase:
@@ -159,7 +172,8 @@ class ShardsView:
 
 
 def view_shards(
-    parallelism: int, status: BackfillStatus, current: Mapping[int, Mapping[str, Any]], now: str
+    parallelism: int, status: BackfillStatus, current: Mapping[int, Mapping[str, Any]], now: str,
+    pods: Sequence[Mapping[str, Any]] = (),
 ) -> ShardsView:
     view = ShardsView()
     for shard in range(parallelism):
@@ -173,14 +187,23 @@ def view_shards(
         state = jobs_mod.job_state(job)
         same_run = report.run in (None, jobs_mod.job_run(job))
         worker_reason = StallReason.of_worker(report.last_error_reason) if report.last_error_reason else None
+        kills = jobs_mod.oom_kills(pods, job)
+        view.oom += [(shard, kill) for kill in kills]
+        # A worker that exited with its own error says why; an OOM-killed one cannot (SIGKILL).
+        worker_said = same_run and report.state == ShardState.FAILED and worker_reason is not None
         if state == "failed":
-            view.failures.append(f"shard {shard}: {report.last_error or jobs_mod.job_failure_message(job)}")
-            if same_run and worker_reason is not None:
-                view.failure_reason = worker_reason
+            if kills and not worker_said:
+                view.failures.append(f"shard {shard}: {jobs_mod.oom_message(kills[-1])}")
+                view.failure_reason = StallReason.OOM_KILLED
+            else:
+                view.failures.append(f"shard {shard}: {report.last_error or jobs_mod.job_failure_message(job)}")
+                if same_run and worker_reason is not None:
+                    view.failure_reason = worker_reason
         elif report.state == ShardState.FAILED and same_run and worker_reason is not None and worker_reason.permanent:
             view.failures.append(f"shard {shard}: {report.last_error or report.last_error_reason}")
             view.failure_reason = worker_reason
-            view.stop.append(_name(job))  # no retry can fix it: stop the Job's pod retries
+            if not jobs_mod.fails_itself_on_permanent_error(job):
+                view.stop.append(_name(job))  # no retry can fix it: stop the Job's pod retries
         elif state == "succeeded":
             view.needs_job.append(shard)  # exited without finishing (e.g. SIGTERM on a node drain)
         elif report.state == ShardState.RUNNING and same_run:
@@ -189,6 +212,8 @@ def view_shards(
             if silent is not None and silent > STALE_REPORT_SECONDS:
                 # Whole minutes: the message (and so the status) changes once a minute, not every pass.
                 view.stale.append(f"shard {shard}: no report for {int(silent // 60)} min")
+        if kills and state in ("pending", "running"):
+            view.retrying.append(f"shard {shard}: {jobs_mod.oom_message(kills[-1])}; its Job retries it")
     return view
 
 
@@ -202,6 +227,8 @@ class Decision:
     delete: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     needs_secret: bool = False
+    oom: list[tuple[int, jobs_mod.OomKill]] = field(default_factory=list)
+    retrying: list[str] = field(default_factory=list)
 
 
 def _decide(
@@ -223,10 +250,10 @@ def _decide(
         # Terminal for this run: set suspend true then false to retry.
         message = status.message or "the run failed"
         return Decision(Phase.FAILED, stall or Stall(previous_reason, message), failed_message=message)
-    view = view_shards(spec.parallelism, status, current, observed.now)
+    view = view_shards(spec.parallelism, status, current, observed.now, observed.pods)
     if view.failures:
         message = "; ".join(view.failures)
-        return Decision(Phase.FAILED, Stall(view.failure_reason, message), failed_message=message, delete=view.stop)
+        return Decision(Phase.FAILED, Stall(view.failure_reason, message), failed_message=message, delete=view.stop, oom=view.oom)
     if not view.needs_job and all(status.shard(i).state == ShardState.DONE for i in range(spec.parallelism)):
         return Decision(Phase.SUCCEEDED, stall, delete=view.stop)
     if view.needs_job:
@@ -237,8 +264,11 @@ def _decide(
             return Decision(view.phase, Stall(reason, observed.secret.message), delete=view.stop)
         if observed.job_conflict:
             return Decision(view.phase, Stall(StallReason.JOB_NAME_TAKEN, observed.job_conflict), delete=view.stop)
-        return Decision(view.phase, stall, launch=view.needs_job, delete=view.stop, stale=view.stale)
-    return Decision(view.phase, stall, delete=view.stop, stale=view.stale)
+        if observed.job_rejected:
+            return Decision(view.phase, Stall(StallReason.JOB_REJECTED, observed.job_rejected), delete=view.stop)
+        return Decision(view.phase, stall, launch=view.needs_job, delete=view.stop, stale=view.stale,
+                        oom=view.oom, retrying=view.retrying)
+    return Decision(view.phase, stall, delete=view.stop, stale=view.stale, oom=view.oom, retrying=view.retrying)
 
 
 def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.DEFAULT_WORKER) -> Plan:
@@ -264,7 +294,7 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.D
             create = [
                 jobs_mod.render_job(
                     name=observed.name, namespace=observed.namespace, uid=observed.uid,
-                    spec=checked.spec, shard=shard, run=run, defaults=defaults,
+                    spec=checked.spec, shard=shard, run=run, defaults=defaults, capabilities=observed.server,
                 )
                 for shard in decision.launch
             ]
@@ -273,13 +303,16 @@ def reconcile(observed: Observed, defaults: jobs_mod.WorkerDefaults = jobs_mod.D
         progress = aggregate_progress(
             status.shards, checked.spec.parallelism, succeeded=decision.phase is Phase.SUCCEEDED,
         )
+        if decision.phase in (Phase.FAILED, Phase.PAUSED):
+            # Nothing runs: no rate and no time left (a killed worker's last report still has its ETA).
+            progress = progress.model_copy(update={"eta": "", "rows_per_second": 0.0})
         names = {s: _name(j) for s, j in current.items()}
         names.update({jobs_mod.job_shard(j) or 0: _name(j) for j in create})
         job_names = [names[s] for s in sorted(names)]
 
     new_status = _status(observed, status, decision, run=run, progress=progress, job_names=job_names,
                          launched=launched, created=bool(create))
-    events = events_for(status, new_status, decision.stall, create=create, delete=decision.delete)
+    events = events_for(status, new_status, decision.stall, create=create, delete=decision.delete, oom=decision.oom)
     return Plan(
         create_jobs=create, delete_jobs=decision.delete, status=new_status.to_wire(),
         annotations=annotations, events=events,
@@ -295,6 +328,8 @@ def _status(
     message = _message(phase, stall, decision.failed_message, progress)
     if phase is Phase.RUNNING and stall is None and decision.stale:
         message += " (" + "; ".join(decision.stale) + ": worker stuck or gone? see its pod)"
+    if phase in (Phase.RUNNING, Phase.PENDING) and stall is None and decision.retrying:
+        message += " (" + "; ".join(decision.retrying) + ")"
     conditions = merge_conditions(
         [c.to_wire() for c in previous.conditions], phase_conditions(phase, message, stall),
         now=observed.now, generation=observed.generation,
@@ -319,9 +354,11 @@ def _status(
 
 def events_for(
     previous: BackfillStatus, desired: BackfillStatus, stall: Stall | None, *,
-    create: Sequence[Mapping[str, Any]], delete: Sequence[str],
+    create: Sequence[Mapping[str, Any]], delete: Sequence[str], oom: Sequence[tuple[int, jobs_mod.OomKill]] = (),
 ) -> list[EventSpec]:
-    """Events for what changed: the phase, a new stall, a resolved stall, Jobs created or deleted."""
+    """Events for what changed: the phase, a new stall, a resolved stall, Jobs created or deleted,
+    and one ``OOMKilled`` Warning per OOM-killed worker pod (keyed: posted once, however many
+    passes see the pod)."""
     phase = desired.phase or Phase.PENDING
     events: list[EventSpec] = []
     if phase != previous.phase:
@@ -334,6 +371,10 @@ def events_for(
     events += [EventSpec("Normal", "JobCreated", f"created worker Job {_name(j)}") for j in create]
     why = "suspended" if phase is Phase.PAUSED else "stopped"
     events += [EventSpec("Normal", "JobDeleted", f"deleted worker Job {name} ({why})") for name in delete]
+    events += [
+        EventSpec("Warning", StallReason.OOM_KILLED.value, f"shard {shard}: {jobs_mod.oom_message(kill)}", key=f"oom-{kill.uid}")
+        for shard, kill in oom
+    ]
     return events
 
 

@@ -12,19 +12,29 @@ Settings (environment):
   BACKFILL_E2E_DB_HOST     address pods use to reach the test's PostgreSQL, which listens on it
                            (default ``BACKFILL_E2E_NODE_IP``: the node bridge address ``up`` uses)
   BACKFILL_E2E_TIMEOUT     seconds a Backfill may take to finish (default 300)
+  BACKFILL_E2E_RUN         the run directory of ``up`` (``pids/``, ``logs/``), for the tests that
+                           restart the kubelet or the container runtime (default: the kubeconfig's
+                           directory); on another cluster those tests are skipped
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +42,7 @@ CHART = ROOT / "charts" / "backfill-operator"
 RELEASE, RELEASE_NS, NS = "backfill-operator", "backfill-system", "shop"
 KUBECONFIG = os.environ.get("BACKFILL_E2E_KUBECONFIG", "")
 TIMEOUT = float(os.environ.get("BACKFILL_E2E_TIMEOUT", "300"))
+RUN_DIR = Path(os.environ.get("BACKFILL_E2E_RUN") or (Path(KUBECONFIG).parent if KUBECONFIG else "."))
 SKIP_REASON = (
     "no cluster for the e2e suite: set BACKFILL_E2E_KUBECONFIG (eval \"$(tests/e2e/cluster/up)\" starts one; "
     "see docs/testing.md, 'End-to-end tests on a real kubelet')"
@@ -90,6 +101,16 @@ class Cluster:
             time.sleep(1)
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r:.500}")
 
+    def server_minor(self) -> int:
+        version = json.loads(self.kubectl("get", "--raw", "/version"))
+        return int(str(version["minor"]).rstrip("+"))
+
+    def events(self, name: str, reason: str, namespace: str = NS) -> list[dict[str, Any]]:
+        """Events about the object ``name`` with ``reason``."""
+        found = json.loads(self.kubectl("-n", namespace, "get", "events", "-o", "json",
+                                        f"--field-selector=involvedObject.name={name},reason={reason}"))
+        return list(found["items"])
+
     def status(self, name: str, namespace: str = NS) -> dict[str, Any]:
         return dict(self.get("bf", name, namespace).get("status") or {})
 
@@ -133,6 +154,94 @@ class Cluster:
         return "\n".join(out)
 
 
+class Processes:
+    """The processes ``tests/e2e/cluster/up`` started, by their recorded PIDs (``RUN_DIR/pids``):
+    stop one and start it again exactly as ``up`` did (its own session, the same command line and
+    working directory, its log appended), recording the new PID so that ``down`` stops it."""
+
+    def __init__(self, run_dir: Path = RUN_DIR) -> None:
+        self.pids, self.logs = run_dir / "pids", run_dir / "logs"
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        """Processes restarted here are our children: reaped by wait(), never left as zombies."""
+
+    def available(self, name: str) -> bool:
+        return (self.pids / f"{name}.pid").is_file()
+
+    def runtime(self) -> str:
+        """The container runtime the kubelet uses: containerd (latest) or dockerd (1.20, dockershim)."""
+        return "containerd" if self.available("containerd") else "dockerd"
+
+    def pid(self, name: str) -> int:
+        return int((self.pids / f"{name}.pid").read_text().strip())
+
+    def stop(self, name: str, timeout: float = 60) -> tuple[list[str], str]:
+        """SIGTERM the recorded PID and wait until it exited; its command line and working directory."""
+        pid = self.pid(name)
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        os.kill(pid, signal.SIGTERM)
+        child = self._children.pop(pid, None)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child is not None and child.poll() is not None:
+                break
+            if child is None and not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"{name} (pid {pid}) did not stop within {timeout:.0f}s after SIGTERM")
+        return argv, cwd
+
+    def start(self, name: str, argv: list[str], cwd: str) -> int:
+        env = dict(os.environ)
+        if os.path.isabs(argv[0]):  # its directory first on PATH, as `up` runs containerd (it finds its shim there)
+            env["PATH"] = f"{Path(argv[0]).parent}:{env.get('PATH', '')}"
+        with (self.logs / f"{name}.log").open("ab") as log:
+            child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._children[child.pid] = child
+        (self.pids / f"{name}.pid").write_text(f"{child.pid}\n")
+        return child.pid
+
+    def restart(self, name: str, *, down_seconds: float = 0) -> int:
+        """Stop ``name``, leave it stopped ``down_seconds``, start it again; the new PID."""
+        argv, cwd = self.stop(name)
+        time.sleep(down_seconds)
+        return self.start(name, argv, cwd)
+
+    def kubelet_healthy(self) -> bool:
+        """The kubelet's own /healthz (its port from the configuration ``up`` wrote)."""
+        config = yaml.safe_load((self.pids.parent / "kubelet.yaml").read_text())
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://127.0.0.1:{config['healthzPort']}/healthz", timeout=5) as response:
+                return bool(response.read().strip() == b"ok")
+        except OSError:
+            return False
+
+
+def build_user_image(tag: str, base: str, files: list[Path], dockerfile_lines: list[str]) -> None:
+    """A user's image, as a user makes one: ``FROM`` the project image plus ``files`` and
+    ``dockerfile_lines``, built by the harness's dockerd (classic builder: nothing is pulled) and
+    made available to the node's runtime (containerd imports it; dockershim uses dockerd's store)."""
+    sock = RUN_DIR / "docker.sock"
+    if not sock.exists():
+        pytest.skip(f"building a user image needs the dockerd of `tests/e2e/cluster/up` ({sock}); on another "
+                    "cluster build it yourself and load it onto the node")
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER_BUILDKIT": "0"}
+    with tempfile.TemporaryDirectory() as context:
+        for path in files:
+            shutil.copy(path, Path(context) / path.name)
+        (Path(context) / "Dockerfile").write_text("\n".join([f"FROM {base}", *dockerfile_lines]) + "\n")
+        subprocess.run(["docker", "build", "-q", "-t", tag, context], env=env, check=True, capture_output=True, timeout=300)
+    containerd = RUN_DIR / "containerd.sock"
+    if containerd.exists():
+        ctr = RUN_DIR.parent / "containerd" / "bin" / "ctr"
+        saved = subprocess.run(["docker", "save", tag], env=env, check=True, capture_output=True, timeout=300).stdout
+        subprocess.run([str(ctr), "-a", str(containerd), "-n", "k8s.io", "images", "import", "-"], input=saved,
+                       check=True, capture_output=True, timeout=300)
+
+
 def _ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
 
@@ -166,3 +275,84 @@ class PodPostgres:
 
 def load_example(folder: str) -> dict[str, Any]:
     return dict(yaml.safe_load((ROOT / "examples" / folder / "backfill.yaml").read_text()))
+
+
+# -- the non-idempotent counter table every fault test checks ----------------------------------
+
+COUNTER_ROWS = 2000
+
+
+def counter_table(dsn: str, rows: int = COUNTER_ROWS) -> None:
+    """A table whose backfill is NOT idempotent (``counter = counter + 1``): a row updated twice
+    or skipped shows as a counter other than 1."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.counters (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0)")
+        conn.execute("INSERT INTO public.counters (id) SELECT generate_series(1, %s)", (rows,))
+
+
+def counter_histogram(dsn: str) -> dict[int, int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT counter, count(*) FROM public.counters GROUP BY counter ORDER BY counter").fetchall()
+    return {int(counter): int(n) for counter, n in rows}
+
+
+def assert_exactly_once(dsn: str, rows: int = COUNTER_ROWS) -> None:
+    assert counter_histogram(dsn) == {1: rows}, "every row must be updated exactly once"
+
+
+def counter_backfill(name: str, db: PodDatabase, rows_per_second: int, parallelism: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "backfill.dev/v1alpha1",
+        "kind": "Backfill",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "database": {"dsnSecretRef": {"name": db.secret, "key": "dsn"}},
+            "table": "public.counters",
+            "set": {"counter": "counter + 1"},
+            "batch": {"size": 20, "minSize": 1, "maxSize": 20, "targetDuration": "0s"},
+            "limits": {"maxRowsPerSecond": rows_per_second},
+            "parallelism": parallelism,
+        },
+    }
+
+
+def wait_rows(cluster: Cluster, name: str, at_least: int) -> None:
+    cluster.wait_until(lambda: cluster.rows_updated(name) >= at_least, f"{name}: {at_least} rows updated")
+
+
+def wait_ready(cluster: Cluster, name: str) -> None:
+    """What a user's script does: ``kubectl wait --for=condition=Ready``; then the phase is Succeeded."""
+    try:
+        cluster.kubectl("-n", NS, "wait", f"bf/{name}", "--for=condition=Ready", f"--timeout={int(TIMEOUT)}s",
+                        timeout=TIMEOUT + 30)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\nstatus: {cluster.status(name)}\n{cluster.logs_on_failure(name)}") from None
+    assert cluster.status(name)["phase"] == "Succeeded"
+
+
+@contextmanager
+def counter_run(
+    cluster: Cluster, pod_database: Callable[[str], PodDatabase], name: str, *, rows_per_second: int = 100,
+    parallelism: int = 1, rows: int = COUNTER_ROWS, started_at: int = 200, **spec: Any,
+) -> Iterator[PodDatabase]:
+    """The shape of every fault test: a counter table of ``rows``, its Backfill applied (``spec``
+    merged in) and seen ``started_at`` rows in; the body does the disruption and waits for the
+    outcome it expects; then the Backfill is deleted. Exactly-once is the body's to assert (a
+    failing run must show it too)."""
+    db = pod_database(name)
+    counter_table(db.admin_dsn, rows)
+    manifest = counter_backfill(name, db, rows_per_second=rows_per_second, parallelism=parallelism)
+    manifest["spec"].update(spec)
+    cluster.apply(manifest)
+    if started_at:
+        wait_rows(cluster, name, started_at)
+    yield db
+    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+
+
+def processes_or_skip() -> Processes:
+    processes = Processes()
+    if not processes.available("kubelet"):
+        pytest.skip(f"restarting the kubelet needs the PIDs `tests/e2e/cluster/up` records ({processes.pids}): "
+                    "not this cluster's")
+    return processes

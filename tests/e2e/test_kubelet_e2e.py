@@ -17,74 +17,33 @@ from typing import Any
 import psycopg
 import pytest
 from e2e_support import (
+    COUNTER_ROWS,
     NS,
     RELEASE,
     RELEASE_NS,
     ROOT,
-    TIMEOUT,
     Cluster,
     PodDatabase,
+    assert_exactly_once,
+    build_user_image,
+    counter_histogram,
+    counter_run,
     helm_install_args,
     load_example,
+    wait_ready,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-COUNTER_ROWS = 2000
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").iterdir() if (p / "backfill.yaml").is_file())
+# Examples that name their own worker image (a handler's code in it) get one built by their own test.
+USER_IMAGE_EXAMPLES = {f for f in EXAMPLES if (load_example(f)["spec"].get("worker") or {}).get("image")}
+HANDLER_IMAGE = "backfill-e2e/python-handler:e2e"
 
 
 def run_sql_file(dsn: str, path: Path) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(path.read_text())  # type: ignore[arg-type]  # trusted: the repo's own example SQL
-
-
-def counter_table(dsn: str, rows: int = COUNTER_ROWS) -> None:
-    """A table whose backfill is NOT idempotent (``counter = counter + 1``): a row updated twice
-    or skipped shows as a counter other than 1."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.counters (id bigint PRIMARY KEY, counter int NOT NULL DEFAULT 0)")
-        conn.execute("INSERT INTO public.counters (id) SELECT generate_series(1, %s)", (rows,))
-
-
-def counter_histogram(dsn: str) -> dict[int, int]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT counter, count(*) FROM public.counters GROUP BY counter ORDER BY counter").fetchall()
-    return {int(counter): int(n) for counter, n in rows}
-
-
-def assert_exactly_once(dsn: str, rows: int = COUNTER_ROWS) -> None:
-    assert counter_histogram(dsn) == {1: rows}, "every row must be updated exactly once"
-
-
-def counter_backfill(name: str, db: PodDatabase, rows_per_second: int, parallelism: int = 1) -> dict[str, Any]:
-    return {
-        "apiVersion": "backfill.dev/v1alpha1",
-        "kind": "Backfill",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "database": {"dsnSecretRef": {"name": db.secret, "key": "dsn"}},
-            "table": "public.counters",
-            "set": {"counter": "counter + 1"},
-            "batch": {"size": 20, "minSize": 1, "maxSize": 20, "targetDuration": "0s"},
-            "limits": {"maxRowsPerSecond": rows_per_second},
-            "parallelism": parallelism,
-        },
-    }
-
-
-def wait_rows(cluster: Cluster, name: str, at_least: int) -> None:
-    cluster.wait_until(lambda: cluster.rows_updated(name) >= at_least, f"{name}: {at_least} rows updated")
-
-
-def wait_ready(cluster: Cluster, name: str) -> None:
-    """What a user's script does: ``kubectl wait --for=condition=Ready``; then the phase is Succeeded."""
-    try:
-        cluster.kubectl("-n", NS, "wait", f"bf/{name}", "--for=condition=Ready", f"--timeout={int(TIMEOUT)}s",
-                        timeout=TIMEOUT + 30)
-    except AssertionError as error:
-        raise AssertionError(f"{error}\nstatus: {cluster.status(name)}\n{cluster.logs_on_failure(name)}") from None
-    assert cluster.status(name)["phase"] == "Succeeded"
 
 
 def test_operator_runs_as_a_pod_from_the_image(operator_release: Cluster) -> None:
@@ -112,7 +71,8 @@ def test_operator_runs_as_a_pod_from_the_image(operator_release: Cluster) -> Non
 def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, pod_database: Any) -> None:
     cluster = operator_release
     started: dict[str, PodDatabase] = {}
-    for folder in EXAMPLES:
+    assert {"python-handler"} == USER_IMAGE_EXAMPLES, "each example with its own image needs a test building it"
+    for folder in sorted(set(EXAMPLES) - USER_IMAGE_EXAMPLES):
         manifest = load_example(folder)
         db = pod_database(f"ex-{folder}")
         run_sql_file(db.admin_dsn, ROOT / "examples" / folder / "schema.sql")
@@ -136,83 +96,98 @@ def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, p
         cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
 
 
+def test_python_handler_runs_from_a_user_image(operator_release: Cluster, pod_database: Any) -> None:
+    """examples/python-handler as a user ships it: an image FROM the project's with the handler
+    module added, named in ``spec.worker.image``; the handler runs in a real worker pod and
+    changes each row exactly once (an AFTER UPDATE trigger logs every row update)."""
+    cluster, folder = operator_release, "python-handler"
+    build_user_image(HANDLER_IMAGE, cluster.image, [ROOT / "examples" / folder / "signup_emails.py"],
+                     ["COPY signup_emails.py /opt/handlers/", "ENV PYTHONPATH=/opt/handlers"])
+    manifest = load_example(folder)
+    name = manifest["metadata"]["name"]
+    db = pod_database(f"ex-{folder}")
+    run_sql_file(db.admin_dsn, ROOT / "examples" / folder / "schema.sql")
+    with psycopg.connect(db.admin_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.signup_updates (id bigint NOT NULL)")
+        conn.execute("CREATE FUNCTION public.log_update() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN INSERT INTO public.signup_updates VALUES (NEW.id); RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER log_update AFTER UPDATE ON public.signups FOR EACH ROW EXECUTE FUNCTION public.log_update()")
+        rows = conn.execute("SELECT count(*) FROM public.signups").fetchone()
+    manifest["spec"]["database"]["dsnSecretRef"]["name"] = db.secret
+    manifest["spec"]["worker"] = {**manifest["spec"]["worker"], "image": HANDLER_IMAGE, "imagePullPolicy": "Never"}
+    cluster.apply(manifest)
+    wait_ready(cluster, name)
+    with psycopg.connect(db.admin_dsn) as conn:
+        wrong = conn.execute((ROOT / "examples" / folder / "verify.sql").read_text()).fetchone()  # type: ignore[arg-type]
+        updates = conn.execute("SELECT count(*), count(DISTINCT id) FROM public.signup_updates").fetchone()
+    assert wrong == (0,), "rows still wrong after the handler ran"
+    assert rows is not None and updates == (rows[0], rows[0]), f"each of {rows[0]} rows updated exactly once: {updates}"
+    pods = cluster.items("pods", selector=f"backfill.dev/name={name}")
+    assert pods and {p["spec"]["containers"][0]["image"] for p in pods} == {HANDLER_IMAGE}
+    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+
+
 def test_worker_pod_deleted_mid_run_applies_each_row_exactly_once(operator_release: Cluster, pod_database: Any) -> None:
     cluster, name = operator_release, "delete-worker-pod"
-    db = pod_database(name)
-    counter_table(db.admin_dsn)
-    cluster.apply(counter_backfill(name, db, rows_per_second=100))
-    wait_rows(cluster, name, 200)
-    victim = cluster.wait_until(lambda: cluster.worker_pods(name), "a running worker pod")[0]["metadata"]["name"]
-    cluster.kubectl("-n", NS, "delete", "pod", victim, "--wait=true")
-    # A replacement pod (new Job run or the Job's retry) continues from the checkpoint.
-    cluster.wait_until(
-        lambda: [p for p in cluster.worker_pods(name) if p["metadata"]["name"] != victim], "a replacement worker pod"
-    )
-    wait_ready(cluster, name)
-    assert_exactly_once(db.admin_dsn)
-    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+    with counter_run(cluster, pod_database, name) as db:
+        victim = cluster.wait_until(lambda: cluster.worker_pods(name), "a running worker pod")[0]["metadata"]["name"]
+        cluster.kubectl("-n", NS, "delete", "pod", victim, "--wait=true")
+        # A replacement pod (new Job run or the Job's retry) continues from the checkpoint.
+        cluster.wait_until(
+            lambda: [p for p in cluster.worker_pods(name) if p["metadata"]["name"] != victim], "a replacement worker pod"
+        )
+        wait_ready(cluster, name)
+        assert_exactly_once(db.admin_dsn)
 
 
 def test_suspend_resume_and_live_retune(operator_release: Cluster, pod_database: Any) -> None:
     cluster, name = operator_release, "suspend-retune"
-    db = pod_database(name)
-    counter_table(db.admin_dsn)
-    cluster.apply(counter_backfill(name, db, rows_per_second=50))
-    wait_rows(cluster, name, 100)
-    cluster.patch_spec(name, {"suspend": True})
-    cluster.wait_phase(name, "Paused")
-    cluster.wait_until(lambda: not cluster.running_worker_containers(name), "no worker container running")
-    paused_at = counter_histogram(db.admin_dsn)
-    assert set(paused_at) == {0, 1} and 0 < paused_at[1] < COUNTER_ROWS, paused_at
-    cluster.patch_spec(name, {"suspend": False})
-    cluster.wait_phase(name, "Running", "Succeeded")
-    # Live re-tune: at 50 rows/s the rest would take ~40 s; the new limit reaches the running
-    # worker without a restart (same pod before and after).
-    pods_before = {p["metadata"]["name"] for p in cluster.worker_pods(name)}
-    cluster.patch_spec(name, {"limits": {"maxRowsPerSecond": 0}, "batch": {"size": 20, "maxSize": 20}})
-    wait_ready(cluster, name)
-    pods_after = {p["metadata"]["name"] for p in cluster.items("pods", selector=f"backfill.dev/name={name}")}
-    assert pods_before <= pods_after, "the re-tune must not replace the worker pod"
-    assert_exactly_once(db.admin_dsn)
-    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+    with counter_run(cluster, pod_database, name, rows_per_second=50, started_at=100) as db:
+        cluster.patch_spec(name, {"suspend": True})
+        cluster.wait_phase(name, "Paused")
+        cluster.wait_until(lambda: not cluster.running_worker_containers(name), "no worker container running")
+        paused_at = counter_histogram(db.admin_dsn)
+        assert set(paused_at) == {0, 1} and 0 < paused_at[1] < COUNTER_ROWS, paused_at
+        cluster.patch_spec(name, {"suspend": False})
+        cluster.wait_phase(name, "Running", "Succeeded")
+        # Live re-tune: at 50 rows/s the rest would take ~40 s; the new limit reaches the running
+        # worker without a restart (same pod before and after).
+        pods_before = {p["metadata"]["name"] for p in cluster.worker_pods(name)}
+        cluster.patch_spec(name, {"limits": {"maxRowsPerSecond": 0}, "batch": {"size": 20, "maxSize": 20}})
+        wait_ready(cluster, name)
+        pods_after = {p["metadata"]["name"] for p in cluster.items("pods", selector=f"backfill.dev/name={name}")}
+        assert pods_before <= pods_after, "the re-tune must not replace the worker pod"
+        assert_exactly_once(db.admin_dsn)
 
 
 def test_operator_pod_deleted_mid_run(operator_release: Cluster, pod_database: Any) -> None:
     cluster, name = operator_release, "delete-operator-pod"
-    db = pod_database(name)
-    counter_table(db.admin_dsn)
-    cluster.apply(counter_backfill(name, db, rows_per_second=100, parallelism=2))
-    wait_rows(cluster, name, 200)
-    operator = cluster.operator_pod()
-    assert operator is not None
-    cluster.kubectl("-n", RELEASE_NS, "delete", "pod", operator["metadata"]["name"], "--wait=true")
-    cluster.wait_until(
-        lambda: (p := cluster.operator_pod()) and p["metadata"]["name"] != operator["metadata"]["name"],
-        "a new operator pod Ready",
-    )
-    wait_ready(cluster, name)
-    jobs = cluster.items("jobs", selector=f"backfill.dev/name={name}")
-    assert len({j["metadata"]["name"] for j in jobs}) == len(jobs) and jobs, "no duplicate Jobs after the restart"
-    assert_exactly_once(db.admin_dsn)
-    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+    with counter_run(cluster, pod_database, name, parallelism=2) as db:
+        operator = cluster.operator_pod()
+        assert operator is not None
+        cluster.kubectl("-n", RELEASE_NS, "delete", "pod", operator["metadata"]["name"], "--wait=true")
+        cluster.wait_until(
+            lambda: (p := cluster.operator_pod()) and p["metadata"]["name"] != operator["metadata"]["name"],
+            "a new operator pod Ready",
+        )
+        wait_ready(cluster, name)
+        jobs = cluster.items("jobs", selector=f"backfill.dev/name={name}")
+        assert len({j["metadata"]["name"] for j in jobs}) == len(jobs) and jobs, "no duplicate Jobs after the restart"
+        assert_exactly_once(db.admin_dsn)
 
 
 def test_helm_upgrade_mid_run(operator_release: Cluster, pod_database: Any) -> None:
     cluster, name = operator_release, "helm-upgrade"
-    db = pod_database(name)
-    counter_table(db.admin_dsn)
-    cluster.apply(counter_backfill(name, db, rows_per_second=100))
-    wait_rows(cluster, name, 200)
-    revision_before = json.loads(cluster.helm("status", RELEASE, "-n", RELEASE_NS, "-o", "json"))["version"]
-    cluster.helm("upgrade", RELEASE, *helm_install_args(cluster, "--reuse-values", "--set", "operator.logLevel=DEBUG"))
-    status = json.loads(cluster.helm("status", RELEASE, "-n", RELEASE_NS, "-o", "json"))
-    assert status["version"] == revision_before + 1 and status["info"]["status"] == "deployed"
-    pod = cluster.wait_until(cluster.operator_pod, "the upgraded operator pod Ready")
-    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env") or []}
-    assert env.get("BACKFILL_LOG_LEVEL") == "DEBUG"
-    wait_ready(cluster, name)
-    assert_exactly_once(db.admin_dsn)
-    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+    with counter_run(cluster, pod_database, name) as db:
+        revision_before = json.loads(cluster.helm("status", RELEASE, "-n", RELEASE_NS, "-o", "json"))["version"]
+        cluster.helm("upgrade", RELEASE, *helm_install_args(cluster, "--reuse-values", "--set", "operator.logLevel=DEBUG"))
+        status = json.loads(cluster.helm("status", RELEASE, "-n", RELEASE_NS, "-o", "json"))
+        assert status["version"] == revision_before + 1 and status["info"]["status"] == "deployed"
+        pod = cluster.wait_until(cluster.operator_pod, "the upgraded operator pod Ready")
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env") or []}
+        assert env.get("BACKFILL_LOG_LEVEL") == "DEBUG"
+        wait_ready(cluster, name)
+        assert_exactly_once(db.admin_dsn)
 
 
 def test_helm_uninstall_mid_run_then_reinstall(operator_release: Cluster, pod_database: Any) -> None:
@@ -220,15 +195,11 @@ def test_helm_uninstall_mid_run_then_reinstall(operator_release: Cluster, pod_da
     ``crds/``) nor the Backfills or their Jobs (owned by the Backfill, not by the release). A
     reinstall picks the Backfill up where its checkpoint is."""
     cluster, name = operator_release, "helm-uninstall"
-    db = pod_database(name)
-    counter_table(db.admin_dsn)
-    cluster.apply(counter_backfill(name, db, rows_per_second=100))
-    wait_rows(cluster, name, 200)
-    cluster.helm("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait")
-    assert cluster.kubectl("get", "crd", "backfills.backfill.dev", "-o", "name").strip()
-    assert cluster.get("bf", name)["metadata"]["name"] == name
-    assert cluster.items("jobs", selector=f"backfill.dev/name={name}"), "the Jobs outlive the release"
-    cluster.helm("install", RELEASE, *helm_install_args(cluster))
-    wait_ready(cluster, name)
-    assert_exactly_once(db.admin_dsn)
-    cluster.kubectl("-n", NS, "delete", "bf", name, "--wait=true")
+    with counter_run(cluster, pod_database, name) as db:
+        cluster.helm("uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait")
+        assert cluster.kubectl("get", "crd", "backfills.backfill.dev", "-o", "name").strip()
+        assert cluster.get("bf", name)["metadata"]["name"] == name
+        assert cluster.items("jobs", selector=f"backfill.dev/name={name}"), "the Jobs outlive the release"
+        cluster.helm("install", RELEASE, *helm_install_args(cluster))
+        wait_ready(cluster, name)
+        assert_exactly_once(db.admin_dsn)

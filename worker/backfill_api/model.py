@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -289,6 +290,20 @@ class Toleration(BaseModel):
     toleration_seconds: int | None = Field(default=None, alias="tolerationSeconds")
 
 
+QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+"""A non-negative Kubernetes resource quantity (``256Mi``, ``1Gi``, ``500m``, ``2``)."""
+RESOURCE_SECTIONS = ("requests", "limits")
+
+
+def _quantity(value: str) -> str:
+    if not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity: write it like 256Mi, 1Gi or 500m")
+    return value
+
+
+Quantity = Annotated[str, AfterValidator(_quantity), Field(max_length=64, json_schema_extra={"pattern": QUANTITY_PATTERN})]
+
+
 class WorkerSpec(_Model):
     """Pod settings of the worker Job the operator launches. Ignored by the local CLI."""
 
@@ -297,8 +312,9 @@ class WorkerSpec(_Model):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     service_account_name: str | None = None
     """ServiceAccount of the worker pod; it needs get/watch on its Backfill and patch on its status."""
-    resources: dict[str, dict[str, str]] | None = None
-    """Container resources (``requests``/``limits``)."""
+    resources: dict[str, dict[str, Quantity]] | None = None
+    """Container resources (``requests``/``limits``, e.g. ``limits: {memory: 512Mi}``): too small a
+    memory limit gets the worker OOMKilled (status reason ``OOMKilled``)."""
     node_selector: dict[str, str] | None = None
     tolerations: list[Toleration] | None = None
     security_context: dict[str, Any] | None = None
@@ -307,6 +323,15 @@ class WorkerSpec(_Model):
     backoff_limit: int = Field(default=6, ge=0, le=100)
     """Pod restarts before the Job, and so the Backfill, is Failed."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
+
+    @field_validator("resources")
+    @classmethod
+    def _resource_sections(cls, value: dict[str, dict[str, str]] | None) -> dict[str, dict[str, str]] | None:
+        # Kubernetes would drop an unknown section (e.g. "limit") silently: no limit at all.
+        unknown = sorted(set(value or {}) - set(RESOURCE_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown section {unknown[0]!r}: use requests or limits")
+        return value
 
 
 CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"

@@ -84,8 +84,12 @@ class StallReason(StrEnum):
     SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
     SECRET_FORBIDDEN = "SecretForbidden"
     JOB_NAME_TAKEN = "JobNameTaken"
+    JOB_REJECTED = "JobRejected"
+    """The API server refused to create the worker Job (invalid pod settings, quota, admission)."""
     # a run that failed
     JOB_FAILED = "JobFailed"
+    OOM_KILLED = "OOMKilled"
+    """The worker container exceeded its memory limit (read from its pod; the worker cannot say)."""
     FAILED = "Failed"
     # reported by a worker (BackfillError.reason)
     ERROR = "Error"
@@ -118,7 +122,7 @@ class StallReason(StrEnum):
 _RECOVERABLE = frozenset({
     StallReason.INVALID_SPEC, StallReason.IMMUTABLE_FIELD_CHANGED, StallReason.SECRET_REF_MISSING,
     StallReason.SECRET_NOT_FOUND, StallReason.SECRET_KEY_NOT_FOUND, StallReason.SECRET_FORBIDDEN,
-    StallReason.JOB_NAME_TAKEN,
+    StallReason.JOB_NAME_TAKEN, StallReason.JOB_REJECTED,
 })
 _PERMANENT = frozenset({
     StallReason.INVALID_SPEC, StallReason.VALIDATION_FAILED,
@@ -126,15 +130,20 @@ _PERMANENT = frozenset({
 })
 
 
-def error_reasons() -> set[str]:
-    """The ``reason`` of every BackfillError class (the worker's vocabulary)."""
-    found: set[str] = set()
+def error_classes() -> list[type[BackfillError]]:
+    """BackfillError and all its subclasses (each has its exit code and reason)."""
+    found: list[type[BackfillError]] = []
     pending: list[type[BackfillError]] = [BackfillError]
     while pending:
         cls = pending.pop()
-        found.add(cls.reason)
+        found.append(cls)
         pending.extend(cls.__subclasses__())
     return found
+
+
+def error_reasons() -> set[str]:
+    """The ``reason`` of every BackfillError class (the worker's vocabulary)."""
+    return {cls.reason for cls in error_classes()}
 
 
 class _StatusModel(BaseModel):

@@ -81,6 +81,9 @@ OPERATOR_CLUSTER_RULES, WORKER_RULES); tests/test_chart.py checks they stay equa
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 {{- end -}}
 
 {{/* Cluster-wide mode only: kopf scans namespaces and CRDs. */}}
