@@ -264,3 +264,24 @@ def test_cli_plan_fails_on_a_join_with_several_matches(database: str, tmp_path: 
     assert result.exit_code == 1, result.output
     assert "JOIN MATCHES SEVERAL ROWS" in result.output and "plan_ok=false" in result.output
     assert 'FROM "public"."regions" AS "r"' in result.output  # the rendered update statement
+
+
+def test_hostile_identifiers_in_copy_and_join(database: str) -> None:
+    """Quotes, dots, semicolons and unicode in the target's, the joined table's and the alias's names just work."""
+    execute(
+        database,
+        'CREATE SCHEMA "dot.schema"',
+        'CREATE TABLE "we""ird" ("k;ey" bigint PRIMARY KEY, "Größe" int NOT NULL, note text)',
+        'INSERT INTO "we""ird" SELECT g, g % 7, NULL FROM generate_series(1, 500) g',
+        'CREATE TABLE "dot.schema"."tä.ble" ("k;ey" bigint PRIMARY KEY, "Größe" int NOT NULL)',
+        'CREATE TABLE "x; DROP TABLE y" (g int PRIMARY KEY, label text NOT NULL)',
+        'INSERT INTO "x; DROP TABLE y" SELECT g, \'L\' || g FROM generate_series(0, 6) g',
+    )
+    copy = make("hostile-copy", table='"we""ird"', copy={"table": '"dot.schema"."tä.ble"', "onConflict": "update"}, batch=BATCHES)
+    assert run_backfill(copy, database).remaining_matches == 0
+    assert rows(database, 'SELECT count(*), sum("Größe") FROM "dot.schema"."tä.ble"') == [(500, sum(g % 7 for g in range(1, 501)))]
+    join = make("hostile-join", table='"we""ird"', set={"note": '"a.l""ias".label'}, where="note IS NULL", batch=BATCHES,
+                **{"from": [{"table": '"x; DROP TABLE y"', "alias": 'a.l"ias', "condition": '"a.l""ias".g = "we""ird"."Größe"'}]})
+    assert plan_backfill(join, database).ok
+    assert run_backfill(join, database).remaining_matches == 0
+    assert rows(database, 'SELECT count(*) FROM "we""ird" WHERE note = \'L\' || "Größe"') == [(500,)]

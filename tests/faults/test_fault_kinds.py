@@ -28,8 +28,8 @@ from support_faults.cli import start, wait_for_backends_gone
 from support_faults.secrets import CANARY_PASSWORD, assert_absent
 from support_faults.seeds import seeded_random
 
-ROWS = 40_000
-KILLS = 6
+ROWS = 30_000
+KILLS = 5
 BATCH = {"size": 300, "minSize": 100, "maxSize": 600, "targetDuration": "20ms"}
 
 TARGET = (

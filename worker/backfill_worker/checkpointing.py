@@ -180,7 +180,7 @@ def check_fingerprints(backfill: Backfill, found: Sequence[ShardCheckpoint]) -> 
     for cp in found:
         if cp.fingerprint != expected:
             raise CheckpointMismatch(
-                f"{backfill.identity} has a checkpoint from a different spec (table, key, walk, set, where or parallelism "
+                f"{backfill.identity} has a checkpoint from a different spec ({', '.join(checkpoint_guard.FINGERPRINT_FIELDS)} "
                 f"changed: fingerprint {cp.fingerprint} != {expected}). Restore the original spec to resume, or run "
                 "`backfill reset FILE` to forget the checkpoint and start over"
             )
