@@ -409,6 +409,10 @@ KUBE_CATALOGUE = [
     KubeCase("schema-violation", {"database": DB_REF, "batch": {"size": 0}}, "InvalidSpec", ("spec.batch.size",)),
     KubeCase("where-invalid-worker", {"database": DB_REF, "where": "colour = 'red'"}, "ValidationFailed",
              ("spec.where", "colour"), job=True),
+    KubeCase("ctid-without-where", {"database": DB_REF, "walk": "ctid", "where": None}, "InvalidSpec",
+             ("walk: ctid needs spec.where",)),
+    KubeCase("ctid-where-stays-true-worker", {"database": DB_REF, "walk": "ctid", "set": {"counter": "counter + 1"}},
+             "ValidationFailed", ("spec.where", "still match where after the change"), job=True),
     KubeCase("wrong-password-worker", {"database": {"dsnSecretRef": {"name": "db-wrong"}}}, "ConnectionFailed",
              ("password authentication failed",), job=True),
 ]
