@@ -166,6 +166,8 @@ class Case:
 
 
 M = base_manifest
+BLOCKS = {"size": 4, "minSize": 1, "maxSize": 64}
+"""``walk: ctid`` batch sizes (blocks): the key defaults are refused there."""
 RUNTIME_CHECKPOINTS = "runtime_checkpoints"
 CATALOGUE: list[Case] = [
     # -- schema violations: rejected before any connection ----------------------------------
@@ -222,12 +224,13 @@ CATALOGUE: list[Case] = [
     Case("nullable-key", 2, ("spec.key", "nullable"), M(table="nullable_key", key=["id"], set={"v": "1"}, where=None)),
     Case("partial-unique-index-key", 2, ("spec.key",), M(table="partial_pk_only", key=["id"], set={"v": "1"}, where=None)),
     # walk: ctid (block ranges; PostgreSQL < 14 is refused too: tests/test_ctid.py checks that pure rule)
-    Case("ctid-without-where", 2, ("walk: ctid needs spec.where", "changed twice"), M(walk="ctid", where=None)),
-    Case("ctid-with-key", 2, ("walk: ctid", "remove spec.key"), M(walk="ctid", key=["id"])),
+    Case("ctid-without-where", 2, ("walk: ctid needs spec.where", "changed twice"), M(walk="ctid", where=None, batch=BLOCKS)),
+    Case("ctid-with-key", 2, ("walk: ctid", "remove spec.key"), M(walk="ctid", key=["id"], batch=BLOCKS)),
+    Case("ctid-with-key-batch-defaults", 2, ("walk: ctid counts batch sizes in blocks", "spec.batch.size"), M(walk="ctid")),
     Case("ctid-where-stays-true", 2, ("spec.where", "still match where after the change", "nothing of that batch"),
-         M(walk="ctid", set={"counter": "counter + 1"}, where="grp < 5")),
+         M(walk="ctid", set={"counter": "counter + 1"}, where="grp < 5", batch=BLOCKS)),
     Case("ctid-partitioned-table", 2, ("spec.walk", "partitioned", "one backfill per partition"),
-         M(walk="ctid", table="parted", set={"done": "true"}, where="NOT done")),
+         M(walk="ctid", table="parted", set={"done": "true"}, where="NOT done", batch=BLOCKS)),
     Case("shard-out-of-range", 2, ("shard 5 does not exist", "spec.parallelism is 1"), M(), args=("--shard", "5")),
     Case("checkpoint-of-another-spec", 2, ("different spec", "backfill reset"),
          M(table="mismatch", set={"v": "v + 2"}, where=None, checkpoint={"schema": "mm_checkpoints"}),
@@ -409,9 +412,9 @@ KUBE_CATALOGUE = [
     KubeCase("schema-violation", {"database": DB_REF, "batch": {"size": 0}}, "InvalidSpec", ("spec.batch.size",)),
     KubeCase("where-invalid-worker", {"database": DB_REF, "where": "colour = 'red'"}, "ValidationFailed",
              ("spec.where", "colour"), job=True),
-    KubeCase("ctid-without-where", {"database": DB_REF, "walk": "ctid", "where": None}, "InvalidSpec",
+    KubeCase("ctid-without-where", {"database": DB_REF, "walk": "ctid", "where": None, "batch": BLOCKS}, "InvalidSpec",
              ("walk: ctid needs spec.where",)),
-    KubeCase("ctid-where-stays-true-worker", {"database": DB_REF, "walk": "ctid", "set": {"counter": "counter + 1"}},
+    KubeCase("ctid-where-stays-true-worker", {"database": DB_REF, "walk": "ctid", "set": {"counter": "counter + 1"}, "batch": BLOCKS},
              "ValidationFailed", ("spec.where", "still match where after the change"), job=True),
     KubeCase("wrong-password-worker", {"database": {"dsnSecretRef": {"name": "db-wrong"}}}, "ConnectionFailed",
              ("password authentication failed",), job=True),

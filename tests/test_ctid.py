@@ -109,15 +109,25 @@ def test_servers_before_14_are_refused_naming_the_field_and_version(version: int
 
 def test_the_model_refuses_ctid_without_where_or_with_a_key() -> None:
     with pytest.raises(ValidationError, match="walk: ctid needs spec.where"):
-        BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "set": {"v": "1"}})
+        BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "set": {"v": "1"}, "batch": {"size": 10, "minSize": 1}})
     with pytest.raises(ValidationError, match="remove spec.key"):
         BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "key": "id", "set": {"v": "1"}, "where": "v <> 1"})
+
+
+def test_the_model_refuses_ctid_with_the_key_batch_defaults() -> None:
+    """The defaults count keys; as blocks (x ~100 rows) a first batch would be far too big."""
+    with pytest.raises(ValidationError, match="counts batch sizes in blocks"):
+        BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "set": {"v": "1"}, "where": "v <> 1"})
+    with pytest.raises(ValidationError, match="counts batch sizes in blocks"):  # what the API server's defaulting sends
+        BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "set": {"v": "1"}, "where": "v <> 1",
+                                     "batch": {"size": 1000, "minSize": 100, "maxSize": 50000, "targetDuration": "200ms"}})
+    BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "set": {"v": "1"}, "where": "v <> 1", "batch": {"size": 10, "minSize": 1}})
 
 
 def test_the_walk_is_part_of_the_fingerprint_and_key_walks_keep_theirs() -> None:
     key = BackfillSpec.model_validate({"table": "logs", "set": {"v": "1"}, "where": "v <> 1"})
     explicit = BackfillSpec.model_validate({"table": "logs", "walk": "key", "set": {"v": "1"}, "where": "v <> 1"})
-    ctid = BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "set": {"v": "1"}, "where": "v <> 1"})
+    ctid = BackfillSpec.model_validate({"table": "logs", "walk": "ctid", "set": {"v": "1"}, "where": "v <> 1", "batch": {"size": 10, "minSize": 1}})
     assert key.fingerprint() == explicit.fingerprint() != ctid.fingerprint()
     assert key.fingerprint() == "45a1d5cb98562867"  # computed before walk existed: old checkpoints still resume
 
