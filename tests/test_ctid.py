@@ -8,6 +8,7 @@ new blocks (fillfactor 100: every update writes its row into a block past the fi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,7 @@ def test_at_least_once_mode_reapplies_nothing_because_where_is_false(database: s
     # A crash between COMMIT and saving the progress: the store is one batch behind.
     saved = store.load(0)
     assert saved is not None and saved.last_key == ("8",)
-    store.save(0, ShardCheckpoint(**{**saved.__dict__, "last_key": ("4",), "batches": 1}))
+    store.save(0, replace(saved, last_key=("4",), batches=1))
     report = run_backfill(backfill, database, at_least_once_store=store)
     assert report.state == "done" and report.remaining_matches == 0
     assert wrong_rows(database) == 0  # the redone blocks 4..7 matched nothing any more
