@@ -243,7 +243,7 @@ def test_plan_shows_tid_range_scans_and_block_estimates(database: str) -> None:
     assert {check.generic for check in plan.index_checks} == {False, True}
     for check in plan.index_checks:
         assert check.uses_index and check.scans and all(scan.startswith("Tid Range Scan") for scan in check.scans)
-    assert "ctid >=" in plan.statements["update"] and "RETURNING" in plan.statements["update"]
+    assert '"ctid" >=' in plan.statements["update"] and "RETURNING" in plan.statements["update"]
     assert plan.sample is not None and plan.sample.keys == 8 and plan.sample.rows > 0
     assert wrong_rows(database) == scalar(database, "SELECT count(*) FROM logs_snapshot WHERE grp < 50")  # nothing written
 

@@ -47,38 +47,15 @@ def _psycopg_transaction(conn: psycopg.Connection) -> Iterator[object]:
         yield tx
 
 
-@dataclass(frozen=True)
-class SqlUpdate:
-    """``spec.set``: one set-based ``UPDATE`` of the range; verification counts rows still matching ``where``."""
-
-    target: Target
-
-    def transaction(self, conn: psycopg.Connection) -> AbstractContextManager[object]:
-        return _psycopg_transaction(conn)
-
-    def apply(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int:
-        if self.target.by_ctid:
-            return self._apply_to_blocks(conn, lower, upper)
-        statement = statements.update_batch(self.target, has_lower=lower is not None)
-        return conn.execute(statement, statements.range_params(lower, upper)).rowcount
-
-    def _apply_to_blocks(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int:
-        """``walk: ctid``: the UPDATE, refused (rolled back) if a changed row still matches ``where``."""
-        statement = statements.update_batch_checked(self.target, has_lower=lower is not None)
-        row = conn.execute(statement, statements.range_params(lower, upper)).fetchone()
-        changed, still = (int(row[0]), int(row[1])) if row else (0, 0)
-        if still:
-            raise BackfillError(f"spec.where: {where_stays_true(still, changed, f'blocks {block_span(lower, upper)}')}")
-        return changed
-
-    def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
-        if self.target.where is None:
-            return None
-        return count(conn, statements.count_remaining(self.target, has_lower=lower is not None), lower, upper)
-
-
-def block_span(lower: Key | None, upper: Key) -> str:
-    return f"{0 if lower is None else lower[0]}..{int(upper[0]) - 1}"
+def update_blocks_checked(conn: psycopg.Connection, target: Target, lower: Key | None, upper: Key) -> int:
+    """``walk: ctid``: the batch's UPDATE, refused (so rolled back) if a changed row still matches ``where``."""
+    statement = statements.update_batch_checked(target, has_lower=lower is not None)
+    row = conn.execute(statement, statements.range_params(lower, upper)).fetchone()
+    changed, still = (int(row[0]), int(row[1])) if row else (0, 0)
+    if still:
+        span = f"blocks {0 if lower is None else lower[0]}..{int(upper[0]) - 1}"
+        raise BackfillError(f"spec.where: {where_stays_true(still, changed, span)}")
+    return changed
 
 
 def where_stays_true(still: int, changed: int, where: str) -> str:
@@ -89,6 +66,27 @@ def where_stays_true(still: int, changed: int, where: str) -> str:
         "missed). Add the condition that the set makes false, e.g. `<column> IS DISTINCT FROM <new value>`; "
         "nothing of that batch was committed"
     )
+
+
+@dataclass(frozen=True)
+class SqlUpdate:
+    """``spec.set``: one set-based ``UPDATE`` of the range; verification counts rows still matching ``where``."""
+
+    target: Target
+
+    def transaction(self, conn: psycopg.Connection) -> AbstractContextManager[object]:
+        return _psycopg_transaction(conn)
+
+    def apply(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int:
+        if self.target.by_ctid:  # a moved row must not match where again: checked before COMMIT
+            return update_blocks_checked(conn, self.target, lower, upper)
+        statement = statements.update_batch(self.target, has_lower=lower is not None)
+        return conn.execute(statement, statements.range_params(lower, upper)).rowcount
+
+    def remaining(self, conn: psycopg.Connection, lower: Key | None, upper: Key) -> int | None:
+        if self.target.where is None:
+            return None
+        return count(conn, statements.count_remaining(self.target, has_lower=lower is not None), lower, upper)
 
 
 def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, upper: Key) -> int:

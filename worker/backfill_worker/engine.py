@@ -369,12 +369,10 @@ class _Shard:
     def _verify(self) -> int | None:
         """Rows of the shard's range that still need the change (None when the change cannot tell)."""
         cp = self.checkpoint
-        lower, upper = cp.lower_key, cp.upper_key
+        # walk: ctid: the shards' block ranges, the last one open-ended: together, the whole table
+        lower, upper = cp.lower_key, blocks.verification_upper(cp) if self.target.by_ctid else cp.upper_key
         if upper is None or cp.empty:
             return None if self.target.where is None else 0
-        if self.target.by_ctid:  # the shards' ranges, the last one open-ended: the whole table
-            upper = blocks.verification_upper(cp)
-            assert upper is not None
         return self.with_retries(lambda: self.change.remaining(self.connection(), lower, upper))
 
 

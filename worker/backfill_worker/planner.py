@@ -17,7 +17,7 @@ from psycopg import sql
 
 from backfill_api.model import Backfill
 
-from . import blocks, introspect, sharding, statements, validation
+from . import blocks, changes, introspect, sharding, statements, validation
 from .connection import connect, database_errors
 from .secrets import register_dsn, secrets_of
 from .statements import Style, Target
@@ -154,7 +154,60 @@ def projected_seconds(estimated_keys: int, sample: Sample | None, pause_seconds:
     return batches * (sample.seconds + pause_seconds) / max(1, parallelism)
 
 
+def reads_only_block_ranges(explain_json: Sequence[dict[str, Any]], table: str) -> bool:
+    """Every read of the table is a TID Range Scan (``walk: ctid``): no sequential scan, no index."""
+    reads = table_scans(explain_json, table)
+    return bool(reads) and all(s["Node Type"] == BLOCK_RANGE_NODE for s in reads)
+
+
 # -- database work ------------------------------------------------------------------------------
+
+
+def check_block_ranges(conn: psycopg.Connection, target: Target, table_blocks: int, size: int) -> list[IndexCheck]:
+    """Custom and generic plans of the second batch's UPDATE (blocks ``size .. 2 size - 1``).
+
+    The batch runs the UPDATE inside a CTE (``update_batch_checked``), which PostgreSQL plans as
+    its own subquery (EXPLAIN shows it as an InitPlan): the plain UPDATE's plan is that plan.
+    """
+    bounds = statements.range_params((str(min(size, table_blocks)),), (str(min(2 * size, table_blocks)),))
+    checks = []
+    with conn.transaction(force_rollback=True):
+        for generic in (False, True):
+            if generic:
+                plan = _explain_generic(conn, statements.update_batch(target, has_lower=True, style=Style.DOLLAR), bounds)
+            else:
+                plan = _explain(conn, statements.update_batch(target, has_lower=True), bounds)
+            scans = tuple(describe_scan(s) for s in table_scans(plan, target.table))
+            uses = reads_only_block_ranges(plan, target.table)
+            checks.append(IndexCheck("update", generic, uses, scans, required=size < table_blocks))
+    return checks
+
+
+def _plan_blocks(conn: psycopg.Connection, backfill: Backfill, target: Target, rendered: dict[str, str]) -> Plan:
+    """``walk: ctid``: estimates in blocks, the TID Range Scan check, and a rolled-back sample of the first blocks."""
+    spec = backfill.spec
+    table_blocks = blocks.relation_blocks(conn, target)
+    head = (backfill.identity, target.display_table, ("ctid",), ("tid",), "(none: block ranges)", table_blocks)
+    if table_blocks == 0:
+        return Plan(*head, 0, spec.parallelism, rendered, (), None, 0.0, by_ctid=True)
+    checks = check_block_ranges(conn, target, table_blocks, spec.batch.size)
+    to_change = _estimated_rows_to_change(conn, target, (str(table_blocks),))
+    upper = (str(min(spec.batch.size, table_blocks)),)
+    started = time.monotonic()
+    with conn.transaction(force_rollback=True):
+        _batch_timeouts(conn, backfill)
+        rows = changes.for_spec(spec, target).apply(conn, None, upper)  # also refuses rows still matching where
+        sample = Sample(spec.batch.size, int(upper[0]), rows, time.monotonic() - started)
+    projected = projected_seconds(table_blocks, sample, spec.batch.pause.total_seconds(), spec.parallelism)
+    return Plan(*head, to_change, spec.parallelism, rendered, tuple(checks), sample, projected, by_ctid=True)
+
+
+def _batch_timeouts(conn: psycopg.Connection, backfill: Backfill) -> None:
+    limits = backfill.spec.limits
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+        [f"{int(limits.lock_timeout.total_seconds() * 1000)}ms", f"{int(limits.statement_timeout.total_seconds() * 1000)}ms"],
+    )
 
 
 def _explain(conn: psycopg.Connection, statement: sql.Composable, params: list[Any]) -> list[dict[str, Any]]:
@@ -209,59 +262,6 @@ def check_index_use(
                 required = not (whole_table and name == "update")
                 checks.append(IndexCheck(name, generic, uses, tuple(describe_scan(s) for s in scans), required))
     return checks
-
-
-def reads_only_block_ranges(explain_json: Sequence[dict[str, Any]], table: str) -> bool:
-    """Every read of the table is a TID Range Scan (``walk: ctid``): no sequential scan, no index."""
-    reads = table_scans(explain_json, table)
-    return bool(reads) and all(s["Node Type"] == BLOCK_RANGE_NODE for s in reads)
-
-
-def check_block_ranges(conn: psycopg.Connection, target: Target, table_blocks: int, size: int) -> list[IndexCheck]:
-    """Custom and generic plans of the second batch's UPDATE (blocks ``size .. 2 size - 1``).
-
-    The batch runs the UPDATE inside a CTE (``update_batch_checked``), which PostgreSQL plans as
-    its own subquery (EXPLAIN shows it as an InitPlan): the plain UPDATE's plan is that plan.
-    """
-    bounds = statements.range_params((str(min(size, table_blocks)),), (str(min(2 * size, table_blocks)),))
-    checks = []
-    with conn.transaction(force_rollback=True):
-        for generic in (False, True):
-            if generic:
-                plan = _explain_generic(conn, statements.update_batch(target, has_lower=True, style=Style.DOLLAR), bounds)
-            else:
-                plan = _explain(conn, statements.update_batch(target, has_lower=True), bounds)
-            scans = tuple(describe_scan(s) for s in table_scans(plan, target.table))
-            uses = reads_only_block_ranges(plan, target.table)
-            checks.append(IndexCheck("update", generic, uses, scans, required=size < table_blocks))
-    return checks
-
-
-def _plan_blocks(conn: psycopg.Connection, backfill: Backfill, target: Target, rendered: dict[str, str]) -> Plan:
-    """``walk: ctid``: estimates in blocks, the TID Range Scan check, and a rolled-back sample of the first blocks."""
-    spec = backfill.spec
-    table_blocks = blocks.relation_blocks(conn, target)
-    head = (backfill.identity, target.display_table, ("ctid",), ("tid",), "(none: block ranges)", table_blocks)
-    if table_blocks == 0:
-        return Plan(*head, 0, spec.parallelism, rendered, (), None, 0.0, by_ctid=True)
-    checks = check_block_ranges(conn, target, table_blocks, spec.batch.size)
-    to_change = _estimated_rows_to_change(conn, target, (str(table_blocks),))
-    upper = (str(min(spec.batch.size, table_blocks)),)
-    started = time.monotonic()
-    with conn.transaction(force_rollback=True):
-        _batch_timeouts(conn, backfill)
-        row = conn.execute(statements.update_batch_checked(target, has_lower=False), list(upper)).fetchone()
-        sample = Sample(spec.batch.size, int(upper[0]), int(row[0]) if row else 0, time.monotonic() - started)
-    projected = projected_seconds(table_blocks, sample, spec.batch.pause.total_seconds(), spec.parallelism)
-    return Plan(*head, to_change, spec.parallelism, rendered, tuple(checks), sample, projected, by_ctid=True)
-
-
-def _batch_timeouts(conn: psycopg.Connection, backfill: Backfill) -> None:
-    limits = backfill.spec.limits
-    conn.execute(
-        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
-        [f"{int(limits.lock_timeout.total_seconds() * 1000)}ms", f"{int(limits.statement_timeout.total_seconds() * 1000)}ms"],
-    )
 
 
 def _estimated_rows_to_change(conn: psycopg.Connection, target: Target, upper: Sequence[str]) -> int:

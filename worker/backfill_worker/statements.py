@@ -49,17 +49,17 @@ class Target:
     """``walk: ctid``: ranges of physical blocks instead of key ranges (``key`` is empty)."""
 
     @property
-    def bound_width(self) -> int:
-        """Values in one range bound: the key's columns, or the block number."""
-        return 1 if self.by_ctid else len(self.key)
-
-    @property
     def table_identifier(self) -> sql.Identifier:
         return sql.Identifier(self.schema, self.table)
 
     @property
     def display_table(self) -> str:
         return f"{self.schema}.{self.table}"
+
+    @property
+    def bound_width(self) -> int:
+        """Values in one range bound: the key's columns, or the block number."""
+        return 1 if self.by_ctid else len(self.key)
 
 
 class _Binder:
@@ -83,7 +83,9 @@ def _key_columns(target: Target) -> list[sql.Identifier]:
 
 
 def _key_expr(target: Target) -> sql.Composable:
-    """``k`` for one column, ``(a, b)`` for a composite key (row comparison)."""
+    """``k`` for one column, ``(a, b)`` for a composite key (row comparison); ``walk: ctid``: the table's ``ctid``."""
+    if target.by_ctid:  # table-qualified: a joined table has a ctid too
+        return sql.Identifier(target.schema, target.table, "ctid")
     columns = _key_columns(target)
     if len(columns) == 1:
         return columns[0]
@@ -91,6 +93,8 @@ def _key_expr(target: Target) -> sql.Composable:
 
 
 def _key_params(target: Target, binder: _Binder) -> sql.Composable:
+    if target.by_ctid:
+        return _block(binder)
     params = [binder.param() for _ in target.key]
     if len(params) == 1:
         return params[0]
@@ -119,13 +123,13 @@ def _range(target: Target, binder: _Binder, has_lower: bool) -> sql.Composable:
 
     ``walk: ctid``: ``ctid >= (lo,0) AND ctid < (hi,0)``, the blocks ``lo .. hi-1``.
     """
+    key = _key_expr(target)
     if target.by_ctid:
         blocks: list[sql.Composable] = []
         if has_lower:
-            blocks.append(sql.SQL("ctid >= {}").format(_block(binder)))
-        blocks.append(sql.SQL("ctid < {}").format(_block(binder)))
+            blocks.append(sql.SQL("{} >= {}").format(key, _key_params(target, binder)))
+        blocks.append(sql.SQL("{} < {}").format(key, _key_params(target, binder)))
         return sql.SQL(" AND ").join(blocks)
-    key = _key_expr(target)
     parts: list[sql.Composable] = []
     if has_lower:
         parts.append(sql.SQL("{} > {}").format(key, _key_params(target, binder)))
@@ -182,22 +186,6 @@ def update_batch(target: Target, *, has_lower: bool, style: Style = Style.PSYCOP
     )
 
 
-def update_batch_checked(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
-    """:func:`update_batch` that also evaluates ``where`` on every new row version (params: lo..., hi...).
-
-    Returns one row ``(rows changed, rows still matching where)``: under ``walk: ctid`` a row that
-    still matches after its update could be met again in the block it moved to, so the batch
-    proves the change made ``where`` false for each of its rows before it commits.
-    """
-    assert target.where is not None
-    update = update_batch(target, has_lower=has_lower, style=style)
-    binder = _Binder(style)
-    return sql.SQL("WITH changed AS ({update} RETURNING (\n{where}\n) AS still) "
-                   "SELECT count(*), count(*) FILTER (WHERE still) FROM changed").format(
-        update=update, where=binder.fragment(target.where)
-    )
-
-
 def count_keys(target: Target, *, has_lower: bool) -> sql.Composed:
     """Keys in a range (params: lo..., hi...): sizes the last, short batch."""
     binder = _Binder(Style.PSYCOPG)
@@ -214,6 +202,22 @@ def count_remaining(target: Target, *, has_lower: bool) -> sql.Composed:
     )
 
 
+def update_batch_checked(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
+    """:func:`update_batch` that also evaluates ``where`` on every new row version (params: lo..., hi...).
+
+    Returns one row ``(rows changed, rows still matching where)``: under ``walk: ctid`` a row that
+    still matches after its update could be met again in the block it moved to, so the batch
+    proves the change made ``where`` false for each of its rows before it commits.
+    """
+    assert target.where is not None
+    update = update_batch(target, has_lower=has_lower, style=style)
+    binder = _Binder(style)
+    return sql.SQL("WITH changed AS ({update} RETURNING (\n{where}\n) AS still) "
+                   "SELECT count(*), count(*) FILTER (WHERE still) FROM changed").format(
+        update=update, where=binder.fragment(target.where)
+    )
+
+
 # -- validation probes: each fragment alone, wrapped and unwrapped ---------------------------
 
 
@@ -225,14 +229,14 @@ def select_expression(target: Target, expression: str, *, wrapped: bool) -> sql.
 
 
 def update_one_column(target: Target, column: str, expression: str, *, wrapped: bool) -> sql.Composed:
-    """``EXPLAIN UPDATE t SET c = <expr> WHERE key <= %s``: type-checks the assignment."""
+    """``EXPLAIN UPDATE t SET c = <expr> WHERE false AND key <= %s``: type-checks the assignment."""
     binder = _Binder(Style.PSYCOPG)
     template = "EXPLAIN UPDATE {} SET {} = (\n{}\n) WHERE {}" if wrapped else "EXPLAIN UPDATE {} SET {} = \n{}\n WHERE {}"
     return sql.SQL(template).format(
         target.table_identifier,
         sql.Identifier(column),
         binder.fragment(expression),
-        _range(target, binder, has_lower=False),
+        sql.SQL("{} <= {}").format(_key_expr(target), _key_params(target, binder)),
     )
 
 

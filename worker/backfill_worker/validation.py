@@ -32,10 +32,11 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
         )
     if table.kind not in ("r", "p"):
         raise ValidationFailed("spec.table", f"{table.schema}.{table.name} is {kind_name(table.kind)}, not a table")
-    if spec.walk is Walk.CTID:
-        return _block_target(conn, spec, table)
-    index = _key_index(table, spec.key)
-    key = index.columns
+    by_ctid = spec.walk is Walk.CTID  # block ranges: no key to resolve (docs/ctid.md)
+    if by_ctid:
+        _check_block_walk(conn, table)
+    index = None if by_ctid else _key_index(table, spec.key)
+    key = index.columns if index is not None else ()
     for column in key:
         if not table.columns[column].not_null:
             raise ValidationFailed(
@@ -43,35 +44,6 @@ def resolve_target(conn: psycopg.Connection, spec: BackfillSpec) -> Target:
                 f"key column {column!r} is nullable: rows with NULL keys would be skipped; add NOT NULL or choose another key",
             )
     _check_key_types(conn, table, key)
-    _check_set_columns(spec, table, key)
-    return Target(
-        schema=table.schema,
-        table=table.name,
-        key=key,
-        key_index=index.name,
-        set=tuple(spec.set.items()),
-        where=spec.where,
-        key_types=tuple(table.columns[c].type for c in key),
-    )
-
-
-def _block_target(conn: psycopg.Connection, spec: BackfillSpec, table: TableInfo) -> Target:
-    """``walk: ctid``: no key; PostgreSQL >= 14 and a plain table (block numbers are per relation)."""
-    blocks.check_server_version(conn.info.server_version)
-    if table.kind != "r":
-        raise ValidationFailed(
-            "spec.walk",
-            f"{table.schema}.{table.name} is partitioned: block numbers belong to each partition, so walk: ctid "
-            "cannot range over the parent. Run one backfill per partition (spec.table: the partition)",
-        )
-    _check_set_columns(spec, table, ())
-    return Target(
-        schema=table.schema, table=table.name, key=(), key_index="", set=tuple(spec.set.items()), where=spec.where,
-        by_ctid=True,
-    )
-
-
-def _check_set_columns(spec: BackfillSpec, table: TableInfo, key: tuple[str, ...]) -> None:
     for column in spec.set:
         if column not in table.columns:
             raise ValidationFailed(f"spec.set.{column}", f"column {column!r} does not exist in {table.schema}.{table.name}")
@@ -81,6 +53,27 @@ def _check_set_columns(spec: BackfillSpec, table: TableInfo, key: tuple[str, ...
             )
         if table.columns[column].generated:
             raise ValidationFailed(f"spec.set.{column}", f"column {column!r} is a generated column and cannot be set")
+    return Target(
+        schema=table.schema,
+        table=table.name,
+        key=key,
+        key_index=index.name if index is not None else "",
+        set=tuple(spec.set.items()),
+        where=spec.where,
+        key_types=tuple(table.columns[c].type for c in key),
+        by_ctid=by_ctid,
+    )
+
+
+def _check_block_walk(conn: psycopg.Connection, table: TableInfo) -> None:
+    """``walk: ctid``: PostgreSQL >= 14 and a plain table (block numbers belong to one relation)."""
+    blocks.check_server_version(conn.info.server_version)
+    if table.kind != "r":
+        raise ValidationFailed(
+            "spec.walk",
+            f"{table.schema}.{table.name} is partitioned: block numbers belong to each partition, so walk: ctid "
+            "cannot range over the parent. Run one backfill per partition (spec.table: the partition)",
+        )
 
 
 def _check_key_types(conn: psycopg.Connection, table: TableInfo, key: tuple[str, ...]) -> None:
