@@ -98,7 +98,7 @@ def test_every_immutable_field_is_guarded_in_the_cli() -> None:
     assert set(CLI_GUARDS) == set(IMMUTABLE_SPEC_FIELDS)
     base = BackfillSpec.model_validate(SPEC)
     edits = {"table": {"table": "u"}, "key": {"key": "id"}, "set": {"set": {"v": "2"}}, "where": {"where": "v = 0"},
-             "parallelism": {"parallelism": 2}}
+             "parallelism": {"parallelism": 2}, "walk": {"walk": "ctid", "where": "v = 0"}}
     assert set(edits) == set(FINGERPRINT_FIELDS)
     for field, edit in edits.items():
         assert BackfillSpec.model_validate({**SPEC, **edit}).fingerprint() != base.fingerprint(), field

@@ -23,7 +23,7 @@ from backfill_api.model import Backfill
 
 from .checkpoint import ProgressStore
 
-FINGERPRINT_FIELDS = ("table", "key", "set", "where", "parallelism")
+FINGERPRINT_FIELDS = ("table", "key", "walk", "set", "where", "parallelism")
 """Hashed into ``BackfillSpec.fingerprint()``: another value -> CheckpointMismatch."""
 
 CLI_GUARDS: dict[str, str] = {
