@@ -168,6 +168,8 @@ class Case:
 
 
 M = base_manifest
+BLOCKS = {"size": 4, "minSize": 1, "maxSize": 64}
+"""``walk: ctid`` batch sizes (blocks): the key defaults are refused there."""
 RUNTIME_CHECKPOINTS = "runtime_checkpoints"
 CATALOGUE: list[Case] = [
     # -- schema violations: rejected before any connection ----------------------------------
@@ -245,12 +247,13 @@ CATALOGUE: list[Case] = [
     Case("from-table-missing", 2, ("spec.from[0].table", "'no_such_accounts' not found"),
          M(**{"from": [{"table": "no_such_accounts", "alias": "a", "condition": "a.id = items.id"}]})),
     # walk: ctid (block ranges; PostgreSQL < 14 is refused too: tests/test_ctid.py checks that pure rule)
-    Case("ctid-without-where", 2, ("walk: ctid needs spec.where", "changed twice"), M(walk="ctid", where=None)),
-    Case("ctid-with-key", 2, ("walk: ctid", "remove spec.key"), M(walk="ctid", key=["id"])),
+    Case("ctid-without-where", 2, ("walk: ctid needs spec.where", "changed twice"), M(walk="ctid", where=None, batch=BLOCKS)),
+    Case("ctid-with-key", 2, ("walk: ctid", "remove spec.key"), M(walk="ctid", key=["id"], batch=BLOCKS)),
+    Case("ctid-with-key-batch-defaults", 2, ("walk: ctid counts batch sizes in blocks", "spec.batch.size"), M(walk="ctid")),
     Case("ctid-where-stays-true", 2, ("spec.where", "still match where after the change", "nothing of that batch"),
-         M(walk="ctid", set={"counter": "counter + 1"}, where="grp < 5")),
+         M(walk="ctid", set={"counter": "counter + 1"}, where="grp < 5", batch=BLOCKS)),
     Case("ctid-partitioned-table", 2, ("spec.walk", "partitioned", "one backfill per partition"),
-         M(walk="ctid", table="parted", set={"done": "true"}, where="NOT done")),
+         M(walk="ctid", table="parted", set={"done": "true"}, where="NOT done", batch=BLOCKS)),
     Case("shard-out-of-range", 2, ("shard 5 does not exist", "spec.parallelism is 1"), M(), args=("--shard", "5")),
     Case("checkpoint-of-another-spec", 2, ("different spec", "backfill reset"),
          M(table="mismatch", set={"v": "v + 2"}, where=None, checkpoint={"schema": "mm_checkpoints"}),
@@ -500,6 +503,10 @@ KUBE_CATALOGUE = [
              {"start": "22:00", "end": "06:00"}]}}, "InvalidSpec", ("spec.schedule.timeZone", "unknown time zone")),
     KubeCase("health-query-no-row-worker", {"database": DB_REF, "limits": {"health": {"query": "SELECT true WHERE false"}}},
              "ValidationFailed", ("spec.limits.health.query", "returned no row"), job=True),
+    KubeCase("ctid-without-where", {"database": DB_REF, "walk": "ctid", "where": None, "batch": BLOCKS}, "InvalidSpec",
+             ("walk: ctid needs spec.where",)),
+    KubeCase("ctid-where-stays-true-worker", {"database": DB_REF, "walk": "ctid", "set": {"counter": "counter + 1"}, "batch": BLOCKS},
+             "ValidationFailed", ("spec.where", "still match where after the change"), job=True),
     KubeCase("wrong-password-worker", {"database": {"dsnSecretRef": {"name": "db-wrong"}}}, "ConnectionFailed",
              ("password authentication failed",), job=True),
 ]

@@ -294,3 +294,21 @@ async def test_worker_cli_reports_a_missing_backfill_without_a_traceback(kmock, 
     assert result.returncode == 1
     assert "cannot read Backfill shop/absent" in result.stderr and "404" in result.stderr
     assert "Traceback" not in result.stderr and "not-printed-7Q" not in result.stdout + result.stderr
+
+
+async def test_ctid_walk_in_cluster_shards_by_blocks_and_reports_blocks(api, database):
+    """``walk: ctid`` through the in-cluster worker: a table without any unique key, two shard
+    workers over block ranges, status counting blocks (keysDone = estimatedKeys) and 0 remaining."""
+    make_table(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("ALTER TABLE customers DROP CONSTRAINT customers_pkey")
+    blocks = {"size": 3, "minSize": 1, "maxSize": 3, "targetDuration": "0"}
+    await call(api.create, backfill_path(NS), backfill("bf", walk="ctid", parallelism=2, batch=blocks))
+    for shard in (0, 1):  # one after the other: the first creates the checkpoint table
+        assert await call(run_worker, api, NS, "bf", shard, database, run=1, poll_seconds=0.2, patch_interval=0.2) == 0
+    assert table_state(database) == {"once": 2000, "twice": 0, "wrong_rows": 0}
+    shards = (await call(api.get, backfill_path(NS, "bf")))["status"]["shards"]
+    for shard in ("0", "1"):
+        assert shards[shard]["state"] == "done" and shards[shard]["remainingMatches"] == 0
+        assert shards[shard]["keysDone"] == shards[shard]["estimatedKeys"] > 0 and shards[shard]["percent"] == 100
+    assert shards["0"]["rowsUpdated"] + shards["1"]["rowsUpdated"] == 2000

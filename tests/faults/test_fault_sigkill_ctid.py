@@ -36,7 +36,7 @@ def _blocks(conn: psycopg.Connection, name: str) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows,parallelism,kills_wanted", [(200_000, 1, 10), (150_000, 3, 6)])
+@pytest.mark.parametrize("rows,parallelism,kills_wanted", [(120_000, 1, 10), (100_000, 3, 6)])
 def test_sigkill_during_a_ctid_walk_changes_every_row_exactly_once(
     database: str, tmp_path: Path, rows: int, parallelism: int, kills_wanted: int
 ) -> None:

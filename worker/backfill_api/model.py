@@ -453,7 +453,8 @@ class BackfillSpec(_Model):
     walk: Walk = Walk.KEY
     """``key`` (default): batches are ranges of the unique key. ``ctid``: batches are ranges of
     physical blocks (TID Range Scan, PostgreSQL >= 14), for tables without a usable unique key;
-    needs a ``where`` that the change makes false, and ``batch`` sizes count blocks (docs/ctid.md)."""
+    needs a ``where`` that the change makes false, and ``batch`` sizes count blocks (give them: the
+    key defaults are refused) (docs/ctid.md)."""
     batch: BatchSpec = Field(default_factory=BatchSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     schedule: ScheduleSpec | None = None
@@ -548,6 +549,14 @@ class BackfillSpec(_Model):
                     "walk: ctid needs spec.where, a predicate the change makes false: an updated row may move to "
                     "another block (behind the walk, or past the last block fixed at the start), and only a where "
                     "that no longer matches it keeps it from being missed or changed twice"
+                )
+            sizes, defaults = self.batch, BatchSpec()
+            if (sizes.size, sizes.min_size, sizes.max_size) == (defaults.size, defaults.min_size, defaults.max_size):
+                raise ValueError(
+                    "walk: ctid counts batch sizes in blocks (8 kB pages, often ~50-200 rows each), and the defaults "
+                    f"(size {defaults.size}, minSize {defaults.min_size}, maxSize {defaults.max_size}) are meant as keys: "
+                    "as blocks, one batch would lock ~100,000 rows. Set spec.batch.size, minSize and maxSize in blocks, "
+                    "e.g. size: 10, minSize: 1, maxSize: 1000"
                 )
         return self
 
