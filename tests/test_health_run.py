@@ -352,7 +352,9 @@ def test_window_opens_then_closes_mid_run_and_a_live_edit_reopens_it(database: s
     assert batches[0][1] >= opens, "a batch ran before the window opened"
     before_open = [e for _, wall, e in recorder.throttles(ThrottleReason.WINDOW) if wall < opens]
     assert before_open and all(e.next_window_start == opens for e in before_open)
-    assert closing and closing[0].next_window_start == opens + timedelta(days=1)  # the next one is tomorrow's
+    local_open = opens.astimezone(zone)
+    tomorrow = datetime.combine(local_open.date() + timedelta(days=1), local_open.time(), tzinfo=zone)
+    assert closing and closing[0].next_window_start == tomorrow.astimezone(UTC)  # the next one is tomorrow's
     during = [wall for _, wall, _ in batches if wall < closes]
     after_close = [m for m, wall, _ in batches if wall >= closes]
     assert during, "nothing ran inside the window"
