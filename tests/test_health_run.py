@@ -21,7 +21,7 @@ import pytest
 
 from backfill_api.errors import RetriesExhausted, ValidationFailed
 from backfill_api.manifest import parse_backfill
-from backfill_api.model import Backfill, LimitsSpec
+from backfill_api.model import Backfill, BatchSpec, LimitsSpec
 from backfill_api.status import ThrottleReason
 from backfill_worker import health_probe
 from backfill_worker.engine import run_backfill
@@ -69,10 +69,43 @@ class Recorder:
         return [(m, w, e) for m, w, e in self.events if isinstance(e, Throttled) and e.reason == reason]
 
 
-def later(seconds: float, action: Any) -> threading.Thread:
-    thread = threading.Thread(target=lambda: (time.sleep(seconds), action()), daemon=True)
-    thread.start()
-    return thread
+class LiftAfterWaits:
+    """Engine listener: once every shard reported ``waits`` throttles of ``reason``, run ``lift``
+    (once, in a thread of its own), recording the time just before it. A fallback lifts after
+    ``FALLBACK_SECONDS`` so a throttle that never waits fails the assertions instead of hanging.
+    Event-driven, so a slow start on a loaded machine cannot lift the load before it was seen."""
+
+    FALLBACK_SECONDS = 30.0
+
+    def __init__(self, reason: str, lift: Any, *, shards: int = 1, waits: int = 2) -> None:
+        self.reason, self._lift, self.shards, self.waits = reason, lift, shards, waits
+        self.recorder = Recorder()
+        self.lifted: list[float] = []
+        self._once = threading.Lock()
+        self._fallback = threading.Timer(self.FALLBACK_SECONDS, self.fire)
+        self._fallback.daemon = True
+        self._fallback.start()
+
+    def __call__(self, event: Event) -> None:
+        self.recorder(event)
+        seen = [e.shard for _, _, e in self.recorder.throttles(self.reason)]
+        if all(seen.count(shard) >= self.waits for shard in range(self.shards)):
+            threading.Thread(target=self.fire, daemon=True).start()
+
+    def fire(self) -> None:
+        if not self._once.acquire(blocking=False):
+            return
+        self._fallback.cancel()
+        self.lifted.append(time.monotonic())  # before the change: no batch may come earlier
+        self._lift()
+
+    def check(self) -> None:
+        """The mechanism: every shard waited, and no batch committed before the load was lifted."""
+        waits = self.recorder.throttles(self.reason)
+        assert self.lifted, "never lifted"
+        assert {e.shard for _, _, e in waits} == set(range(self.shards)), f"not every shard waited for {self.reason}"
+        assert len(waits) >= self.waits * self.shards
+        assert self.recorder.batches()[0][0] > self.lifted[0], "a batch committed before the load was lifted"
 
 
 # -- spec.limits.health.query -------------------------------------------------------------------
@@ -86,26 +119,20 @@ def test_health_query_holds_the_run_until_it_says_healthy(
     database: str, health: dict[str, Any], lift: str, parallelism: int
 ) -> None:
     make_table(database)
-    lifted: list[float] = []
 
     def lift_it() -> None:
         with psycopg.connect(database, autocommit=True) as conn:
-            lifted.append(time.monotonic())  # before the change commits: no batch may come earlier
             conn.execute(lift)
 
-    recorder = Recorder()
-    thread = later(1.0, lift_it)
+    gate = LiftAfterWaits(ThrottleReason.HEALTH_QUERY, lift_it, shards=parallelism)
     backfill = manifest("query", limits={"health": health}, parallelism=parallelism)
-    report = run_backfill(backfill, database, listeners=[recorder])
-    thread.join()
+    report = run_backfill(backfill, database, listeners=[gate])
 
     assert report.state == "done"
-    waits = recorder.throttles(ThrottleReason.HEALTH_QUERY)
-    assert {e.shard for _, _, e in waits} == set(range(parallelism)), "every shard checks for itself"
-    assert len(waits) >= 3 * parallelism, "the run never waited for the health query"
-    first_batch = recorder.batches()[0][0]
-    assert first_batch > lifted[0]
-    assert all(at < lifted[0] for at, _, _ in waits)  # healthy afterwards: no more waits
+    gate.check()
+    for shard in range(parallelism):  # healthy afterwards: a shard that ran waits no more
+        first = min(m for m, _, e in gate.recorder.batches() if e.shard == shard)
+        assert all(m < first for m, _, e in gate.recorder.throttles(ThrottleReason.HEALTH_QUERY) if e.shard == shard)
     assert_exactly_once(database)
     # Each shard's health session is closed with the run (its backend exits a moment later).
     deadline = time.monotonic() + 10
@@ -118,25 +145,21 @@ def test_health_query_holds_the_run_until_it_says_healthy(
 def test_failing_health_query_counts_as_unhealthy_then_recovers(database: str) -> None:
     make_table(database)
     spec = {"query": "SELECT 10 / (SELECT v FROM gate) > 100", "interval": "100ms"}  # valid while v = 1
-    restored: list[float] = []
 
     def break_it(event: Event) -> None:
         if isinstance(event, RunStarted):  # after validation, before the first check
             with psycopg.connect(database, autocommit=True) as conn:
                 conn.execute("UPDATE gate SET v = 0")  # division by zero from now on
-            later(0.8, restore)
 
     def restore() -> None:
         with psycopg.connect(database, autocommit=True) as conn:
-            restored.append(time.monotonic())
             conn.execute("UPDATE gate SET v = 1")
 
-    recorder = Recorder()
+    gate = LiftAfterWaits(ThrottleReason.HEALTH_QUERY, restore)
     report = run_backfill(manifest("failing", limits={"health": spec, "maxRetries": 1000}), database,
-                          listeners=[break_it, recorder])
+                          listeners=[break_it, gate])
     assert report.state == "done"
-    assert len(recorder.throttles(ThrottleReason.HEALTH_QUERY)) >= 2
-    assert recorder.batches()[0][0] > restored[0]
+    gate.check()
     assert_exactly_once(database)
 
 
@@ -168,29 +191,32 @@ def wait_until(dsn: str, query: str, expected: int) -> None:
 
 def test_active_backends_bound_waits_for_the_application(database: str) -> None:
     make_table(database)
-    sleep_seconds = 2.0
-    started: list[float] = []
 
     def busy() -> None:
         with psycopg.connect(database, autocommit=True, application_name="app") as conn:
-            conn.execute("SELECT pg_sleep(%s)", [sleep_seconds])
+            try:
+                conn.execute("SELECT pg_sleep(120)")
+            except psycopg.errors.QueryCanceled:  # the test ends the load
+                pass
 
-    started.append(time.monotonic())  # every sleeper starts after this: active until at least +2 s
     sleepers = [threading.Thread(target=busy) for _ in range(3)]
     for sleeper in sleepers:
         sleeper.start()
     wait_until(database, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'app' AND state = 'active'", 3)
-    recorder = Recorder()
-    report = run_backfill(manifest("backends", limits={"maxActiveBackends": 2}), database, listeners=[recorder])
+
+    def cancel() -> None:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'app'")
+
+    gate = LiftAfterWaits(ThrottleReason.ACTIVE_BACKENDS, cancel)
+    report = run_backfill(manifest("backends", limits={"maxActiveBackends": 2}), database, listeners=[gate])
     for sleeper in sleepers:
         sleeper.join()
 
     assert report.state == "done"
-    assert recorder.throttles(ThrottleReason.ACTIVE_BACKENDS)
-    # The count only drops to 2 once a sleeper's statement ended.
-    assert recorder.batches()[0][0] >= started[0] + sleep_seconds
-    looks = [e for _, _, e in recorder.events if isinstance(e, HealthObserved)]
-    assert max(e.active_backends or 0 for e in looks) >= 3  # its own sessions are not counted: only the 3
+    gate.check()
+    looks = [e for _, _, e in gate.recorder.events if isinstance(e, HealthObserved)]
+    assert max(e.active_backends or 0 for e in looks) == 3  # the backfill's own sessions are not counted
     assert_exactly_once(database)
 
 
@@ -200,31 +226,23 @@ def test_lock_waits_bound_waits_until_the_lock_queue_drains(database: str) -> No
         conn.execute("CREATE TABLE side (id int)")
     holder = psycopg.connect(database, application_name="app-holder")
     holder.execute("LOCK TABLE side IN ACCESS EXCLUSIVE MODE")  # in a transaction until commit
-    waiters = [
-        threading.Thread(target=lambda: psycopg.connect(database, autocommit=True, application_name="app").execute(
-            "SELECT count(*) FROM side").fetchone())
-        for _ in range(2)
-    ]
+
+    def blocked() -> None:
+        with psycopg.connect(database, autocommit=True, application_name="app") as conn:
+            conn.execute("SELECT count(*) FROM side").fetchone()
+
+    waiters = [threading.Thread(target=blocked) for _ in range(2)]
     for waiter in waiters:
         waiter.start()
     wait_until(database, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'app'", 2)
-    released: list[float] = []
-
-    def release() -> None:
-        released.append(time.monotonic())
-        holder.commit()
-
-    thread = later(1.0, release)
-    recorder = Recorder()
-    report = run_backfill(manifest("locks", limits={"maxLockWaits": 1}), database, listeners=[recorder])
-    thread.join()
+    gate = LiftAfterWaits(ThrottleReason.LOCK_WAITS, holder.commit)
+    report = run_backfill(manifest("locks", limits={"maxLockWaits": 1}), database, listeners=[gate])
     for waiter in waiters:
         waiter.join()
     holder.close()
 
     assert report.state == "done"
-    assert recorder.throttles(ThrottleReason.LOCK_WAITS)
-    assert recorder.batches()[0][0] > released[0]
+    gate.check()
     assert_exactly_once(database)
 
 
@@ -238,7 +256,7 @@ def current_wal(conn: psycopg.Connection) -> int:
 
 
 def test_wal_rate_bound_is_honoured_with_an_application_writing(database: str) -> None:
-    rows, bound = 8000, 1_000_000
+    rows, bound = 3000, 500_000  # far below what even a loaded machine writes unthrottled
     make_table(database, rows=rows, pad=200)
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("CREATE TABLE app_log (id bigserial PRIMARY KEY, body text)")
@@ -302,12 +320,12 @@ def clock_text(moment: datetime, zone: ZoneInfo) -> str:
 
 
 def test_window_opens_then_closes_mid_run_and_a_live_edit_reopens_it(database: str) -> None:
-    rows = 4000
+    rows = 6000  # 120 batches of 50 with a 50 ms pause: more than the 3 s the window is open
     make_table(database, rows=rows)
     zone = ZoneInfo("Europe/Berlin")
     now = datetime.now(UTC)
     opens = now.replace(microsecond=0) + timedelta(seconds=3)
-    closes = opens + timedelta(seconds=2)
+    closes = opens + timedelta(seconds=3)
     backfill = manifest(
         "window", batch={"size": 50, "minSize": 50, "maxSize": 50, "targetDuration": "0", "pause": "50ms"},
         schedule={"timeZone": "Europe/Berlin",
@@ -324,7 +342,8 @@ def test_window_opens_then_closes_mid_run_and_a_live_edit_reopens_it(database: s
         if isinstance(event, Throttled) and event.reason == ThrottleReason.WINDOW and recorder.batches() and not flipped:
             closing.append(event)
             flipped.append(time.monotonic())
-            control.current = Tuning(batch=backfill.spec.batch, limits=LimitsSpec(), schedule=None)
+            # ... and finish quickly: bigger batches, no pause (live tuning too).
+            control.current = Tuning(batch=BatchSpec(size=1000, max_size=1000), limits=LimitsSpec(), schedule=None)
 
     report = run_backfill(backfill, database, listeners=[on_event], control=control)
 
@@ -333,7 +352,9 @@ def test_window_opens_then_closes_mid_run_and_a_live_edit_reopens_it(database: s
     assert batches[0][1] >= opens, "a batch ran before the window opened"
     before_open = [e for _, wall, e in recorder.throttles(ThrottleReason.WINDOW) if wall < opens]
     assert before_open and all(e.next_window_start == opens for e in before_open)
-    assert closing and closing[0].next_window_start == opens + timedelta(days=1)  # the next one is tomorrow's
+    local_open = opens.astimezone(zone)
+    tomorrow = datetime.combine(local_open.date() + timedelta(days=1), local_open.time(), tzinfo=zone)
+    assert closing and closing[0].next_window_start == tomorrow.astimezone(UTC)  # the next one is tomorrow's
     during = [wall for _, wall, _ in batches if wall < closes]
     after_close = [m for m, wall, _ in batches if wall >= closes]
     assert during, "nothing ran inside the window"
