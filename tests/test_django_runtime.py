@@ -81,6 +81,8 @@ def test_orm_handler_saves_and_signals_commit_with_the_checkpoint(shop: str, tmp
     assert query(shop, "SELECT count(*) FROM customers_customer WHERE status = 'active'") == [(17,)]
     planned = backfill(shop, "plan", str(path))  # reads and locks a sample batch, rolled back; no handler call
     assert planned.returncode == 0 and "FOR NO KEY UPDATE" in planned.stdout, planned.stdout + planned.stderr
+    reset = backfill(shop, "reset", str(path))  # the DSN from DATABASES again
+    assert reset.returncode == 0 and "removed 1 checkpoint row(s)" in reset.stdout, reset.stdout + reset.stderr
     assert query(shop, "SELECT count(*) FROM customers_audit") == [(STALE_COUNT,)]
 
 

@@ -190,7 +190,8 @@ class PythonHandler:
     decorate: Callable[[Batch], Batch] | None = None
     """Turns the plain batch into the runtime's own (``DjangoBatch``)."""
 
-    name = "handler"
+    name = "rows"
+    """What ``backfill plan`` calls the batch statement: the handler's ``rows()``."""
 
     @property
     def verifiable(self) -> bool:
