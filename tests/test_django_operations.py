@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import yaml
-from django_shop import SHOP, manage, scalar, seed_customers, wrong_rows
+from django_shop import SHOP, manage, scalar, seed_customers, shop_environment, wrong_rows
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from support_faults.kubelet import write_kubeconfig
 
@@ -62,18 +66,31 @@ def test_queue_runs_the_backfill_in_batches_outside_the_migration_then_ensure_pa
     assert shown.returncode == 0 and "-- Queue backfill from backfill.yaml\n--\n-- THIS OPERATION CANNOT BE WRITTEN AS SQL" in shown.stdout
 
 
-def test_the_example_project_migrates_with_its_orm_handler_and_audits_each_customer_once(database: str):
-    """The example's own migrations: 0002 queues backfill-orm.yaml (save() + post_save audit, on the
-    migration's own Django connection, which stays usable for 0003), 0003 checks it succeeded."""
+def test_the_example_project_migrates_with_its_orm_handler_ctrl_c_pauses_and_migrate_resumes(database: str):
+    """The example's own migrations: 0002 queues backfill-orm.yaml (save() + post_save audit on the
+    migration's own Django connection); Ctrl-C pauses it and fails migrate; migrate again resumes it,
+    then 0003 (EnsureBackfillSucceeded) passes on the same connection. One audit row per customer."""
     assert manage(database, "migrate", "customers", "0001").returncode == 0
-    stale = seed_customers(database, 600)
-    result = manage(database, "migrate")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"state=done rows_updated={stale}" in result.stdout
-    assert "Applying customers.0003_customer_status_index... OK" in result.stdout
+    stale = seed_customers(database, 4000)
+    migrate = subprocess.Popen([sys.executable, "manage.py", "migrate"], cwd=SHOP, env=shop_environment(database),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60  # until the first batch committed (its audit rows are visible)
+    while time.monotonic() < deadline and not scalar(database, "SELECT count(*) FROM customers_customeraudit"):
+        time.sleep(0.05)
+    migrate.send_signal(signal.SIGINT)
+    _, stderr = migrate.communicate(timeout=60)
+    assert migrate.returncode == 1, stderr[-3000:]
+    assert "QueueBackfill shop/customers-inactive-orm stopped (paused) after" in stderr
+    assert "run `manage.py migrate` again to resume from the checkpoint" in stderr and "Traceback" not in stderr
+    paused_at = scalar(database, "SELECT count(*) FROM customers_customeraudit")
+    assert 0 < paused_at < stale  # type: ignore[operator]
+    resumed = manage(database, "migrate")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"rows_updated={stale} rows_this_run={stale - paused_at}" in resumed.stdout  # type: ignore[operator]
+    assert "Applying customers.0003_customer_status_index... OK" in resumed.stdout
     assert wrong_rows(database) == 0
-    assert scalar(database, "SELECT count(*) FROM customers_customeraudit") == stale
     assert scalar(database, "SELECT count(DISTINCT customer_id) FROM customers_customeraudit") == stale
+    assert scalar(database, "SELECT count(*) FROM customers_customeraudit") == stale
 
 
 def test_ensure_fails_migrate_until_the_backfill_succeeded_then_manage_backfill_finishes_it(database: str):
