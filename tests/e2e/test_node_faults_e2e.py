@@ -96,7 +96,7 @@ def test_worker_oom_killed_by_a_tight_memory_limit(operator_release: Cluster, po
         cluster.patch_spec(name, {"suspend": True})
         cluster.wait_phase(name, "Paused")
         cluster.wait_until(lambda: not cluster.running_worker_containers(name), "no worker container running")
-        tight = {"resources": {"limits": {"memory": "20Mi"}}, "backoffLimit": 1}
+        tight = {"resources": {"limits": {"memory": "20Mi"}}, "backoffLimit": 0}
         cluster.patch_spec(name, {"worker": tight, "suspend": False})
         status = cluster.wait_phase(name, "Failed", timeout=180)
         message = status["message"]
@@ -105,12 +105,12 @@ def test_worker_oom_killed_by_a_tight_memory_limit(operator_release: Cluster, po
         conditions = {c["type"]: c for c in status["conditions"]}
         assert conditions["Stalled"]["status"] == "True" and conditions["Stalled"]["reason"] == "OOMKilled"
         assert conditions["Ready"]["status"] == "False" and conditions["Ready"]["reason"] == "OOMKilled"
-        # One Warning per killed pod (the Job's first try and its one retry), each posted once
-        # however many operator passes saw it.
+        # One Warning per killed pod (backoffLimit 0: one pod), posted once however many
+        # operator passes saw it.
         killed = [p["metadata"]["name"] for p in pods_of(cluster, name)
                   if any((c.get("state") or {}).get("terminated", {}).get("reason") == "OOMKilled"
                          for c in p["status"].get("containerStatuses") or [])]
-        assert len(killed) == 2, killed
+        assert len(killed) == 1, killed
         events = cluster.events(name, "OOMKilled")
         assert sorted(e["message"].split("worker pod ")[1].split()[0] for e in events) == sorted(killed)
         assert all(e["type"] == "Warning" and e.get("count", 1) == 1 for e in events)
