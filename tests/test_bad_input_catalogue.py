@@ -246,6 +246,8 @@ CATALOGUE: list[Case] = [
     Case("handler-django-settings-missing", 2, ("spec.handler.django.settingsModule", "cannot import the settings module 'no_such_settings'"),
          without(M(handler={"callable": "catalogue_handlers:bump",
                             "django": {"model": "shop.Item", "settingsModule": "no_such_settings"}}), "spec", "set")),
+    Case("handler-select-only-role", 2, ("spec.handler", "lacks UPDATE"),
+         without(M(handler={"callable": "catalogue_handlers:bump"}), "spec", "set"), dsn="reader"),
     Case("handler-raises", 1, ("spec.handler: catalogue_handlers:raises_with_the_password raised ValueError",
                                "catalogue_handlers.py:", "nothing of it was committed"),
          without(M(handler={"callable": "catalogue_handlers:raises_with_the_password"}, checkpoint={"schema": RUNTIME_CHECKPOINTS}),

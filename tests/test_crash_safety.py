@@ -7,20 +7,15 @@ checkpoint was lost, shows up as a counter of 2 (or 0) on some row.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psycopg
 import yaml
 from support_faults.seeds import seeded_random
+from support_faults.sigkill import kill_mid_run, run_to_the_end
 
-BACKFILL = str(Path(sys.executable).parent / "backfill")
 ROWS = 60_000
 KILLS = 12
-ALREADY_RUNNING = 3
 
 
 def test_sigkill_at_random_moments_changes_every_matching_row_exactly_once(database: str, tmp_path: Path) -> None:
@@ -46,40 +41,9 @@ def test_sigkill_at_random_moments_changes_every_matching_row_exactly_once(datab
     env = {**os.environ, "BACKFILL_DSN": database}
     rng = seeded_random("crash_safety", default=20261128)
 
-    kills = 0
-    started = time.monotonic()
-    while kills < KILLS:
-        assert time.monotonic() - started < 90, f"only {kills} kills landed mid-run"
-        proc = subprocess.Popen(
-            [BACKFILL, "run", str(path), "--json-progress"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-        )
-        assert proc.stdout is not None
-        # Wait until batches are being committed, then kill at a random moment (often mid-transaction).
-        running = False
-        for line in proc.stdout:
-            if '"BatchCommitted"' in line:
-                running = True
-                break
-        if not running:  # finished already, or lost the lock race against the previous (dying) run
-            proc.wait(timeout=30)
-            assert proc.returncode in (0, ALREADY_RUNNING), proc.returncode
-            if proc.returncode == 0:
-                break
-            time.sleep(0.1)
-            continue
-        time.sleep(rng.uniform(0.0, 0.25))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdout.close()
-        kills += 1
+    kills = kill_mid_run(path, env, KILLS, rng, max_delay=0.25)
     assert kills >= 10, f"the backfill finished after {kills} kills: make it longer"
-
-    for _ in range(50):  # the last killed run's session may still hold its advisory lock for a moment
-        final = subprocess.run([BACKFILL, "run", str(path)], capture_output=True, text=True, env=env, timeout=120)
-        if final.returncode != ALREADY_RUNNING:
-            break
-        time.sleep(0.2)
+    final = run_to_the_end(path, env)
     assert final.returncode == 0, final.stdout + final.stderr
 
     with psycopg.connect(database, autocommit=True) as conn:

@@ -81,6 +81,8 @@ def test_orm_handler_saves_and_signals_commit_with_the_checkpoint(shop: str, tmp
     assert query(shop, "SELECT count(*) FROM customers_customer WHERE status = 'active'") == [(17,)]
     planned = backfill(shop, "plan", str(path))  # reads and locks a sample batch, rolled back; no handler call
     assert planned.returncode == 0 and "FOR NO KEY UPDATE" in planned.stdout, planned.stdout + planned.stderr
+    reset = backfill(shop, "reset", str(path))  # the DSN from DATABASES again
+    assert reset.returncode == 0 and "removed 1 checkpoint row(s)" in reset.stdout, reset.stdout + reset.stderr
     assert query(shop, "SELECT count(*) FROM customers_audit") == [(STALE_COUNT,)]
 
 
@@ -172,6 +174,13 @@ def test_shards_run_one_per_process_and_django_is_usable_after(shop: str, tmp_pa
         assert (state, one) == ("done", "1")
         counts.append(int(rows))
     assert sum(counts) == STALE_COUNT and all(counts)
+    assert query(shop, "SELECT count(*), count(DISTINCT customer_id) FROM customers_audit") == [(STALE_COUNT, STALE_COUNT)]
+
+
+def test_a_lost_session_reconnects_through_django_and_changes_each_row_once(shop: str, tmp_path: Path) -> None:
+    result = script(shop, str(manifest(tmp_path, "bf_django_shop.backfills:terminate_once")), "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["done", str(STALE_COUNT), "1"]  # and Django's connection works afterwards
     assert query(shop, "SELECT count(*), count(DISTINCT customer_id) FROM customers_audit") == [(STALE_COUNT, STALE_COUNT)]
 
 

@@ -335,3 +335,21 @@ def test_the_cli_runs_plans_and_shows_a_handler_manifest(database: str, handler_
     assert done.exit_code == 0 and "state=done rows_updated=95 " in done.output, done.output
     status = runner.invoke(app, ["status", path, "--dsn", database])
     assert status.exit_code == 0 and "done" in status.output and "95" in status.output, status.output
+
+
+def test_the_handler_change_describes_its_batch_statement_for_plan(handler_module: Any) -> None:
+    from backfill_worker import changes
+    from backfill_worker.statements import Style, Target
+
+    module = handler_module(NORMALIZE)
+    target = Target("public", "people", ("id",), "people_pkey", (), "NOT normalized", ("integer",))
+    change = changes.for_spec(make(f"{module}:normalize", where="NOT normalized").spec, target, shard=1)
+    assert isinstance(change, changes.PythonHandler) and change.shard == 1
+    assert change.name == "rows" and change.verifiable
+    text = change.statement(has_lower=True, style=Style.DOLLAR).as_string(None)
+    assert text == (
+        'SELECT * FROM "public"."people" WHERE "id" > $1 AND "id" <= $2 AND (\nNOT normalized\n) '
+        'ORDER BY "public"."people"."id" FOR NO KEY UPDATE'
+    )
+    unverifiable = changes.for_spec(make(f"{module}:normalize").spec, Target("public", "people", ("id",), "people_pkey", ()))
+    assert isinstance(unverifiable, changes.PythonHandler) and not unverifiable.verifiable

@@ -37,3 +37,16 @@ def slow_once(batch):
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_sleep(0.5)")
     return deactivate(batch)
+
+
+TERMINATED: list[bool] = []
+
+
+def terminate_once(batch):
+    """The first attempt loses its session (terminated by the server): the engine reconnects through Django."""
+    if not TERMINATED:
+        TERMINATED.append(True)
+        deactivate(batch)  # written, then lost with the session: must not count
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    return deactivate(batch)

@@ -348,11 +348,12 @@ def status(file: FileArgument, dsn: DsnOption = None, state_dir: StateDirOption 
 
 
 @app.command()
-def reset(file: FileArgument, dsn: DsnOption = None, state_dir: StateDirOption = Path(".backfill-state")) -> None:
+def reset(file: FileArgument, dsn: DsnOption = None, state_dir: StateDirOption = Path(".backfill-state"),
+          django_settings: DjangoSettingsOption = None) -> None:
     """Forget the checkpoint, so the next run starts from the first key (rows already changed stay changed)."""
     with user_errors():
         backfill = load_backfill(file)
-        removed = reset_checkpoints(backfill, _require_dsn(dsn), store=_store(backfill, state_dir))
+        removed = reset_checkpoints(backfill, _dsn_for(backfill, dsn, django_settings), store=_store(backfill, state_dir))
         out.print(f"{backfill.identity}: removed {removed} checkpoint row(s)")
 
 

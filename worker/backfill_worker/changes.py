@@ -81,7 +81,7 @@ class PythonHandler:
 
     target: Target
     handler: Handler
-    name: str
+    callable_name: str
     """``spec.handler.callable``, for messages."""
     shard: int
     redact_text: Callable[[str], str] = redact
@@ -90,6 +90,19 @@ class PythonHandler:
     )
     decorate: Callable[[Batch], Batch] | None = None
     """Turns the plain batch into the runtime's own (``DjangoBatch``)."""
+
+    @property
+    def name(self) -> str:
+        """What ``backfill plan`` calls the batch statement: the handler's ``rows()``."""
+        return "rows"
+
+    @property
+    def verifiable(self) -> bool:
+        return self.target.where is not None
+
+    def statement(self, *, has_lower: bool, style: statements.Style = statements.Style.PSYCOPG) -> sql.Composed:
+        """The locking ``SELECT`` of ``rows()`` (what ``backfill plan`` checks and samples)."""
+        return statements.lock_batch_rows(self.target, has_lower=has_lower, style=style)
 
     def transaction(self, conn: psycopg.Connection) -> AbstractContextManager[object]:
         return self.open_transaction(conn)
@@ -119,7 +132,7 @@ class PythonHandler:
             return batch.rows_yielded
         if isinstance(result, bool) or not isinstance(result, int) or result < 0:
             raise handlers.HandlerFailed(
-                f"{handlers.FIELD}: {self.name} returned {type(result).__name__} {self.redact_text(repr(result))[:80]}: return the "
+                f"{handlers.FIELD}: {self.callable_name} returned {type(result).__name__} {self.redact_text(repr(result))[:80]}: return the "
                 "number of rows it changed (an int >= 0) or None (counts the rows batch.rows() yielded); the batch was rolled back"
             )
         return result
@@ -129,7 +142,7 @@ class PythonHandler:
 
     def _ended_by_handler(self, lower: Key | None) -> handlers.HandlerFailed:
         return handlers.HandlerFailed(
-            f"{handlers.FIELD}: {self.name} committed or rolled back the batch transaction itself ({self._where(lower)}); "
+            f"{handlers.FIELD}: {self.callable_name} committed or rolled back the batch transaction itself ({self._where(lower)}); "
             "refused: the engine commits each batch together with its checkpoint, which is what makes the handler run "
             "exactly once per row. Remove conn.commit()/rollback()/COMMIT/ROLLBACK from the handler; nothing of the batch "
             "was committed"
@@ -144,7 +157,7 @@ class PythonHandler:
             return transient
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return handlers.HandlerFailed(self.redact_text(
-            f"{handlers.FIELD}: {self.name} raised {type(error).__name__}{': ' + message if message else ''} "
+            f"{handlers.FIELD}: {self.callable_name} raised {type(error).__name__}{': ' + message if message else ''} "
             f"({handlers.handler_location(error, self.handler)}; {self._where(lower)}); the batch was rolled back, "
             "nothing of it was committed. Fix the handler and rerun: the run resumes from the checkpoint"
         ))

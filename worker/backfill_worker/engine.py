@@ -484,6 +484,8 @@ def run_backfill(
             if conn is not main:
                 connections.close(conn)
         for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
+            if runner.conn is not None and runner.conn not in conns.values():
+                connections.close(runner.conn)  # (Django's: through Django, so it reconnects on next use)
             runner._drop_connection()
         main.close()
     report = RunReport(tuple(sorted(reports, key=lambda r: r.shard)), time.monotonic() - started)
