@@ -7,14 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 BACKFILL = str(Path(sys.executable).parent / "backfill")
 ALREADY_RUNNING = 3
+RUN: Sequence[str] = (BACKFILL, "run")
+"""The command before the manifest (``manage.py backfill run`` for the Django example)."""
 
 
 def kill_mid_run(manifest: Path, env: dict[str, str], kills: int, rng: random.Random, *, max_delay: float,
-                 deadline: float = 90) -> int:
+                 deadline: float = 90, command: Sequence[str] = RUN, cwd: Path | None = None) -> int:
     """Start ``backfill run`` and SIGKILL it 0..``max_delay`` s after its first committed batch,
     ``kills`` times (fewer if a run finishes first); returns the kills that landed mid-run."""
     landed = 0
@@ -22,8 +25,8 @@ def kill_mid_run(manifest: Path, env: dict[str, str], kills: int, rng: random.Ra
     while landed < kills:
         assert time.monotonic() - started < deadline, f"only {landed} kills landed mid-run"
         proc = subprocess.Popen(
-            [BACKFILL, "run", str(manifest), "--json-progress"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, env=env,
+            [*command, str(manifest), "--json-progress"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, env=env, cwd=cwd,
         )
         assert proc.stdout is not None
         # Wait until batches are being committed, then kill at a random moment (often mid-transaction).
@@ -47,10 +50,11 @@ def kill_mid_run(manifest: Path, env: dict[str, str], kills: int, rng: random.Ra
     return landed
 
 
-def run_to_the_end(manifest: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_to_the_end(manifest: Path, env: dict[str, str], *, command: Sequence[str] = RUN,
+                   cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``backfill run`` until it is not refused as already running (a killed run's session may linger)."""
     for _ in range(50):
-        final = subprocess.run([BACKFILL, "run", str(manifest)], capture_output=True, text=True, env=env, timeout=120)
+        final = subprocess.run([*command, str(manifest)], capture_output=True, text=True, env=env, timeout=180, cwd=cwd)
         if final.returncode != ALREADY_RUNNING:
             break
         time.sleep(0.2)
