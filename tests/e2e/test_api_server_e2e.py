@@ -45,6 +45,7 @@ IMMUTABLE_EDITS: dict[str, dict[str, Any]] = {
     "database": {"database": {"dsnSecretRef": {"name": "other-secret"}}},
     "table": {"table": "public.other"},
     "set": {"set": {"c": "2"}},
+    "handler": {"handler": {"callable": "shop.backfills:fix"}},  # adding one is an edit (issue 11)
     "where": {"where": "c = 0"},
     "parallelism": {"parallelism": 2},
     "checkpoint": {"checkpoint": {"schema": "other"}},
