@@ -44,11 +44,13 @@ def probe_backfill() -> dict[str, Any]:
 IMMUTABLE_EDITS: dict[str, dict[str, Any]] = {
     "database": {"database": {"dsnSecretRef": {"name": "other-secret"}}},
     "table": {"table": "public.other"},
+    "walk": {"walk": "ctid"},
     "set": {"set": {"c": "2"}},
     # Another kind instead of set (null removes set: exactly one kind stays given).
     "delete": {"set": None, "delete": {}},
     "copy": {"set": None, "copy": {"table": "public.other", "onConflict": "doNothing"}},
     "from": {"from": [{"table": "public.other", "alias": "o", "condition": "o.id = t.id"}]},
+    "handler": {"set": None, "handler": {"callable": "shop.backfills:fix"}},  # a handler instead of set (issue 11)
     "where": {"where": "c = 0"},
     "parallelism": {"parallelism": 2},
     "checkpoint": {"checkpoint": {"schema": "other"}},
