@@ -100,7 +100,7 @@ def test_ensure_fails_migrate_until_the_backfill_succeeded_then_manage_backfill_
     blocked = manage(database, "migrate", migrations=SQL)
     assert blocked.returncode == 1
     no_traceback(blocked)
-    assert "BackfillMigrationError: Backfill shop/customers-inactive has no checkpoint in this database: it never ran here" in blocked.stderr
+    assert "BackfillMigrationError: Backfill shop/customers-inactive-sql has no checkpoint in this database: it never ran here" in blocked.stderr
     assert "manage.py backfill run backfill.yaml" in blocked.stderr  # more refusals: tests/test_bad_input_catalogue.py
     assert scalar(database, "SELECT count(*) FROM django_migrations WHERE name = '0003_status_index'") == 0
 
@@ -123,7 +123,7 @@ def test_queue_from_a_queryset_and_the_manifest_command_compile_the_shipped_sql_
     `manage.py backfill manifest` prints exactly the shipped examples/django/backfill.yaml."""
     assert manage(database, "migrate", "customers", "0001", migrations="bfdj_queryset").returncode == 0
     stale = seed_customers(database, 800)
-    printed = manage(database, "backfill", "manifest", "customers.backfills:stale_customers", "--name", "customers-inactive",
+    printed = manage(database, "backfill", "manifest", "customers.backfills:stale_customers", "--name", "customers-inactive-sql",
                      "--namespace", "shop", "--secret", "shop-db", migrations="bfdj_queryset")
     assert printed.returncode == 0, printed.stderr[-3000:]
     assert yaml.safe_load(printed.stdout) == yaml.safe_load((SHOP / "backfill.yaml").read_text())
@@ -151,19 +151,19 @@ async def test_cluster_mode_creates_the_backfill_and_ensure_follows_its_status(k
         stale = seed_customers(database, 200)
         queued = await asyncio.to_thread(cluster_manage, "migrate", "customers", "0002")
         assert queued.returncode == 0, queued.stderr[-3000:]
-        assert "Backfill shop/customers-inactive created in the cluster" in queued.stdout
-        obj = await asyncio.to_thread(api.get, backfill_path("shop", "customers-inactive"))
+        assert "Backfill shop/customers-inactive-sql created in the cluster" in queued.stdout
+        obj = await asyncio.to_thread(api.get, backfill_path("shop", "customers-inactive-sql"))
         assert obj["spec"]["set"] == {"status": "'inactive'"} and obj["spec"]["database"]["dsnSecretRef"]["name"] == "shop-db"
         assert wrong_rows(database) == stale  # the operator runs it, not migrate
 
         pending = await asyncio.to_thread(cluster_manage, "migrate")
         assert pending.returncode == 1
         no_traceback(pending)
-        assert "Backfill shop/customers-inactive has not Succeeded (phase Pending" in pending.stderr
-        assert "kubectl -n shop wait backfill/customers-inactive --for=condition=Ready" in pending.stderr
+        assert "Backfill shop/customers-inactive-sql has not Succeeded (phase Pending" in pending.stderr
+        assert "kubectl -n shop wait backfill/customers-inactive-sql --for=condition=Ready" in pending.stderr
 
         done = {"phase": "Succeeded", "completedAt": datetime.now(UTC).isoformat()}
-        await asyncio.to_thread(api.merge_patch, backfill_path("shop", "customers-inactive", status=True), {"status": done})
+        await asyncio.to_thread(api.merge_patch, backfill_path("shop", "customers-inactive-sql", status=True), {"status": done})
         finished = await asyncio.to_thread(cluster_manage, "migrate")
         assert finished.returncode == 0, finished.stderr[-3000:]
 
@@ -172,7 +172,7 @@ async def test_cluster_mode_creates_the_backfill_and_ensure_follows_its_status(k
         requeued = await asyncio.to_thread(cluster_manage, "migrate", "customers", "0002")
         assert requeued.returncode == 0 and "already exists in the cluster with this change" in requeued.stdout
         # Another change under the same name is refused.
-        await asyncio.to_thread(api.merge_patch, backfill_path("shop", "customers-inactive"), {"spec": {"where": "true"}})
+        await asyncio.to_thread(api.merge_patch, backfill_path("shop", "customers-inactive-sql"), {"spec": {"where": "true"}})
         assert (await asyncio.to_thread(cluster_manage, "migrate", "customers", "0001")).returncode == 0
         conflict = await asyncio.to_thread(cluster_manage, "migrate", "customers", "0002")
         assert conflict.returncode == 1 and "already exists in the cluster with a different change" in conflict.stderr

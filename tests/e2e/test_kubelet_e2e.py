@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -68,6 +70,16 @@ def test_operator_runs_as_a_pod_from_the_image(operator_release: Cluster) -> Non
         assert b"# TYPE" in response.read()
 
 
+def open_window_now(spec: dict[str, Any]) -> None:
+    """Replace the example's run windows (if any) by one open now, in its own zone (as tests/test_examples.py does)."""
+    schedule = spec.get("schedule")
+    if schedule is None:
+        return
+    now = datetime.now(ZoneInfo(schedule["timeZone"]))
+    schedule["windows"] = [{"start": (now - timedelta(minutes=1)).strftime("%H:%M:%S"),
+                            "end": (now + timedelta(minutes=30)).strftime("%H:%M:%S")}]
+
+
 def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, pod_database: Any) -> None:
     cluster = operator_release
     started: dict[str, PodDatabase] = {}
@@ -77,6 +89,7 @@ def test_every_example_succeeds_in_real_worker_pods(operator_release: Cluster, p
         db = pod_database(f"ex-{folder}")
         run_sql_file(db.admin_dsn, ROOT / "examples" / folder / "schema.sql")
         manifest["spec"]["database"]["dsnSecretRef"]["name"] = db.secret
+        open_window_now(manifest["spec"])
         cluster.apply(manifest)
         started[manifest["metadata"]["name"]] = db
     for name, db in started.items():

@@ -1,4 +1,4 @@
-"""Needs the data: fails until customers-inactive has Succeeded."""
+"""Needs the data: fails until customers-inactive-sql has Succeeded."""
 
 from django.db import migrations, models
 
