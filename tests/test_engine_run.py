@@ -18,7 +18,7 @@ from manifests import backfill_document
 from backfill_api.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BatchSpec
-from backfill_worker import statements
+from backfill_worker import changes, statements
 from backfill_worker.checkpoint import JsonFileStore
 from backfill_worker.engine import read_checkpoints, reset_checkpoints, run_backfill
 from backfill_worker.events import BatchCommitted, RetryScheduled, RunFinished, StaticControl, Throttled, Tuning
@@ -280,7 +280,7 @@ def test_batch_statements_use_the_key_index_custom_and_generic(big_table: str, s
     backfill = make(table="customers", set={"status": "'inactive'"}, where="last_login < now() - interval '365 days' AND status IS NULL")
     with psycopg.connect(big_table, autocommit=True) as conn:
         target = resolve_target(conn, backfill.spec)
-        checks = check_index_use(conn, target, ("100",), ("50000",), size)
+        checks = check_index_use(conn, changes.SqlUpdate(target), ("100",), ("50000",), size)
         # The same check by hand for the UPDATE's generic plan, independent of the planner's helper.
         with conn.transaction(force_rollback=True):
             update = statements.update_batch(target, has_lower=True, style=Style.DOLLAR)

@@ -290,9 +290,6 @@ def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, 
     return int(row[0]) if row else 0
 
 
-STATEMENT_NAMES = {"set": SqlUpdate.name, "delete": SqlDelete.name, "copy": SqlCopy.name, "handler": PythonHandler.name}
-"""What ``backfill plan`` calls each kind's batch statement."""
-
 KINDS: dict[str, type[SqlUpdate] | type[SqlDelete] | type[SqlCopy]] = {
     "set": SqlUpdate, "delete": SqlDelete, "copy": SqlCopy,
 }

@@ -23,7 +23,7 @@ from backfill_api.model import Backfill
 from . import blocks, changes, health_probe, introspect, sharding, statements, validation
 from .connection import connect, database_errors
 from .secrets import redact, register_dsn, secrets_of
-from .statements import Style, Target
+from .statements import Style
 
 INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
 BLOCK_RANGE_NODE = "Tid Range Scan"
@@ -194,10 +194,10 @@ def _explain_generic(conn: psycopg.Connection, statement: sql.Composable, params
 
 
 def check_index_use(
-    conn: psycopg.Connection, target: Target, lower: Sequence[str], run_upper: Sequence[str], size: int
+    conn: psycopg.Connection, change: changes.BatchChange, lower: Sequence[str], run_upper: Sequence[str], size: int
 ) -> list[IndexCheck]:
-    """Custom and generic plans of the probe and the batch statement of a real batch after ``lower``."""
-    name_of_batch = changes.STATEMENT_NAMES[target.kind]
+    """Custom and generic plans of the probe and the change's statement of a real batch after ``lower``."""
+    target = change.target
     checks = []
     key_indexes = introspect.hierarchy_key_indexes(conn, target)
     probe_params = [*statements.range_params(lower, run_upper), size - 1]
@@ -207,12 +207,9 @@ def check_index_use(
     def probe(has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
         return statements.probe_upper_bound(target, has_lower=has_lower, style=style)
 
-    def batch(has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
-        return statements.batch_statement(target, has_lower=has_lower, style=style)
-
     cases = (
         ("probe", probe, probe_params),
-        (name_of_batch, batch, statements.range_params(lower, batch_upper)),
+        (change.name, change.statement, statements.range_params(lower, batch_upper)),
     )
     with conn.transaction(force_rollback=True):
         for name, build, params in cases:
@@ -223,7 +220,7 @@ def check_index_use(
                     plan = _explain(conn, build(has_lower=True), params)
                 scans = table_scans(plan, key_indexes)
                 uses = reads_only_through(plan, key_indexes)
-                required = not (whole_table and name == name_of_batch)
+                required = not (whole_table and name == change.name)
                 checks.append(IndexCheck(name, generic, uses, tuple(describe_scan(s) for s in scans), required))
     return checks
 
@@ -348,7 +345,7 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
                 backfill.spec.parallelism, rendered, (), None, 0.0,
             )
         estimated_keys = sharding.estimate_keys(conn, target)
-        checks = check_index_use(conn, target, low, high, backfill.spec.batch.size)
+        checks = check_index_use(conn, change, low, high, backfill.spec.batch.size)
         unfiltered = target.where is None and not target.joins and target.copy is None
         to_change = estimated_keys if unfiltered else _estimated_rows_to_change(conn, change, high)
         sample, duplicates = _sample_batch(conn, change, backfill, high)
