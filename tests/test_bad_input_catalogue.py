@@ -592,7 +592,7 @@ class DjangoCase:
 
 DJANGO_CATALOGUE = [
     DjangoCase("queue-in-atomic-migration", ("migrate",), 1,
-               ("QueueBackfill shop/customers-inactive: this migration runs in a transaction", "Add `atomic = False`"),
+               ("QueueBackfill shop/customers-inactive-sql: this migration runs in a transaction", "Add `atomic = False`"),
                migrations="bfdj_atomic"),
     DjangoCase("queue-manifest-missing", ("migrate",), 1, ("QueueBackfill:", "no-such-backfill.yaml", "cannot read"),
                migrations="bfdj_missing"),

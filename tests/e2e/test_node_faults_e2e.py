@@ -122,7 +122,7 @@ def test_worker_oom_killed_by_a_tight_memory_limit(operator_release: Cluster, po
         # The way out: the default limit back, then suspend and resume to start a new run.
         cluster.kubectl("-n", NS, "patch", "bf", name, "--type=merge",
                         "-p", json.dumps({"spec": {"worker": {"resources": None, "backoffLimit": 6}, "suspend": True}}))
-        cluster.wait_phase(name, "Paused")
+        cluster.wait_phase(name, "Paused", leaving_failed=True)
         cluster.patch_spec(name, {"suspend": False})
         wait_ready(cluster, name)
         assert_exactly_once(db.admin_dsn, 600)
