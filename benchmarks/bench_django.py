@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from bench_engine import fresh_run_db
 from psycopg import sql
 
 from backfill_worker.localpg import LocalPostgres
@@ -139,18 +140,6 @@ def seed(server: LocalPostgres, rows: int) -> None:
         conn.execute("VACUUM FREEZE ANALYZE")
 
 
-def fresh_run_db(server: LocalPostgres) -> str:
-    with psycopg.connect(server.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(RUN_DB)))
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(sql.Identifier(RUN_DB), sql.Identifier(SEED_DB))
-        )
-    dsn = server.dsn(dbname=RUN_DB)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
-    return dsn
-
-
 def count(dsn: str, query: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(query).fetchone()
@@ -158,7 +147,7 @@ def count(dsn: str, query: str) -> int:
 
 
 def run_variant(server: LocalPostgres, variant: Variant, rows: int, interval: float, app_seed: int) -> Result:
-    dsn = fresh_run_db(server)
+    dsn = fresh_run_db(server, seed=SEED_DB, run=RUN_DB, prewarm=())
     application = Application(dsn, rows, interval, app_seed)
     application.start()
     try:

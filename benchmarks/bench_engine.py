@@ -69,16 +69,37 @@ class Result:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
-def fresh_run_db(server: LocalPostgres) -> str:
+def seed_database(server: LocalPostgres, rows: int, *, setup: str = "", name: str = SEED_DB) -> str:
+    """The seed every run copies: ``rows`` demo customers (plus ``setup`` SQL), ``VACUUM FREEZE
+    ANALYZE``d; sets the fixed cutoff (``WHERE``). Returns the seed's DSN."""
     with psycopg.connect(server.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(RUN_DB)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    seed_dsn = server.dsn(dbname=name)
+    with psycopg.connect(seed_dsn, autocommit=True) as conn:
+        seed_customers(conn, rows)
+        if setup:
+            conn.execute(setup.encode())
+        conn.execute("VACUUM (FREEZE, ANALYZE)")
+        set_cutoff(str(conn.execute(f"SELECT ({CUTOFF})::text").fetchone()[0]))  # type: ignore[index]
+    return seed_dsn
+
+
+def fresh_run_db(server: LocalPostgres, *, seed: str = SEED_DB, run: str = RUN_DB, prewarm: tuple[str, ...] = (
+    "customers", "customers_pkey",
+)) -> str:
+    """A physical copy of the seed, its ``prewarm`` relations in shared buffers, right after a CHECKPOINT:
+    every run starts from identical pages."""
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(run)))
         admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(sql.Identifier(RUN_DB), sql.Identifier(SEED_DB))
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(sql.Identifier(run), sql.Identifier(seed))
         )
-    dsn = server.dsn(dbname=RUN_DB)
+    dsn = server.dsn(dbname=run)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
-        conn.execute("SELECT pg_prewarm('customers'), pg_prewarm('customers_pkey')")
+        if prewarm:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+            for relation in prewarm:
+                conn.execute("SELECT pg_prewarm(%s)", [relation])
         conn.execute("CHECKPOINT")
     return dsn
 
@@ -233,14 +254,8 @@ def main() -> None:
     args = parser.parse_args()
 
     with LocalPostgres(settings=SETTINGS) as server:
-        with psycopg.connect(server.dsn(), autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SEED_DB)))
-        seed_dsn = server.dsn(dbname=SEED_DB)
         started = time.perf_counter()
-        with psycopg.connect(seed_dsn, autocommit=True) as conn:
-            seed_customers(conn, args.rows)
-            conn.execute("VACUUM (FREEZE, ANALYZE) customers")
-            set_cutoff(str(conn.execute(f"SELECT ({CUTOFF})::text").fetchone()[0]))  # type: ignore[index]
+        seed_database(server, args.rows)
         print(f"seeded {args.rows:,} rows in {time.perf_counter() - started:.1f} s; where: {WHERE}", flush=True)
 
         configs: list[tuple[str, Callable[[str], Result]]] = [

@@ -40,7 +40,6 @@ import psycopg
 from psycopg import sql
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.demo import seed_customers
 from backfill_worker.engine import run_backfill
 from backfill_worker.events import BatchCommitted, Event
 from backfill_worker.handlers import Batch
@@ -142,14 +141,9 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
     with LocalPostgres(settings=bench_engine.SETTINGS) as server:
-        with psycopg.connect(server.dsn(), autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(bench_engine.SEED_DB)))
-        seed_dsn = server.dsn(dbname=bench_engine.SEED_DB)
+        seed_dsn = bench_engine.seed_database(server, args.rows)
         with psycopg.connect(seed_dsn, autocommit=True) as conn:
-            seed_customers(conn, args.rows)
-            conn.execute("VACUUM (FREEZE, ANALYZE) customers")
-            cutoff = conn.execute(f"SELECT {bench_engine.CUTOFF}").fetchone()[0]  # type: ignore[index]
-            bench_engine.set_cutoff(str(cutoff))
+            cutoff = conn.execute("SELECT %s::timestamptz", [bench_engine.CUTOFF_TS]).fetchone()[0]  # type: ignore[index]
         import bench_handler  # the module the engine imports for the handlers: give it the cutoff
 
         bench_handler.CUTOFF[:] = [cutoff]

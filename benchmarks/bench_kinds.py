@@ -24,9 +24,7 @@ from collections.abc import Callable
 import bench_engine
 import psycopg
 from bench_engine import Result, fresh_run_db, median_result, paired_ratio, run_engine_spec, run_single_statement
-from psycopg import sql
 
-from backfill_worker.demo import seed_customers
 from backfill_worker.localpg import LocalPostgres
 
 ARCHIVE = "CREATE SCHEMA archive; CREATE TABLE archive.customers (LIKE public.customers INCLUDING ALL)"
@@ -64,14 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with LocalPostgres(settings=bench_engine.SETTINGS) as server:
-        with psycopg.connect(server.dsn(), autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(bench_engine.SEED_DB)))
-        seed_dsn = server.dsn(dbname=bench_engine.SEED_DB)
-        with psycopg.connect(seed_dsn, autocommit=True) as conn:
-            seed_customers(conn, args.rows)
-            conn.execute(ARCHIVE)
-            conn.execute("VACUUM (FREEZE, ANALYZE)")
-            bench_engine.set_cutoff(str(conn.execute(f"SELECT ({bench_engine.CUTOFF})::text").fetchone()[0]))  # type: ignore[index]
+        seed_dsn = bench_engine.seed_database(server, args.rows, setup=ARCHIVE)
         expected = scalar(seed_dsn, f"SELECT count(*) FROM customers WHERE {bench_engine.WHERE}")
         print(f"seeded {args.rows:,} rows, {expected:,} of them matching: {bench_engine.WHERE}", flush=True)
 
