@@ -79,8 +79,11 @@ class Governor:
         self._clock = clock
         self.controller: app_impact.Controller | None = None
         self._window: _Mark | None = None
-        self._last_sample_at = 0.0
-        self._active: list[int] = []
+        self._last_batch_sample_at = 0.0
+        """When ``pause_after`` last sampled: its own clock, so pause samples never starve decisions."""
+        self._last_pause_sample_at = 0.0
+        self._active: list[tuple[float, int]] = []
+        """This window's active-session samples: (seconds each stands for, count)."""
         self._lock_waiters = 0
         self._last_clean = 0.0
         self.last_pause = 0.0
@@ -98,11 +101,12 @@ class Governor:
         # Our sample queries are transactions too (autocommit): count them as our own.
         self._own.add(0, 2 if statements else 1)
         at = self._clock()
-        self._last_sample_at = at
         return _Mark(self._sampler.sample(conn, at), self._own.totals())
 
-    def _activity(self, first: _Mark, last: _Mark, active: list[int], lock_waiters: int) -> app_impact.Activity:
-        mean_active = sum(active) / len(active) if active else float(last.sample.active_others)
+    def _activity(self, first: _Mark, last: _Mark, active: list[tuple[float, int]], lock_waiters: int) -> app_impact.Activity:
+        mean_active = impact_signals.time_weighted_active(active)
+        if mean_active is None:
+            mean_active = float(last.sample.active_others)
         return impact_signals.activity_between(
             first.sample, last.sample, own_writes=last.own[0] - first.own[0], own_commits=last.own[1] - first.own[1],
             active=mean_active, lock_waiters=max(lock_waiters, last.sample.lock_waiters),
@@ -115,14 +119,15 @@ class Governor:
         first = self._mark(conn)
         sleep(IDLE_CHECK_SECONDS)
         last = self._mark(conn)
-        activity = self._activity(first, last, [first.sample.active_others, last.sample.active_others], 0)
+        both = [(1.0, first.sample.active_others), (1.0, last.sample.active_others)]
+        activity = self._activity(first, last, both, 0)
         if activity.present:
             sleep(max(0.0, BASELINE_SECONDS - (self._clock() - first.sample.at)))
             last = self._mark(conn)
-            activity = self._activity(first, last, [first.sample.active_others, last.sample.active_others], 0)
+            activity = self._activity(first, last, [(1.0, first.sample.active_others), (1.0, last.sample.active_others)], 0)
         self.controller = app_impact.Controller.start(self.budget, max_batch_seconds, activity)
         self._window = last
-        self._last_clean = self._clock()
+        self._last_clean = self._last_batch_sample_at = self._last_pause_sample_at = self._clock()
         self._report()
 
     def retune(self, spec: ApplicationImpactSpec, max_batch_seconds: float) -> None:
@@ -141,16 +146,17 @@ class Governor:
         """Sample/decide as due; the pause the controller wants after this batch."""
         assert self.controller is not None and self._window is not None
         now = self._clock()
-        if now - self._last_sample_at >= SAMPLE_SECONDS:
+        if now - self._last_batch_sample_at >= SAMPLE_SECONDS:
+            self._last_batch_sample_at = now
             if now - self._window.sample.at >= DECISION_SECONDS:
                 last = self._mark(conn)
-                self._active.append(last.sample.active_others)
+                self._active.append((max(work_seconds, 1e-3), last.sample.active_others))
                 activity = self._activity(self._window, last, self._active, self._lock_waiters)
                 self.controller = self.controller.observe(activity)
                 self._window, self._active, self._lock_waiters = last, [], 0
                 self._report()
             else:
-                self._active.append(self._mark(conn, statements=False).sample.active_others)
+                self._active.append((max(work_seconds, 1e-3), self._mark(conn, statements=False).sample.active_others))
         pause = self.controller.pause_after(work_seconds)
         if self.controller.present and (
             self.controller.needs_baseline or self._clock() - self._last_clean >= REBASELINE_SECONDS
@@ -163,12 +169,17 @@ class Governor:
         """Run the pause (``seconds`` long); a long one is measured as the application alone."""
         if seconds < CLEAN_MIN_SECONDS:
             pause()
+            if seconds > 0 and self._clock() - self._last_pause_sample_at >= SAMPLE_SECONDS:
+                self._last_pause_sample_at = self._clock()
+                # The application between our batches: weighs against the post-batch samples.
+                self._active.append((seconds, self._mark(conn, statements=False).sample.active_others))
             return
         first = self._mark(conn, statements=self.controller is not None and self.controller.needs_baseline)
         pause()
         last = self._mark(conn, statements=first.sample.statement_calls is not None)
         assert self.controller is not None
-        self.controller = self.controller.rebaseline(self._activity(first, last, [last.sample.active_others], 0))
+        self._active.append((seconds, last.sample.active_others))  # the application alone, for this window too
+        self.controller = self.controller.rebaseline(self._activity(first, last, [(1.0, last.sample.active_others)], 0))
         self._last_clean = self._clock()
 
     def batch_target_seconds(self) -> float:
