@@ -30,7 +30,9 @@ default spec: the application-impact throttle), ``fast`` (default spec with
 (``protect`` with every batch committed synchronously), and two cause-separation phases that
 run ``fast`` on a copy of the table the application never touches: ``cause-wal`` (a logged
 copy: the CPU and the WAL, no row locks shared) and ``cause-cpu`` (an UNLOGGED copy: only the
-CPU). Causes and protect-sync run only with the ``random`` application.
+CPU). Causes and protect-sync run only with the ``random`` application. ``protect@R`` is
+``protect`` with ``applicationImpact.minThroughputRatio: R`` (e.g. ``protect@0.7``), to compare
+budgets within one run.
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ SETTINGS = {"fsync": "on", "synchronous_commit": "on", "shared_buffers": "1GB", 
 SEED_DB, CAUSES_DB, RUN_DB = "app_seed", "app_seed_causes", "app_run"
 TABLE = "pgbench_accounts"
 WHERE = "migrated IS NOT TRUE"
-ENGINE_PHASES = ("protect", "fast", "protect-sync", "cause-cpu", "cause-wal")
 CAUSE_TABLES = {"cause-cpu": "accounts_unlogged", "cause-wal": "accounts_copy"}
 RANDOM_ONLY = ("protect-sync", "cause-cpu", "cause-wal")
 
@@ -215,8 +216,10 @@ def backfill_manifest(phase: str, table: str) -> Any:
     spec: dict[str, Any] = {"table": table, "set": {"migrated": "true"}, "where": WHERE}
     if phase in ("fast", "cause-cpu", "cause-wal"):
         spec["limits"] = {"applicationImpact": {"mode": "fast"}}
+    elif phase.startswith("protect@"):  # another throughput budget, side by side with the default
+        spec["limits"] = {"applicationImpact": {"minThroughputRatio": float(phase.split("@", 1)[1])}}
     return parse_backfill({"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill",
-                           "metadata": {"name": f"bench-{phase}"}, "spec": spec})
+                           "metadata": {"name": f"bench-{phase.replace('@', '-')}"}, "spec": spec})
 
 
 def run_engine(dsn: str, phase: str, table: str, run: Run) -> None:
