@@ -130,7 +130,7 @@ class ApplicationImpactSpec(_Model):
 
     mode: ImpactMode = ImpactMode.PROTECT
     """``protect`` (default) or ``fast``."""
-    min_throughput_ratio: float = Field(default=0.8, ge=0.01, le=0.99)
+    min_throughput_ratio: float = Field(default=0.75, ge=0.01, le=0.99)
     """Keep the other sessions' transaction rate at least this fraction of what it was without
     the backfill."""
     max_latency_ratio: float = Field(default=1.5, ge=1.01, le=100)

@@ -64,7 +64,7 @@ LOCK_WAITS = "lockWaits"
 class Budget:
     """``spec.limits.applicationImpact`` in seconds and ratios."""
 
-    min_throughput_ratio: float = 0.8
+    min_throughput_ratio: float = 0.75
     """Other sessions' transaction rate must stay >= this fraction of the baseline."""
     max_latency_ratio: float = 1.5
     """Their mean statement latency (and active-session count) must stay <= this multiple."""
