@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from backfill_api.errors import ValidationFailed
 from backfill_api.manifest import parse_backfill
@@ -134,3 +135,34 @@ def test_a_bitmap_scan_of_another_tables_index_is_not_the_batch_walk() -> None:
     subplan = [{"Plan": {"Node Type": "Index Scan", "Relation Name": "t", "Index Name": "t_pkey", "Plans": [
         {"Node Type": "Seq Scan", "Relation Name": "t", "Parent Relationship": "SubPlan"}]}}]
     assert reads_only_through(subplan, {"t": ["t_pkey"]})
+
+
+def _seq_scanned(plan: Any) -> list[tuple[str, bool]]:
+    return [(c.statement, c.generic) for c in plan.index_checks if not c.uses_index]
+
+
+def test_a_tiny_analyzed_table_read_whole_is_not_a_failed_plan_check(database: str) -> None:
+    """120 rows in one block: with statistics the planner rightly prefers a sequential scan for
+    a batch of 10 keys; ``backfill plan`` must not fail on that (it did, once autovacuum had
+    analyzed the table)."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(SHAPES["plain"][0])
+        conn.execute("INSERT INTO t (id, grp) SELECT i, i % 10 FROM generate_series(1, 120) AS i")
+        conn.execute("ANALYZE t")
+    plan = plan_backfill(make(table="t", set={"counter": "1"}, where="grp < 5", batch={"size": 10, "minSize": 10, "maxSize": 10}), database)
+    assert _seq_scanned(plan), "precondition: the planner reads this tiny table whole"
+    assert plan.index_ok and all(not c.required for c in plan.index_checks), plan.index_checks
+
+
+def test_a_table_read_whole_is_still_a_failed_plan_check_once_it_is_not_tiny(database: str) -> None:
+    """The other side: 30,000 rows with the planner kept off the indexes (a setting of the
+    database, as a misconfigured one might have) fail the check."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(SHAPES["plain"][0])
+        seed(conn)
+        conn.execute("ANALYZE t")
+        name = sql.Identifier(conn.info.dbname)
+        for setting in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):
+            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = off").format(name, sql.Identifier(setting)))
+    plan = plan_backfill(make(table="t", set={"counter": "1"}, where="grp < 5", batch={"size": 500}), database)
+    assert _seq_scanned(plan) and not plan.index_ok, plan.index_checks

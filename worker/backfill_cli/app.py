@@ -297,7 +297,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         if check.uses_index:
             verdict = "[green]ok[/]"
         elif check.ok:
-            verdict = "[green]ok[/] (one batch covers the whole table: a scan of it is right)"
+            verdict = "[green]ok[/] (a small table, or one batch covers all of it: a scan of it is right)"
         else:
             verdict = "[red]NOT A TID RANGE SCAN[/]" if plan.by_ctid else "[red]NOT USING THE KEY INDEX[/]"
         console.print(f"  {check.statement:<7} {'generic' if check.generic else 'custom ':<8} {verdict}  {'; '.join(check.scans)}")

@@ -162,6 +162,22 @@ def _estimated_rows(conn: psycopg.Connection, oid: int) -> int:
     return int(row[0]) if row else -1
 
 
+def hierarchy_blocks(conn: psycopg.Connection, target: Target) -> int:
+    """Main-fork blocks of the target table, its partitions and inheritance children, now."""
+    row = conn.execute(
+        """
+        WITH RECURSIVE tree(oid) AS (
+            SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+            UNION SELECT h.inhrelid FROM pg_inherits h JOIN tree ON h.inhparent = tree.oid
+        )
+        SELECT coalesce(sum(pg_relation_size(oid)), 0) / current_setting('block_size')::bigint FROM tree
+        """,
+        {"schema": target.schema, "table": target.table},
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def hierarchy_key_indexes(conn: psycopg.Connection, target: Target) -> dict[str, frozenset[str]]:
     """The target table, its partitions and inheritance children (recursively), each with its
     btree indexes whose leading columns are the key columns in order, in the key's collations
