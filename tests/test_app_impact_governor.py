@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg
 import pytest
@@ -60,6 +61,24 @@ def _wait_for(watcher: psycopg.Connection, pids: list[int], *, active: bool) -> 
     raise AssertionError(f"sessions {pids} never became {'active' if active else 'idle'}")
 
 
+@dataclass
+class ManualClock:
+    now: float = 100.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def governed() -> tuple[impact_governor.Governor, Callable[[float], None], list[ImpactObserved]]:
+    """A governor on a manual clock: (it, the clock's advance, what it reported)."""
+    clock, reports = ManualClock(), list[ImpactObserved]()
+    governor = impact_governor.Governor(
+        ApplicationImpactSpec(), identity=IDENTITY, shard=0, table=("public", "t"), checkpoint_schema="backfill",
+        own=impact_governor.OwnActivity(), emit=reports.append, clock=lambda: clock.now,
+    )
+    return governor, clock.advance, reports
+
+
 def test_time_weighted_active_weighs_each_sample_by_the_time_it_stands_for() -> None:
     assert impact_signals.time_weighted_active([(0.01, 4), (0.09, 0)]) == pytest.approx(0.4)
     assert impact_signals.time_weighted_active([(1.0, 2), (1.0, 4)]) == pytest.approx(3.0)
@@ -69,16 +88,7 @@ def test_time_weighted_active_weighs_each_sample_by_the_time_it_stands_for() -> 
 def test_sessions_seen_only_right_after_short_batches_weigh_as_little_as_the_batches(database: str) -> None:
     """At a low duty the post-batch samples (when waiters catch up) are a small share of the
     window; counted one sample one vote, they held a 2 %-duty run near the budget for ever."""
-    clock = [100.0]
-    reports: list[ImpactObserved] = []
-
-    def advance(seconds: float) -> None:
-        clock[0] += seconds
-
-    governor = impact_governor.Governor(
-        ApplicationImpactSpec(), identity=IDENTITY, shard=0, table=("public", "t"), checkpoint_schema="backfill",
-        own=impact_governor.OwnActivity(), emit=reports.append, clock=lambda: clock[0],
-    )
+    governor, advance, reports = governed()
     with psycopg.connect(database, autocommit=True, application_name=f"backfill {IDENTITY} shard 0") as conn, \
             active_sessions(database, 1):  # the application: one session always at work
         governor.begin(conn, advance, 0.03)
@@ -99,16 +109,7 @@ def test_long_pauses_after_short_batches_still_reach_decisions(database: str) ->
     """At a low duty every pause is long enough to be measured (two samples around it) and every
     batch short; the post-batch sampling must not wait for 0.1 s since *those* samples, or no
     decision window ever closes and the duty stays where it fell (a 2 %-duty run took 10 min)."""
-    clock = [100.0]
-    reports: list[ImpactObserved] = []
-
-    def advance(seconds: float) -> None:
-        clock[0] += seconds
-
-    governor = impact_governor.Governor(
-        ApplicationImpactSpec(), identity=IDENTITY, shard=0, table=("public", "t"), checkpoint_schema="backfill",
-        own=impact_governor.OwnActivity(), emit=reports.append, clock=lambda: clock[0],
-    )
+    governor, advance, reports = governed()
     with psycopg.connect(database, autocommit=True, application_name=f"backfill {IDENTITY} shard 0") as conn, \
             active_sessions(database, 1):
         governor.begin(conn, advance, 0.03)
