@@ -112,6 +112,10 @@ class Governor:
             active=mean_active, lock_waiters=max(lock_waiters, last.sample.lock_waiters),
         )
 
+    def _alone(self, first: _Mark, last: _Mark) -> app_impact.Activity:
+        """The application by itself before the first batch: the two samples weigh the same."""
+        return self._activity(first, last, [(1.0, first.sample.active_others), (1.0, last.sample.active_others)], 0)
+
     # -- engine hooks -----------------------------------------------------------------------
 
     def begin(self, conn: psycopg.Connection, sleep: Callable[[float], None], max_batch_seconds: float) -> None:
@@ -119,12 +123,11 @@ class Governor:
         first = self._mark(conn)
         sleep(IDLE_CHECK_SECONDS)
         last = self._mark(conn)
-        both = [(1.0, first.sample.active_others), (1.0, last.sample.active_others)]
-        activity = self._activity(first, last, both, 0)
+        activity = self._alone(first, last)
         if activity.present:
             sleep(max(0.0, BASELINE_SECONDS - (self._clock() - first.sample.at)))
             last = self._mark(conn)
-            activity = self._activity(first, last, [(1.0, first.sample.active_others), (1.0, last.sample.active_others)], 0)
+            activity = self._alone(first, last)
         self.controller = app_impact.Controller.start(self.budget, max_batch_seconds, activity)
         self._window = last
         self._last_clean = self._last_batch_sample_at = self._last_pause_sample_at = self._clock()

@@ -90,7 +90,7 @@ def time_weighted_active(samples: Sequence[tuple[float, int]]) -> float | None:
 
     Samples are taken only between our batches, at two kinds of moment: right after a batch, when
     sessions that waited for its rows are still catching up (the batch's effect), and at the end
-    of a long pause (the application alone). Each stands for the time it follows, so a run at 2 %
+    of a pause (the application alone). Each stands for the time it follows, so a run at 2 %
     duty is not judged by its 2 % worst moments: an unweighted mean held such a run in the
     controller's hold band (``activeSessions`` ~0.9) while the application ran at 0.96x."""
     total = sum(seconds for seconds, _ in samples)

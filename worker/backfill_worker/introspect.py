@@ -162,17 +162,20 @@ def _estimated_rows(conn: psycopg.Connection, oid: int) -> int:
     return int(row[0]) if row else -1
 
 
+_HIERARCHY = """
+WITH RECURSIVE tree(oid) AS (
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+    UNION SELECT h.inhrelid FROM pg_inherits h JOIN tree ON h.inhparent = tree.oid
+)
+"""
+"""``tree``: the table named by ``%(schema)s``/``%(table)s``, its partitions and inheritance children, recursively."""
+
+
 def hierarchy_blocks(conn: psycopg.Connection, target: Target) -> int:
     """Main-fork blocks of the target table, its partitions and inheritance children, now."""
     row = conn.execute(
-        """
-        WITH RECURSIVE tree(oid) AS (
-            SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = %(schema)s AND c.relname = %(table)s
-            UNION SELECT h.inhrelid FROM pg_inherits h JOIN tree ON h.inhparent = tree.oid
-        )
-        SELECT coalesce(sum(pg_relation_size(oid)), 0) / current_setting('block_size')::bigint FROM tree
-        """,
+        _HIERARCHY + "SELECT coalesce(sum(pg_relation_size(oid)), 0) / current_setting('block_size')::bigint FROM tree",
         {"schema": target.schema, "table": target.table},
     ).fetchone()
     return int(row[0]) if row else 0
@@ -183,12 +186,7 @@ def hierarchy_key_indexes(conn: psycopg.Connection, target: Target) -> dict[str,
     btree indexes whose leading columns are the key columns in order, in the key's collations
     and default operator classes: the indexes that can serve a batch's key walk on it."""
     rows = conn.execute(
-        """
-        WITH RECURSIVE tree(oid) AS (
-            SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = %(schema)s AND c.relname = %(table)s
-            UNION SELECT h.inhrelid FROM pg_inherits h JOIN tree ON h.inhparent = tree.oid
-        )
+        _HIERARCHY + """
         SELECT c.relname,
                array(SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
                      JOIN pg_am am ON am.oid = ic.relam
