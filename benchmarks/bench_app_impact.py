@@ -54,11 +54,11 @@ import psycopg
 from psycopg import sql
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker import impact_governor
-from backfill_worker.checkpoint import CheckpointTable
-from backfill_worker.engine import run_backfill
-from backfill_worker.events import BatchCommitted, Event, ImpactObserved, Throttled
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
+from backfill_worker.checkpoints.checkpoint import CheckpointTable
+from backfill_worker.observe.events import BatchCommitted, Event, ImpactObserved, Throttled
+from backfill_worker.run.engine import run_backfill
+from backfill_worker.throttles import impact_governor
 
 SETTINGS = {"fsync": "on", "synchronous_commit": "on", "shared_buffers": "1GB", "max_wal_size": "4GB"}
 SEED_DB, CAUSES_DB, RUN_DB = "app_seed", "app_seed_causes", "app_run"

@@ -40,7 +40,7 @@ import psycopg
 from bench_engine import fresh_run_db
 from psycopg import sql
 
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOP = ROOT / "examples" / "django"

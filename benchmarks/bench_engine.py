@@ -35,10 +35,10 @@ import psycopg
 from psycopg import sql
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.demo import seed_customers
-from backfill_worker.engine import run_backfill
-from backfill_worker.events import BatchCommitted, Event
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.demo import seed_customers
+from backfill_cli.localpg import LocalPostgres
+from backfill_worker.observe.events import BatchCommitted, Event
+from backfill_worker.run.engine import run_backfill
 
 # A fixed cutoff (set from the seed time in main()): with now() the rows near the cutoff would
 # drift into the where clause while the runs go on, and runs would not be comparable.

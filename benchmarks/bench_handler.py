@@ -40,10 +40,10 @@ import psycopg
 from psycopg import sql
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.engine import run_backfill
-from backfill_worker.events import BatchCommitted, Event
-from backfill_worker.handlers import Batch
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
+from backfill_worker.changes.handlers import Batch
+from backfill_worker.observe.events import BatchCommitted, Event
+from backfill_worker.run.engine import run_backfill
 
 SPLIT: dict[str, float] = {"fetch": 0.0, "python": 0.0, "write": 0.0}
 CUTOFF: list[datetime] = []

@@ -25,7 +25,7 @@ import bench_engine
 import psycopg
 from bench_engine import Result, fresh_run_db, median_result, paired_ratio, run_engine_spec, run_single_statement
 
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
 
 ARCHIVE = "CREATE SCHEMA archive; CREATE TABLE archive.customers (LIKE public.customers INCLUDING ALL)"
 

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
 
 # Every DSN the suite hands out carries this password. A hook below fails any test whose
 # captured output, logs or failure report contains it: secrets must never leak anywhere.

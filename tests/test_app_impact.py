@@ -10,9 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from backfill_api.model import ApplicationImpactSpec, ImpactMode, LimitsSpec
-from backfill_worker import app_impact as ai
-from backfill_worker.app_impact import Activity, Budget, Controller
-from backfill_worker.impact_signals import Sample, activity_between, like_prefix, quoted
+from backfill_worker.throttles import app_impact as ai
+from backfill_worker.throttles.app_impact import Activity, Budget, Controller
+from backfill_worker.throttles.impact_signals import Sample, activity_between, like_prefix, quoted
 
 BUDGET = Budget(min_throughput_ratio=0.8, max_latency_ratio=1.5, max_lock_hold_seconds=0.02)
 IDLE = Activity(seconds=0.5, write_rate=0.0, commit_rate=0.0, active=0.0)

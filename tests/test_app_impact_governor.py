@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from backfill_api.model import ApplicationImpactSpec
-from backfill_worker import impact_governor, impact_signals
-from backfill_worker.events import ImpactObserved
+from backfill_worker.observe.events import ImpactObserved
+from backfill_worker.throttles import impact_governor, impact_signals
 
 IDENTITY = "shop/governor"
 

@@ -18,8 +18,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.engine import run_backfill
-from backfill_worker.events import BatchCommitted, Event, ImpactObserved, Throttled
+from backfill_worker.observe.events import BatchCommitted, Event, ImpactObserved, Throttled
+from backfill_worker.run.engine import run_backfill
 
 pytestmark = pytest.mark.skipif(shutil.which("pgbench") is None, reason="pgbench (postgresql-client) not installed")
 

@@ -14,12 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from backfill_api.crd import PRINTER_COLUMNS, build_crd
 from backfill_api.serving import serve
 from backfill_api.status import aggregate_progress
-from backfill_worker.connection import open_connection
-from backfill_worker.events import ImpactObserved
-from backfill_worker.impact_signals import Sampler, lock_waiters
-from backfill_worker.kube_worker import shard_status
-from backfill_worker.metrics import WorkerMetrics
-from backfill_worker.progress import ShardProgress
+from backfill_worker.kube.worker import shard_status
+from backfill_worker.observe.events import ImpactObserved
+from backfill_worker.observe.run_progress import ShardProgress
+from backfill_worker.observe.worker_metrics import WorkerMetrics
+from backfill_worker.sql.connection import open_connection
+from backfill_worker.throttles.impact_signals import Sampler, lock_waiters
 
 IDENTITY = "shop/customers-inactive"
 LABELS = {"namespace": "shop", "name": "customers-inactive", "shard": "0"}

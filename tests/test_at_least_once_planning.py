@@ -8,8 +8,8 @@ from pathlib import Path
 import psycopg
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
-from backfill_worker.engine import run_backfill
+from backfill_worker.checkpoints.checkpoint import JsonFileStore, ShardCheckpoint
+from backfill_worker.run.engine import run_backfill
 
 
 class FirstLoadMeets(JsonFileStore):

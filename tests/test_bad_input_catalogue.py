@@ -28,7 +28,7 @@ from support_faults.secrets import CANARY_PASSWORD, assert_absent
 from typer.testing import CliRunner
 
 from backfill_cli.app import app
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
 
 ROLE_PASSWORD = "role-Pw-51c0ffee"
 WRONG_PASSWORD = "wrong-Pw-0badc0de"

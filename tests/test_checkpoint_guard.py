@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from backfill_api.model import IMMUTABLE_SPEC_FIELDS, BackfillSpec
 from backfill_cli.app import app
-from backfill_worker.checkpoint_guard import CLI_GUARDS, FINGERPRINT_FIELDS
+from backfill_worker.checkpoints.checkpoint_guard import CLI_GUARDS, FINGERPRINT_FIELDS
 
 runner = CliRunner()
 SPEC: dict[str, Any] = {"table": "t", "set": {"v": "v + 1"}, "batch": {"size": 40, "minSize": 10}}

@@ -182,7 +182,7 @@ def test_parallel_at_least_once_run_keeps_every_shard_in_the_state_file(table: s
 
 def test_resumed_run_rate_counts_only_this_runs_rows() -> None:
     from backfill_cli.app import summary_line
-    from backfill_worker.engine import RunReport, ShardReport
+    from backfill_worker.run.engine import RunReport, ShardReport
 
     report = RunReport((ShardReport(0, "done", 1_000, 10, 0, 2.0),), duration=2.0)
     line = summary_line(report, rows_before=800)
@@ -192,8 +192,8 @@ def test_resumed_run_rate_counts_only_this_runs_rows() -> None:
 
 def test_a_resumed_run_reports_what_earlier_runs_did(table: str, tmp_path: Path) -> None:
     from backfill_api.manifest import load_backfill
-    from backfill_worker.engine import run_backfill
-    from backfill_worker.events import BatchCommitted, Event, StaticControl
+    from backfill_worker.observe.events import BatchCommitted, Event, StaticControl
+    from backfill_worker.run.engine import run_backfill
 
     path = manifest(tmp_path, table="t", set={"v": "v + 1"}, batch={"size": 100, "maxSize": 100, "minSize": 100})
     control = StaticControl()
@@ -219,7 +219,7 @@ def test_help_shows_no_type_after_flags() -> None:
 
 def test_plan_says_where_its_row_estimate_comes_from() -> None:
     from backfill_cli.app import estimate_lines
-    from backfill_worker.planner import Plan, Sample
+    from backfill_worker.plan.planner import Plan, Sample
 
     plan = Plan("t/p", "public.t", ("id",), ("int",), "t_pkey", 10_000, 123, 1, {}, (), Sample(100, 100, 25, 0.01), 1.0)
     lines = estimate_lines(plan)

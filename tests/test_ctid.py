@@ -22,12 +22,12 @@ from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BackfillSpec
 from backfill_cli.app import app
-from backfill_worker import blocks
-from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
-from backfill_worker.engine import read_checkpoints, run_backfill
-from backfill_worker.events import BatchCommitted, StaticControl
-from backfill_worker.metrics import WorkerMetrics
-from backfill_worker.planner import plan_backfill
+from backfill_worker.checkpoints.checkpoint import JsonFileStore, ShardCheckpoint
+from backfill_worker.observe.events import BatchCommitted, StaticControl
+from backfill_worker.observe.worker_metrics import WorkerMetrics
+from backfill_worker.plan.planner import plan_backfill
+from backfill_worker.run.engine import read_checkpoints, run_backfill
+from backfill_worker.sql import blocks
 
 WHERE = "grp < 50 AND NOT done"
 SET = {"counter": "counter + 1", "done": "true"}

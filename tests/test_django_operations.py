@@ -34,7 +34,7 @@ from backfill_django.operations import (
     where_to_run,
 )
 from backfill_django.sources import backfill_from_callable, from_result
-from backfill_worker.checkpoint import ShardCheckpoint
+from backfill_worker.checkpoints.checkpoint import ShardCheckpoint
 
 SQL = "bfdj_sql"
 

@@ -139,8 +139,8 @@ def test_bad_django_specs_are_refused_before_any_write(
 SHARD_SCRIPT = """
 import sys
 from backfill_api.manifest import load_backfill
-from backfill_worker.engine import run_backfill
-from backfill_worker.handlers import runtime_for
+from backfill_worker.run.engine import run_backfill
+from backfill_worker.changes.handlers import runtime_for
 backfill = load_backfill(sys.argv[1])
 runtime = runtime_for(backfill.spec, None)
 from django.db import transaction
@@ -203,7 +203,7 @@ from django.utils import timezone
 from bf_django_shop.customers.models import Customer
 from backfill_django.queryset import manifest_document, manifest_from_queryset
 from backfill_django.runtime import dsn_from_settings
-from backfill_worker.engine import run_backfill
+from backfill_worker.run.engine import run_backfill
 Customer.objects.filter(pk__in=[1, 2, 3]).update(email="O'Hara%1@Example.com")  # quote and percent in a parameter
 Customer.objects.filter(pk=4).update(email="O'Hara_1@Example.com")  # LIKE's '_' must stay literal
 cutoff = timezone.now() - timedelta(days=365)

@@ -186,7 +186,7 @@ def test_the_dockerfile_recipe_gives_a_clean_venv_that_runs_backfill(tmp_path):
 
     # Run from an empty directory so nothing from the source tree can be imported by accident.
     # Everything the operator and the worker import at run time is there (the CLI imports lazily).
-    modules = "backfill_worker.engine, backfill_worker.kube_worker, backfill_api.kubeapi, backfill_operator.main, kubernetes"
+    modules = "backfill_worker.run.engine, backfill_worker.kube.worker, backfill_api.kubeapi, backfill_operator.main, kubernetes"
     where = run([str(runtime / "bin/python"), "-c", f"import {modules}; import backfill_worker; print(backfill_worker.__file__)"], cwd=tmp_path)
     assert str(runtime) in where.stdout
     for command in image_commands():

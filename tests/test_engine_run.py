@@ -18,13 +18,14 @@ from manifests import backfill_document
 from backfill_api.errors import AlreadyRunning, CheckpointMismatch, CheckpointUnavailable, RetriesExhausted
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BatchSpec
-from backfill_worker import changes, statements
-from backfill_worker.checkpoint import JsonFileStore
-from backfill_worker.engine import read_checkpoints, reset_checkpoints, run_backfill
-from backfill_worker.events import BatchCommitted, RetryScheduled, RunFinished, StaticControl, Throttled, Tuning
-from backfill_worker.planner import check_index_use, plan_backfill
-from backfill_worker.statements import Style
-from backfill_worker.validation import resolve_target
+from backfill_worker.changes import changes
+from backfill_worker.checkpoints.checkpoint import JsonFileStore
+from backfill_worker.observe.events import BatchCommitted, RetryScheduled, RunFinished, StaticControl, Throttled, Tuning
+from backfill_worker.plan.planner import check_index_use, plan_backfill
+from backfill_worker.plan.validation import resolve_target
+from backfill_worker.run.engine import read_checkpoints, reset_checkpoints, run_backfill
+from backfill_worker.sql import statements
+from backfill_worker.sql.statements import Style
 
 
 def make(name: str = "bf", **spec: Any) -> Backfill:

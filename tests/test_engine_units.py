@@ -7,15 +7,22 @@ import pytest
 from manifests import backfill_document
 
 from backfill_api.status import format_eta
-from backfill_worker import statements
-from backfill_worker.batching import MAX_GROWTH, BatchSizer
-from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
-from backfill_worker.events import BatchCommitted, RunFinished, RunStarted, Throttled
-from backfill_worker.planner import Sample, projected_seconds, uses_key_index
-from backfill_worker.progress import RunProgress, eta_seconds, percent
-from backfill_worker.retry import backoff_seconds, classify
-from backfill_worker.statements import Style, Target
-from backfill_worker.throttle import MAX_ROWS_PER_SECOND, PAUSE, REPLICATION_LAG, after_batch, lag_wait, per_runner_rate
+from backfill_worker.checkpoints.checkpoint import JsonFileStore, ShardCheckpoint
+from backfill_worker.observe.events import BatchCommitted, RunFinished, RunStarted, Throttled
+from backfill_worker.observe.run_progress import RunProgress, eta_seconds, percent
+from backfill_worker.plan.planner import Sample, projected_seconds, uses_key_index
+from backfill_worker.sql import statements
+from backfill_worker.sql.retry import backoff_seconds, classify
+from backfill_worker.sql.statements import Style, Target
+from backfill_worker.throttles.batching import MAX_GROWTH, BatchSizer
+from backfill_worker.throttles.throttle import (
+    MAX_ROWS_PER_SECOND,
+    PAUSE,
+    REPLICATION_LAG,
+    after_batch,
+    lag_wait,
+    per_runner_rate,
+)
 
 TARGET = Target("public", "customers", ("id",), "customers_pkey", (("status", "'inactive'"),), "email LIKE '%@x'")
 COMPOSITE = Target("s", "We;ird", ("tenant", "id"), "pk", (("a", "1"),), None)
@@ -168,7 +175,7 @@ def test_json_store_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def
 
 
 def test_prefetched_bound_is_used_only_for_its_range_and_a_similar_size() -> None:
-    from backfill_worker.prefetch import Bound, usable
+    from backfill_worker.sql.prefetch import Bound, usable
 
     bound = Bound(("100",), 1000, ("1100",))
     assert usable(bound, ("100",), 1000)
@@ -182,7 +189,7 @@ def test_prefetched_bound_is_used_only_for_its_range_and_a_similar_size() -> Non
 def test_shard_selection() -> None:
     from backfill_api.errors import ValidationFailed
     from backfill_api.manifest import parse_backfill
-    from backfill_worker.engine import _shard_numbers
+    from backfill_worker.run.engine import _shard_numbers
 
     backfill = parse_backfill(backfill_document("x", table="t", set={"v": "1"}, parallelism=3))
     assert _shard_numbers(backfill, None) == [0, 1, 2]

@@ -11,7 +11,7 @@ from manifests import backfill_document
 
 from backfill_api.errors import ValidationFailed
 from backfill_api.manifest import parse_backfill
-from backfill_worker.engine import run_backfill
+from backfill_worker.run.engine import run_backfill
 
 SETUP = [
     "CREATE TABLE customers (id bigint PRIMARY KEY, email text NOT NULL, status text, n int NOT NULL DEFAULT 0, "

@@ -29,7 +29,7 @@ from psycopg import sql
 from session_roles import role_with_settings
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.engine import run_backfill
+from backfill_worker.run.engine import run_backfill
 
 SEED = int(os.environ.get("BACKFILL_HYPOTHESIS_SEED", "20261202"))
 EXAMPLES_PER_KIND = int(os.environ.get("BACKFILL_HYPOTHESIS_EXAMPLES", "4"))

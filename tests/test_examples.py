@@ -14,9 +14,9 @@ import yaml
 
 from backfill_api.manifest import load_backfill
 from backfill_api.model import Backfill, ScheduleSpec, WindowSpec
-from backfill_worker.engine import run_backfill
-from backfill_worker.planner import plan_backfill
-from backfill_worker.schedule import window_state
+from backfill_worker.plan.planner import plan_backfill
+from backfill_worker.run.engine import run_backfill
+from backfill_worker.throttles.schedule import window_state
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

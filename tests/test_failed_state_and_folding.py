@@ -16,7 +16,7 @@ from backfill_api.identifiers import parse_qualified_name
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill
 from backfill_cli.app import app
-from backfill_worker.engine import read_checkpoints, run_backfill
+from backfill_worker.run.engine import read_checkpoints, run_backfill
 
 
 def make(**spec: Any) -> Backfill:

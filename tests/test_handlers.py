@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, HandlerSpec
-from backfill_worker import handlers
-from backfill_worker.engine import read_checkpoints, run_backfill
-from backfill_worker.events import BatchCommitted, RetryScheduled
+from backfill_worker.changes import handlers
+from backfill_worker.observe.events import BatchCommitted, RetryScheduled
+from backfill_worker.run.engine import read_checkpoints, run_backfill
 
 
 @pytest.fixture
@@ -338,8 +338,8 @@ def test_the_cli_runs_plans_and_shows_a_handler_manifest(database: str, handler_
 
 
 def test_the_handler_change_describes_its_batch_statement_for_plan(handler_module: Any) -> None:
-    from backfill_worker import changes
-    from backfill_worker.statements import Style, Target
+    from backfill_worker.changes import changes
+    from backfill_worker.sql.statements import Style, Target
 
     module = handler_module(NORMALIZE)
     target = Target("public", "people", ("id",), "people_pkey", (), "NOT normalized", ("integer",))

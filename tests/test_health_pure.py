@@ -10,9 +10,9 @@ import pytest
 
 from backfill_api.model import LimitsSpec
 from backfill_api.status import ThrottleReason
-from backfill_worker import health
-from backfill_worker.health import Decision, ServerSample, WalMark, decide, interpret, wal_wait
-from backfill_worker.health_probe import observed
+from backfill_worker.throttles import health
+from backfill_worker.throttles.health import Decision, ServerSample, WalMark, decide, interpret, wal_wait
+from backfill_worker.throttles.health_probe import observed
 
 
 def limits(**fields: object) -> LimitsSpec:

@@ -23,11 +23,11 @@ from backfill_api.errors import RetriesExhausted, ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BatchSpec, LimitsSpec
 from backfill_api.status import ThrottleReason
-from backfill_worker import health_probe
-from backfill_worker.engine import run_backfill
-from backfill_worker.events import BatchCommitted, Event, HealthObserved, RunStarted, Throttled, Tuning
-from backfill_worker.localpg import LocalPostgres
-from backfill_worker.metrics import WorkerMetrics
+from backfill_cli.localpg import LocalPostgres
+from backfill_worker.observe.events import BatchCommitted, Event, HealthObserved, RunStarted, Throttled, Tuning
+from backfill_worker.observe.worker_metrics import WorkerMetrics
+from backfill_worker.run.engine import run_backfill
+from backfill_worker.throttles import health_probe
 
 ROWS = 2000
 
@@ -396,7 +396,7 @@ def test_own_sessions_are_recognised_by_application_name() -> None:
 
 
 def test_plan_checks_the_health_query_too(database: str) -> None:
-    from backfill_worker.planner import plan_backfill
+    from backfill_worker.plan.planner import plan_backfill
 
     make_table(database)
     with pytest.raises(ValidationFailed) as caught:

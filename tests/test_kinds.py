@@ -20,11 +20,12 @@ from backfill_api.errors import ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill, BackfillSpec
 from backfill_cli.app import app
-from backfill_worker import changes, statements
-from backfill_worker.engine import run_backfill
-from backfill_worker.planner import plan_backfill
-from backfill_worker.statements import CopyInto, Join, Target
-from backfill_worker.validation import resolve_target
+from backfill_worker.changes import changes
+from backfill_worker.plan.planner import plan_backfill
+from backfill_worker.plan.validation import resolve_target
+from backfill_worker.run.engine import run_backfill
+from backfill_worker.sql import statements
+from backfill_worker.sql.statements import CopyInto, Join, Target
 
 
 def make(name: str = "kinds", **spec: Any) -> Backfill:

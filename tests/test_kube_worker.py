@@ -22,8 +22,8 @@ from manifests import backfill_document
 from backfill_api.kubeapi import KubeApi, backfill_path
 from backfill_api.model import BackfillSpec
 from backfill_api.specdiff import APPLIED_SPEC_ANNOTATION, encode_applied, immutable_view
-from backfill_worker.checkpoint import ShardCheckpoint
-from backfill_worker.kube_worker import KubeControl, StatusProgressStore, run_worker
+from backfill_worker.checkpoints.checkpoint import ShardCheckpoint
+from backfill_worker.kube.worker import KubeControl, StatusProgressStore, run_worker
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(180)]
 NS = "shop"

@@ -11,7 +11,7 @@ import kopf
 import pytest
 import structlog
 
-from backfill_worker.events import (
+from backfill_worker.observe.events import (
     BatchCommitted,
     ReplicationLagObserved,
     RetryScheduled,
@@ -19,8 +19,8 @@ from backfill_worker.events import (
     RunStarted,
     Throttled,
 )
-from backfill_worker.logs import LogListener, configure_logging, get_logger
-from backfill_worker.secrets import register_dsn
+from backfill_worker.observe.logs import LogListener, configure_logging, get_logger
+from backfill_worker.sql.secrets import register_dsn
 
 PASSWORD = "Pa55-w0rd-logs"
 DSN = f"host=db.internal port=5432 dbname=shop user=app password={PASSWORD}"

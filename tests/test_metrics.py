@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backfill_api.serving import MetricsServer, serve
-from backfill_worker.events import (
+from backfill_worker.observe.events import (
     BatchCommitted,
     ReplicationLagObserved,
     RetryScheduled,
@@ -18,7 +18,7 @@ from backfill_worker.events import (
     RunStarted,
     Throttled,
 )
-from backfill_worker.metrics import WorkerMetrics
+from backfill_worker.observe.worker_metrics import WorkerMetrics
 
 IDENTITY = "shop/customers-inactive"
 LABELS = {"namespace": "shop", "name": "customers-inactive", "shard": "0"}

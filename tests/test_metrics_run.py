@@ -10,8 +10,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from backfill_api.manifest import parse_backfill
 from backfill_api.serving import serve
-from backfill_worker.engine import run_backfill
-from backfill_worker.metrics import WorkerMetrics
+from backfill_worker.observe.worker_metrics import WorkerMetrics
+from backfill_worker.run.engine import run_backfill
 
 ROWS = 2_000
 

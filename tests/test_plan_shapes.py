@@ -17,8 +17,8 @@ from psycopg import sql
 from backfill_api.errors import ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill
-from backfill_worker.engine import run_backfill
-from backfill_worker.planner import plan_backfill
+from backfill_worker.plan.planner import plan_backfill
+from backfill_worker.run.engine import run_backfill
 
 ROWS = 30_000
 
@@ -121,7 +121,7 @@ def test_key_index_that_cannot_serve_the_key_order_is_refused_at_validation(data
 def test_a_bitmap_scan_of_another_tables_index_is_not_the_batch_walk() -> None:
     """PURE: a semi-join whose inner side bitmap-scans another table's index (as a where
     subquery can plan) leaves the target's own walk through its key index acceptable."""
-    from backfill_worker.planner import reads_only_through
+    from backfill_worker.plan.planner import reads_only_through
 
     plan = [{"Plan": {"Node Type": "ModifyTable", "Relation Name": "t", "Plans": [{
         "Node Type": "Nested Loop", "Plans": [

@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.engine import run_backfill
-from backfill_worker.events import BatchCommitted, ReplicationLagObserved, RunFinished, Throttled
-from backfill_worker.localpg import LocalPostgres
-from backfill_worker.throttle import REPLICATION_LAG, read_replication_lag
+from backfill_cli.localpg import LocalPostgres
+from backfill_worker.observe.events import BatchCommitted, ReplicationLagObserved, RunFinished, Throttled
+from backfill_worker.run.engine import run_backfill
+from backfill_worker.throttles.throttle import REPLICATION_LAG, read_replication_lag
 
 APPLY_DELAY_SECONDS = 2.0
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from backfill_api.model import BackfillSpec, ScheduleSpec
 from backfill_api.status import ThrottleReason
-from backfill_worker.schedule import HEARTBEAT_SECONDS, window_state, window_wait
+from backfill_worker.throttles.schedule import HEARTBEAT_SECONDS, window_state, window_wait
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

@@ -1,6 +1,6 @@
 import logging
 
-from backfill_worker.secrets import REDACTOR, describe_dsn, redact, register_dsn, secrets_of
+from backfill_worker.sql.secrets import REDACTOR, describe_dsn, redact, register_dsn, secrets_of
 
 
 def test_uri_and_keyword_passwords_are_masked_even_when_unknown():

@@ -34,9 +34,9 @@ from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_api.manifest import parse_backfill
+from backfill_cli.localpg import LocalPostgres
 from backfill_operator.main import OperatorConfig
-from backfill_worker.engine import run_backfill
-from backfill_worker.localpg import LocalPostgres
+from backfill_worker.run.engine import run_backfill
 
 
 def secrets_of(dsn: str) -> list[str]:

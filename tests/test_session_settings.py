@@ -16,7 +16,7 @@ from session_roles import HOSTILE_SETTINGS, role_with_settings
 from backfill_api.errors import ValidationFailed
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill
-from backfill_worker.engine import read_checkpoints, run_backfill
+from backfill_worker.run.engine import read_checkpoints, run_backfill
 
 
 def make(**spec: Any) -> Backfill:
@@ -122,7 +122,7 @@ def test_exact_key_types_are_accepted(database: str, column_sql: str) -> None:
 
 
 def test_tcp_keepalives_are_set_unless_the_dsn_sets_them() -> None:
-    from backfill_worker.connection import TCP_DEFAULTS, tcp_options
+    from backfill_worker.sql.connection import TCP_DEFAULTS, tcp_options
 
     assert tcp_options("host=db dbname=x") == TCP_DEFAULTS
     assert tcp_options("host=db keepalives_idle=60 tcp_user_timeout=0") == {
@@ -132,8 +132,8 @@ def test_tcp_keepalives_are_set_unless_the_dsn_sets_them() -> None:
 
 
 def test_engine_sessions_carry_the_pinned_settings(database: str) -> None:
-    from backfill_worker.connection import open_connection
-    from backfill_worker.session_settings import (
+    from backfill_worker.sql.connection import open_connection
+    from backfill_worker.sql.session_settings import (
         SERVER_KEEPALIVE_SETTINGS,
         TEXT_IO_SETTINGS,
         current,

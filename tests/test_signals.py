@@ -7,13 +7,13 @@ import subprocess
 import sys
 import threading
 
-from backfill_worker.events import StaticControl
-from backfill_worker.signals import stop_on_signals
+from backfill_worker.observe.events import StaticControl
+from backfill_worker.run.signals import stop_on_signals
 
 SCRIPT = """
 import os, signal, sys
-from backfill_worker.events import StaticControl
-from backfill_worker.signals import stop_on_signals
+from backfill_worker.observe.events import StaticControl
+from backfill_worker.run.signals import stop_on_signals
 control = StaticControl()
 with stop_on_signals(control, announce=lambda m: print(m, flush=True)):
     os.kill(os.getpid(), signal.SIGTERM)

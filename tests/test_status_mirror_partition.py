@@ -20,8 +20,8 @@ from kube_support.emulator import ApiServerEmulator, declare_resources
 from test_kube_worker import NS, backfill, make_table, table_state
 
 from backfill_api.kubeapi import KubeApi, backfill_path
-from backfill_worker.events import BatchCommitted, Event
-from backfill_worker.kube_worker import run_worker
+from backfill_worker.kube.worker import run_worker
+from backfill_worker.observe.events import BatchCommitted, Event
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(180)]
 PARTITION_SECONDS = 8.0

@@ -14,7 +14,7 @@ from kube_support.emulator import ApiServerEmulator, declare_resources
 from manifests import backfill_document
 
 from backfill_api.kubeapi import KubeApi, backfill_path
-from backfill_worker.kube_worker import run_worker
+from backfill_worker.kube.worker import run_worker
 
 pytestmark = [pytest.mark.kmock(cls=ApiServerEmulator), pytest.mark.timeout(120)]
 NS = "shop"

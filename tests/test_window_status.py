@@ -13,10 +13,10 @@ from backfill_api.model import BackfillSpec
 from backfill_api.status import Phase, ShardStatus, ThrottleReason, aggregate_progress
 from backfill_operator import jobs
 from backfill_operator.reconcile import Observed, reconcile
-from backfill_worker.events import BatchCommitted, HealthObserved, RunFinished, RunStarted, Throttled
-from backfill_worker.kube_worker import KubeControl, shard_status
-from backfill_worker.metrics import WorkerMetrics
-from backfill_worker.progress import ShardProgress
+from backfill_worker.kube.worker import KubeControl, shard_status
+from backfill_worker.observe.events import BatchCommitted, HealthObserved, RunFinished, RunStarted, Throttled
+from backfill_worker.observe.run_progress import ShardProgress
+from backfill_worker.observe.worker_metrics import WorkerMetrics
 
 UID = "0f0e0d0c-1111-2222-3333-444455556666"
 SPEC: dict[str, Any] = {
@@ -139,7 +139,7 @@ def test_metrics_export_throttle_state_health_looks_and_next_window() -> None:
 
 
 def test_run_progress_shows_the_earliest_next_window_and_clears_it_when_running() -> None:
-    from backfill_worker.progress import RunProgress
+    from backfill_worker.observe.run_progress import RunProgress
 
     run = RunProgress()
     run.apply(Throttled(IDENTITY, 0, ThrottleReason.WINDOW, 30.0, OPENS), 0.0)

@@ -12,7 +12,7 @@ import unicodedata
 
 from psycopg import sql
 
-from backfill_worker.handlers import Batch
+from backfill_worker.changes.handlers import Batch
 
 
 def normalized(email: str) -> str:

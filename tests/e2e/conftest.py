@@ -28,7 +28,7 @@ from e2e_support import (
 )
 from psycopg import sql
 
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
 
 HERE = Path(__file__).resolve().parent
 

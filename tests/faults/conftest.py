@@ -11,7 +11,7 @@ import pytest
 # output shows it, and support_faults asserts its absence in everything a run produces.
 from support_faults.secrets import CANARY_PASSWORD
 
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from support_faults.engine_run import EngineThread
 from support_faults.seeds import random_seed
 from support_faults.workload import Workload
 
-from backfill_worker.retry import DEADLOCK, LOCK_TIMEOUT
+from backfill_worker.sql.retry import DEADLOCK, LOCK_TIMEOUT
 
 ROWS = 300_000
 STEP = 2

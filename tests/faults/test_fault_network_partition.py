@@ -19,8 +19,8 @@ from support_faults import ledger, netns
 from support_faults.engine_run import EngineThread
 from support_faults.secrets import CANARY_PASSWORD
 
-from backfill_worker.connection import TCP_DEFAULTS
-from backfill_worker.events import RetryScheduled
+from backfill_worker.observe.events import RetryScheduled
+from backfill_worker.sql.connection import TCP_DEFAULTS
 
 ROWS = 40_000
 NOTICE_BOUND_SECONDS = 60

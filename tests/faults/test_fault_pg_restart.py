@@ -13,8 +13,8 @@ from support_faults import ledger
 from support_faults.engine_run import EngineThread
 from support_faults.seeds import seeded_random
 
-from backfill_worker.localpg import LocalPostgres
-from backfill_worker.retry import CONNECTION
+from backfill_cli.localpg import LocalPostgres
+from backfill_worker.sql.retry import CONNECTION
 
 ROWS = 300_000
 BATCH = 2_000

@@ -20,8 +20,8 @@ from support_faults.app_threads import AppThreads
 from support_faults.engine_run import EngineThread
 from support_faults.seeds import random_seed
 
-from backfill_worker.events import BatchCommitted, RetryScheduled
-from backfill_worker.retry import LOCK_TIMEOUT
+from backfill_worker.observe.events import BatchCommitted, RetryScheduled
+from backfill_worker.sql.retry import LOCK_TIMEOUT
 
 ROWS = 200_000
 BATCH = 2_000

@@ -16,7 +16,7 @@ from support_faults.secrets import CANARY_PASSWORD, assert_absent
 
 from backfill_api.errors import AlreadyRunning
 from backfill_api.manifest import parse_backfill
-from backfill_worker.engine import reset_checkpoints
+from backfill_worker.run.engine import reset_checkpoints
 
 CHECKSUM = "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i"
 

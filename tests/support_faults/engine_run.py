@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from backfill_api.manifest import parse_backfill
-from backfill_worker.engine import RunReport, run_backfill
-from backfill_worker.events import BatchCommitted, Event, RetryScheduled, StaticControl
+from backfill_worker.observe.events import BatchCommitted, Event, RetryScheduled, StaticControl
+from backfill_worker.run.engine import RunReport, run_backfill
 
 
 @dataclass

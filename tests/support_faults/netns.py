@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from backfill_worker.localpg import LocalPostgres
+from backfill_cli.localpg import LocalPostgres
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:

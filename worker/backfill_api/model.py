@@ -353,7 +353,7 @@ class HandlerSpec(_Model):
     """A Python callable that changes each batch's rows, inside the batch's transaction (docs/handlers.md).
 
     Trusted input like ``set``: the worker imports and runs this code with the database role's
-    privileges. The callable takes one argument, the batch (``backfill_worker.handlers.Batch``),
+    privileges. The callable takes one argument, the batch (``backfill_worker.changes.handlers.Batch``),
     and returns the number of rows it changed (or None: the rows ``batch.rows()`` yielded)."""
 
     callable: str = Field(min_length=3, max_length=300, pattern=CALLABLE_PATTERN)

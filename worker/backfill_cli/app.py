@@ -26,13 +26,13 @@ from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import load_backfill
 from backfill_api.model import Backfill, CheckpointMode, Walk
 from backfill_api.status import format_eta
-from backfill_worker import checkpoint_guard
-from backfill_worker.checkpoint import JsonFileStore, ShardCheckpoint
-from backfill_worker.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
-from backfill_worker.events import Event, Listener, RunStarted, StaticControl
-from backfill_worker.planner import Plan, plan_backfill
-from backfill_worker.secrets import REDACTOR, redact
-from backfill_worker.signals import stop_on_signals
+from backfill_worker.checkpoints import checkpoint_guard
+from backfill_worker.checkpoints.checkpoint import JsonFileStore, ShardCheckpoint
+from backfill_worker.observe.events import Event, Listener, RunStarted, StaticControl
+from backfill_worker.plan.planner import Plan, plan_backfill
+from backfill_worker.run.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
+from backfill_worker.run.signals import stop_on_signals
+from backfill_worker.sql.secrets import REDACTOR, redact
 
 app = typer.Typer(
     name="backfill",
@@ -68,14 +68,14 @@ StateDirOption = Annotated[
 def configure(*, verbose: bool = False, log_format: str = "text", log_level: str | None = None,
               metrics_port: int | None = None) -> None:
     """The one place process-wide output is set up: logging and the worker's /metrics endpoint."""
-    from backfill_worker.logs import LOG_FORMATS, configure_logging
+    from backfill_worker.observe.logs import LOG_FORMATS, configure_logging
 
     if log_format not in LOG_FORMATS:
         raise typer.BadParameter(f"use one of: {', '.join(LOG_FORMATS)}", param_hint="--log-format")
     # Logs go to stderr; the progress bar and summaries to stdout. Warnings only, unless -v.
     configure_logging(log_format, log_level or ("INFO" if verbose else "WARNING"))
     if metrics_port is not None:
-        from backfill_worker.metrics import start_process_metrics
+        from backfill_worker.observe.worker_metrics import start_process_metrics
 
         start_process_metrics(metrics_port)
 
@@ -130,7 +130,7 @@ def _dsn_for(backfill: Backfill, dsn: str | None, django_settings: str | None = 
         return _require_dsn(dsn)
     import os
 
-    from backfill_worker.handlers import runtime_for
+    from backfill_worker.changes.handlers import runtime_for
 
     if django_settings:
         os.environ["DJANGO_SETTINGS_MODULE"] = django_settings
@@ -203,8 +203,8 @@ def print_report(report: RunReport, console: Console, *, rows_before: int = 0) -
 
 def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
              store: JsonFileStore | None, description: str, start: RowsAtStart | None = None) -> RunReport:
-    from backfill_worker.logs import LogListener, bind_backfill
-    from backfill_worker.metrics import process_listener
+    from backfill_worker.observe.logs import LogListener, bind_backfill
+    from backfill_worker.observe.worker_metrics import process_listener
 
     from .progress import JsonProgress, ProgressBar
 
@@ -382,14 +382,14 @@ def demo(
     """Start a throwaway PostgreSQL, create the customers table, run the example backfill, verify, stop."""
     import yaml
 
-    from backfill_worker.demo import (
+    from backfill_cli.demo import (
         DEMO_MANIFEST,
         changed_rows,
         demo_backfill,
         matching_rows,
         seed_customers,
     )
-    from backfill_worker.localpg import LocalPostgres
+    from backfill_cli.localpg import LocalPostgres
 
     with user_errors():
         out.print("[bold]Starting a throwaway PostgreSQL[/] ...")

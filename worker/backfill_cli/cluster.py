@@ -41,10 +41,10 @@ def worker(
     """
     from backfill_api.kubeapi import KubeApi, KubeApiError
     from backfill_operator.jobs import DSN_ENV, RUN_ENV
-    from backfill_worker.kube_worker import run_worker
-    from backfill_worker.logs import LogListener, bind_backfill
-    from backfill_worker.metrics import process_listener
-    from backfill_worker.secrets import register_dsn
+    from backfill_worker.kube.worker import run_worker
+    from backfill_worker.observe.logs import LogListener, bind_backfill
+    from backfill_worker.observe.worker_metrics import process_listener
+    from backfill_worker.sql.secrets import register_dsn
 
     bind_backfill(f"{namespace}/{name}", shard)
     dsn = os.environ.get(DSN_ENV)

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from backfill_api.status import format_eta
-from backfill_worker.events import BatchCommitted, Event, RunFinished
-from backfill_worker.progress import RunProgress
+from backfill_worker.observe.events import BatchCommitted, Event, RunFinished
+from backfill_worker.observe.run_progress import RunProgress
 
 
 def _rate(value: float) -> str:

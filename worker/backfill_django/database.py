@@ -9,7 +9,7 @@ naming the fix, and the DSN is registered with the redactor, so it never shows i
 from __future__ import annotations
 
 from backfill_api.errors import ValidationFailed
-from backfill_worker.secrets import register_dsn
+from backfill_worker.sql.secrets import register_dsn
 
 from .runtime import dsn_from_settings
 

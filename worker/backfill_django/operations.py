@@ -43,7 +43,7 @@ from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import load_backfill, parse_backfill
 from backfill_api.model import Backfill
 from backfill_api.status import BackfillStatus, Phase
-from backfill_worker.checkpoint import DONE, FAILED, PAUSED, RUNNING, ShardCheckpoint
+from backfill_worker.checkpoints.checkpoint import DONE, FAILED, PAUSED, RUNNING, ShardCheckpoint
 
 LOCAL, CLUSTER = "local", "cluster"
 MODE_ENV = "BACKFILL_MODE"
@@ -321,7 +321,7 @@ def queue_in_cluster(backfill: Backfill) -> None:
 def run_locally(backfill: Backfill, alias: str) -> None:
     """Run the backfill to the end here, exactly as ``backfill run`` does (its progress bar and summary)."""
     from backfill_cli.app import RowsAtStart, _execute, configure, out, print_report
-    from backfill_worker.secrets import REDACTOR, redact
+    from backfill_worker.sql.secrets import REDACTOR, redact
 
     from .database import dsn_for
 
@@ -413,8 +413,8 @@ def _read_object(namespace: str, name: str) -> dict[str, Any] | None:
 
 def _read_checkpoints(alias: str, schema: str, identity: str) -> list[ShardCheckpoint]:
     """The checkpoint rows, on a session of its own (the migration's may be inside its transaction)."""
-    from backfill_worker.checkpoint import CheckpointTable
-    from backfill_worker.connection import connect, database_errors
+    from backfill_worker.checkpoints.checkpoint import CheckpointTable
+    from backfill_worker.sql.connection import connect, database_errors
 
     from .database import dsn_for
 

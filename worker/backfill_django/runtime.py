@@ -27,18 +27,18 @@ from psycopg import conninfo, pq
 
 from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.model import BackfillSpec, DjangoHandlerSpec
-from backfill_worker import session_settings
-from backfill_worker.changes import PythonHandler
-from backfill_worker.handlers import Batch, Handler, describe_exception
-from backfill_worker.secrets import register_dsn
-from backfill_worker.statements import Target
+from backfill_worker.changes.changes import PythonHandler
+from backfill_worker.changes.handlers import Batch, Handler, describe_exception
+from backfill_worker.sql import session_settings
+from backfill_worker.sql.secrets import register_dsn
+from backfill_worker.sql.statements import Target
 
 FIELD = "spec.handler.django"
 
 
 @dataclass(frozen=True)
 class DjangoBatch(Batch):
-    """A :class:`~backfill_worker.handlers.Batch` with the ORM's view of it."""
+    """A :class:`~backfill_worker.changes.handlers.Batch` with the ORM's view of it."""
 
     queryset: Any = None
     """The batch's rows as a QuerySet of ``model``: pk range, ``where``, locked, in pk order."""

@@ -15,10 +15,9 @@ from typing import Protocol, TypeVar
 import psycopg
 
 from backfill_api.model import ImpactMode
-
-from . import health, health_probe, impact_governor, schedule, throttle
-from .batching import BatchSizer
-from .events import Event, ReplicationLagObserved, RunControl, Throttled, Tuning
+from backfill_worker.observe.events import Event, ReplicationLagObserved, RunControl, Throttled, Tuning
+from backfill_worker.throttles import health, health_probe, impact_governor, schedule, throttle
+from backfill_worker.throttles.batching import BatchSizer
 
 T = TypeVar("T")
 

@@ -21,14 +21,14 @@ from psycopg import sql
 
 from backfill_api.errors import BackfillError
 from backfill_api.model import BackfillSpec
-
-from . import handlers, retry, statements
-from .checkpoint import Key
-from .secrets import redact
-from .statements import Style, Target
+from backfill_worker.changes import handlers
+from backfill_worker.checkpoints.checkpoint import Key
+from backfill_worker.sql import retry, statements
+from backfill_worker.sql.secrets import redact
+from backfill_worker.sql.statements import Style, Target
 
 if TYPE_CHECKING:
-    from .handlers import Batch, Handler, Runtime
+    from backfill_worker.changes.handlers import Batch, Handler, Runtime
 
 
 class BatchChange(Protocol):

@@ -36,24 +36,17 @@ from backfill_api.errors import (
     ValidationFailed,
 )
 from backfill_api.model import Backfill, CheckpointMode
-
-from . import (
-    batch_transaction,
-    blocks,
-    changes,
-    checkpointing,
-    handlers,
-    health_probe,
-    impact_governor,
-    locking,
-    pacing,
-    prefetch,
-    retry,
-    validation,
+from backfill_worker.changes import changes, handlers
+from backfill_worker.checkpoints.checkpoint import (
+    DONE,
+    FAILED,
+    PAUSED,
+    RUNNING,
+    CheckpointTable,
+    ProgressStore,
+    ShardCheckpoint,
 )
-from .checkpoint import DONE, FAILED, PAUSED, RUNNING, CheckpointTable, ProgressStore, ShardCheckpoint
-from .connection import Connections, DsnConnections, connect, database_errors, first_line, open_connection
-from .events import (
+from backfill_worker.observe.events import (
     BatchCommitted,
     Event,
     Listener,
@@ -64,8 +57,20 @@ from .events import (
     StaticControl,
     Tuning,
 )
-from .secrets import redact, register_dsn, secrets_of
-from .statements import Target
+from backfill_worker.plan import validation
+from backfill_worker.run import batch_transaction, checkpointing
+from backfill_worker.sql import blocks, locking, prefetch, retry
+from backfill_worker.sql.connection import (
+    Connections,
+    DsnConnections,
+    connect,
+    database_errors,
+    first_line,
+    open_connection,
+)
+from backfill_worker.sql.secrets import redact, register_dsn, secrets_of
+from backfill_worker.sql.statements import Target
+from backfill_worker.throttles import health_probe, impact_governor, pacing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

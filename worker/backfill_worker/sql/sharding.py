@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import psycopg
 
-from . import blocks, statements
-from .checkpoint import PENDING, Key, ShardCheckpoint
-from .statements import Target
+from backfill_worker.checkpoints.checkpoint import PENDING, Key, ShardCheckpoint
+from backfill_worker.sql import blocks, statements
+from backfill_worker.sql.statements import Target
 
 EXACT_COUNT_BELOW = 100_000
 """Below this estimate (or when never analyzed) the keys are counted exactly."""

@@ -23,12 +23,11 @@ from psycopg import sql
 
 from backfill_api.errors import RetriesExhausted, ValidationFailed
 from backfill_api.model import HealthQuerySpec, LimitsSpec
-
-from . import health
-from .connection import first_line
-from .events import HealthObserved
-from .impact_signals import like_prefix
-from .throttle import Wait
+from backfill_worker.observe.events import HealthObserved
+from backfill_worker.sql.connection import first_line
+from backfill_worker.throttles import health
+from backfill_worker.throttles.impact_signals import like_prefix
+from backfill_worker.throttles.throttle import Wait
 
 log = logging.getLogger(__name__)
 

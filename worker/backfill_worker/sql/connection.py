@@ -11,9 +11,8 @@ from typing import Protocol
 import psycopg
 
 from backfill_api.errors import BackfillError, ConnectionFailed
-
-from . import session_settings
-from .secrets import describe_dsn, redact, register_dsn, secrets_of
+from backfill_worker.sql import session_settings
+from backfill_worker.sql.secrets import describe_dsn, redact, register_dsn, secrets_of
 
 CONNECT_TIMEOUT_SECONDS = 10
 

@@ -16,8 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from backfill_api.model import ScheduleSpec, WindowSpec
 from backfill_api.status import ThrottleReason
 from backfill_api.timezones import WEEKDAYS, load_zone
-
-from .throttle import Wait
+from backfill_worker.throttles.throttle import Wait
 
 HEARTBEAT_SECONDS = 30.0
 """Longest single wait outside a window: each one is reported (the status shows the worker is

@@ -32,12 +32,11 @@ from psycopg.rows import dict_row
 
 from backfill_api.errors import HandlerFailed, ValidationFailed
 from backfill_api.model import BackfillSpec, HandlerSpec
-
-from . import statements
-from .checkpoint import Key
-from .connection import Connections
-from .secrets import redact
-from .statements import Target
+from backfill_worker.checkpoints.checkpoint import Key
+from backfill_worker.sql import statements
+from backfill_worker.sql.connection import Connections
+from backfill_worker.sql.secrets import redact
+from backfill_worker.sql.statements import Target
 
 __all__ = ["Batch", "Handler", "HandlerFailed", "Runtime", "describe_exception", "load", "make_batch", "runtime_for"]
 

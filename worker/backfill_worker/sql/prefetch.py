@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import psycopg
 
-from . import statements
-from .checkpoint import Key
-from .statements import Target
+from backfill_worker.checkpoints.checkpoint import Key
+from backfill_worker.sql import statements
+from backfill_worker.sql.statements import Target
 
 log = logging.getLogger(__name__)
 

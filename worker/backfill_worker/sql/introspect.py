@@ -14,7 +14,7 @@ import psycopg
 from backfill_api.identifiers import QualifiedName
 
 if TYPE_CHECKING:
-    from .statements import Target
+    from backfill_worker.sql.statements import Target
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Every line carries the backfill's ``namespace`` and ``name`` (and the ``shard`` for a worker),
 so a log pipeline can filter one backfill out of many pods. Both structlog loggers and plain
 stdlib loggers (kopf, psycopg, kubernetes) end in the same handler, and the rendered line is
-passed through :data:`backfill_worker.secrets.REDACTOR` last, so a DSN or password that slipped
+passed through :data:`backfill_worker.sql.secrets.REDACTOR` last, so a DSN or password that slipped
 into any message, field or traceback is masked before it is written.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from .events import (
+from backfill_worker.observe.events import (
     BatchCommitted,
     Event,
     ImpactObserved,
@@ -28,7 +28,7 @@ from .events import (
     RunStarted,
     Throttled,
 )
-from .secrets import REDACTOR
+from backfill_worker.sql.secrets import REDACTOR
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")

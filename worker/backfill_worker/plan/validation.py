@@ -14,11 +14,11 @@ from psycopg import sql
 from backfill_api.errors import ValidationFailed
 from backfill_api.identifiers import QualifiedName
 from backfill_api.model import BackfillSpec, ConflictPolicy, CopySpec, FromTable, Walk
-
-from . import blocks, changes, key_types, statements
-from .introspect import TableInfo, UniqueIndex, find_table, kind_name
-from .secrets import redact
-from .statements import CopyInto, Join, Target
+from backfill_worker.changes import changes
+from backfill_worker.sql import blocks, key_types, statements
+from backfill_worker.sql.introspect import TableInfo, UniqueIndex, find_table, kind_name
+from backfill_worker.sql.secrets import redact
+from backfill_worker.sql.statements import CopyInto, Join, Target
 
 VALIDATION_STATEMENT_TIMEOUT = "30s"
 

@@ -20,8 +20,7 @@ from psycopg import sql
 
 from backfill_api.errors import CheckpointMismatch
 from backfill_api.model import Backfill
-
-from .checkpoint import ProgressStore
+from backfill_worker.checkpoints.checkpoint import ProgressStore
 
 FINGERPRINT_FIELDS = ("table", "key", "walk", "set", "delete", "copy", "from", "handler", "where", "parallelism")
 """Hashed into ``BackfillSpec.fingerprint()``: another value -> CheckpointMismatch."""

@@ -19,9 +19,8 @@ import psycopg
 
 from backfill_api.model import ApplicationImpactSpec
 from backfill_api.status import ThrottleReason
-
-from . import app_impact, impact_signals
-from .events import ImpactObserved
+from backfill_worker.observe.events import ImpactObserved
+from backfill_worker.throttles import app_impact, impact_signals
 
 SAMPLE_SECONDS = 0.1
 DECISION_SECONDS = 0.5

@@ -17,11 +17,11 @@ import psycopg
 
 from backfill_api.errors import CheckpointMismatch, CheckpointUnavailable
 from backfill_api.model import Backfill
-
-from . import checkpoint_guard, locking, sharding
-from .checkpoint import DONE, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
-from .connection import first_line, open_connection
-from .statements import Target
+from backfill_worker.checkpoints import checkpoint_guard
+from backfill_worker.checkpoints.checkpoint import DONE, RUNNING, CheckpointTable, Key, ProgressStore, ShardCheckpoint
+from backfill_worker.sql import locking, sharding
+from backfill_worker.sql.connection import first_line, open_connection
+from backfill_worker.sql.statements import Target
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import psycopg
 
 from backfill_api.errors import BackfillError
 from backfill_api.model import LimitsSpec
-
-from . import blocks, impact_governor, impact_signals, prefetch, statements
-from .changes import BatchChange
-from .checkpoint import Key
-from .checkpointing import Checkpoints
-from .statements import Target
+from backfill_worker.changes.changes import BatchChange
+from backfill_worker.checkpoints.checkpoint import Key
+from backfill_worker.run.checkpointing import Checkpoints
+from backfill_worker.sql import blocks, prefetch, statements
+from backfill_worker.sql.statements import Target
+from backfill_worker.throttles import impact_governor, impact_signals
 
 
 @dataclass(frozen=True)

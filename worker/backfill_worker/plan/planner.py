@@ -19,11 +19,13 @@ import psycopg
 from psycopg import sql
 
 from backfill_api.model import Backfill
-
-from . import blocks, changes, health_probe, introspect, sharding, statements, validation
-from .connection import connect, database_errors
-from .secrets import redact, register_dsn, secrets_of
-from .statements import Style
+from backfill_worker.changes import changes
+from backfill_worker.plan import validation
+from backfill_worker.sql import blocks, introspect, sharding, statements
+from backfill_worker.sql.connection import connect, database_errors
+from backfill_worker.sql.secrets import redact, register_dsn, secrets_of
+from backfill_worker.sql.statements import Style
+from backfill_worker.throttles import health_probe
 
 INDEX_NODES = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
 BLOCK_RANGE_NODE = "Tid Range Scan"

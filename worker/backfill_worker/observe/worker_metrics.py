@@ -46,8 +46,7 @@ from prometheus_client import (
 
 from backfill_api.serving import MetricsServer, serve
 from backfill_api.status import ShardState, ThrottleReason
-
-from .events import (
+from backfill_worker.observe.events import (
     BatchCommitted,
     Event,
     HealthObserved,

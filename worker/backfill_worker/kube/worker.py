@@ -48,13 +48,12 @@ from backfill_api.status import (
     aggregate_progress,
     for_merge_patch,
 )
-
-from .checkpoint import ShardCheckpoint
-from .engine import run_backfill
-from .events import Event, ImpactObserved, RunFinished, Tuning
-from .progress import ShardProgress
-from .secrets import redact, secrets_of
-from .signals import stop_on_signals
+from backfill_worker.checkpoints.checkpoint import ShardCheckpoint
+from backfill_worker.observe.events import Event, ImpactObserved, RunFinished, Tuning
+from backfill_worker.observe.run_progress import ShardProgress
+from backfill_worker.run.engine import run_backfill
+from backfill_worker.run.signals import stop_on_signals
+from backfill_worker.sql.secrets import redact, secrets_of
 
 log = logging.getLogger("backfill.worker")
 
@@ -342,7 +341,7 @@ def run_worker(
 
 def _dry_run(backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
     """``spec.dryRun``: validate and plan (a rolled-back sample batch); change nothing; report done."""
-    from .planner import plan_backfill
+    from backfill_worker.plan.planner import plan_backfill
 
     plan = plan_backfill(backfill, dsn)
     reporter(RunFinished(backfill.identity, reporter.progress.shard, "done", 0, 0, remaining_matches=plan.estimated_rows_to_change))

@@ -13,9 +13,8 @@ from __future__ import annotations
 import psycopg
 
 from backfill_api.errors import ValidationFailed
-
-from .checkpoint import PENDING, Key, ShardCheckpoint
-from .statements import Target
+from backfill_worker.checkpoints.checkpoint import PENDING, Key, ShardCheckpoint
+from backfill_worker.sql.statements import Target
 
 MIN_SERVER_VERSION = 140000
 """TID Range Scan (``ctid >= ... AND ctid < ...`` without a sequential scan) is PostgreSQL 14's."""

@@ -17,8 +17,7 @@ from decimal import Decimal
 
 from backfill_api.model import LimitsSpec
 from backfill_api.status import ThrottleReason
-
-from .throttle import Wait
+from backfill_worker.throttles.throttle import Wait
 
 POLL_SECONDS = 1.0
 """Re-check interval while a threshold (backends, lock waits) says wait."""

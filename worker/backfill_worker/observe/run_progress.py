@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .events import BatchCommitted, Event, ImpactObserved, RunFinished, RunStarted, Throttled
+from backfill_worker.observe.events import BatchCommitted, Event, ImpactObserved, RunFinished, RunStarted, Throttled
 
 RATE_WINDOW_SECONDS = 10.0
 

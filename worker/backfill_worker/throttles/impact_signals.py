@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from .app_impact import Activity
+from backfill_worker.throttles.app_impact import Activity
 
 log = logging.getLogger(__name__)
 
