@@ -19,7 +19,7 @@ import kopf
 from backfill_api.kubeapi import KubeApi
 from backfill_api.serving import MetricsServer, serve
 
-from .handlers import Controller, register
+from .kopf_handlers import Controller, register
 from .jobs import WorkerDefaults
 from .metrics import OperatorMetrics
 
