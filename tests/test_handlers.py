@@ -315,6 +315,25 @@ def test_a_django_handler_without_django_names_the_extra(monkeypatch: pytest.Mon
     assert "pip install 'backfill-operator[django]'" in caught.value.message
 
 
+def test_handler_runtimes_are_plugins_found_by_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import entry_points
+
+    from backfill_django.runtime import DjangoRuntime
+
+    (django,) = entry_points(group=handlers.RUNTIMES, name="django")
+    assert django.load() == DjangoRuntime.from_spec
+    backfill = make("m:f", handler={"callable": "m:f", "django": {"model": "shop.Customer"}})
+    assert handlers.runtime_name(backfill.spec.handler) == "django"
+    assert handlers.runtime_name(make("m:f").spec.handler) is None
+    assert handlers.runtime_for(make("m:f").spec, None) is None
+    # No plugin registered under the name: the field and the fix, before anything is written.
+    monkeypatch.setattr(handlers, "RUNTIMES", "backfill_operator.no_such_group")
+    with pytest.raises(ValidationFailed) as caught:
+        handlers.runtime_for(backfill.spec, None)
+    assert caught.value.field == "spec.handler.django"
+    assert "pip install 'backfill-operator[django]'" in caught.value.message
+
+
 def test_the_cli_runs_plans_and_shows_a_handler_manifest(database: str, handler_module: Any, tmp_path: Path) -> None:
     from manifests import write_manifest
     from typer.testing import CliRunner

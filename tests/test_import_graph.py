@@ -3,8 +3,11 @@
 ``backfill_api`` is the contract and imports no other package of ours; ``backfill_worker`` and
 ``backfill_operator`` import it and never each other; only ``backfill_cli`` knows both.
 ``backfill_django`` (the optional ``[django]`` extra) sits on top: it may use the contract, the
-engine and the CLI's functions, never the operator directly; nothing of ours imports it except
-lazily, inside a function, where a manifest names Django (so Django stays optional).
+engine and the CLI's functions, never the operator directly; nothing of ours imports it (the engine
+finds its runtime through the ``backfill_operator.handler_runtimes`` entry point group).
+
+Inside the engine, the layers (subpackages of ``backfill_worker``) are ordered: each imports only
+the layers before it in :data:`ENGINE_LAYERS` (and itself). No exceptions.
 """
 
 from __future__ import annotations
@@ -29,11 +32,8 @@ ALLOWED = {
     "backfill_cli": {"backfill_api", "backfill_worker", "backfill_operator"},
     "backfill_django": {"backfill_api", "backfill_worker", "backfill_cli"},
 }
-LAZILY_ALLOWED = {
-    # The engine loads the Django runtime for a `spec.handler.django` manifest; the CLI its helpers.
-    "backfill_worker": {"backfill_django"},
-    "backfill_cli": {"backfill_django"},
-}
+ENGINE_LAYERS = ("checkpoints", "sql", "observe", "throttles", "changes", "plan", "run", "kube")
+"""backfill_worker's subpackages, lowest first (each one's ``__init__`` says what it holds)."""
 ENGINE_SIDE = ("runtime.py", "queryset.py")
 """backfill_django modules the worker imports (in a worker image): the contract and the engine only."""
 
@@ -83,11 +83,58 @@ def test_package_imports_only_the_layers_below_it(package: str):
     violations = {}
     for path in modules_of(package):
         source = path.read_text()
-        eager = imported_packages(source, lazy=False) - ALLOWED[package] - {package}
-        lazy = imported_packages(source, lazy=True) - ALLOWED[package] - LAZILY_ALLOWED.get(package, set()) - {package}
-        if eager | lazy:
-            violations[str(path.relative_to(ROOT))] = sorted(eager | lazy)
+        found = imported_packages(source) - ALLOWED[package] - {package}
+        if found:
+            violations[str(path.relative_to(ROOT))] = sorted(found)
     assert violations == {}
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """Dotted names of ``package``'s modules that ``source`` imports (every import, also lazy;
+    ``from package.layer import module`` gives ``package.layer.module``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == package}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "engine modules import each other by absolute name"
+            if node.module and node.module.split(".")[0] == package:
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def layer_of(module: str) -> str | None:
+    """``backfill_worker.sql.statements`` -> ``sql``; None for the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_the_engine_is_its_layers_and_nothing_else():
+    root = PACKAGES["backfill_worker"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()) == sorted(ENGINE_LAYERS)
+    assert [p.name for p in root.glob("*.py")] == ["__init__.py"], "every engine module lives in a layer"
+    for layer in ENGINE_LAYERS:
+        doc = ast.get_docstring(ast.parse((root / layer / "__init__.py").read_text()))
+        assert doc and "imports" in doc, f"backfill_worker/{layer}/__init__.py must say what it holds and may import"
+
+
+def test_no_engine_layer_imports_a_layer_above_it():
+    root = PACKAGES["backfill_worker"]
+    upward = {}
+    for path in modules_of("backfill_worker"):
+        relative = path.relative_to(root)
+        own = relative.parts[0] if len(relative.parts) > 1 else None
+        rank = ENGINE_LAYERS.index(own) if own else -1
+        for module in imported_modules(path.read_text(), "backfill_worker"):
+            layer = layer_of(module)
+            if layer is not None and ENGINE_LAYERS.index(layer) > rank:
+                upward.setdefault(str(relative), []).append(module)
+    assert upward == {}
+
+
+def test_the_layer_check_sees_an_upward_import():
+    source = "from backfill_worker.run import engine\ndef f():\n    from backfill_worker.kube.worker import run_worker\n"
+    assert {layer_of(m) for m in imported_modules(source, "backfill_worker")} == {"run", "kube"}
 
 
 def test_the_django_modules_the_worker_loads_need_neither_the_cli_nor_the_operator():

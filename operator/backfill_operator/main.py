@@ -19,8 +19,8 @@ import kopf
 from backfill_api.kubeapi import KubeApi
 from backfill_api.serving import MetricsServer, serve
 
-from .kopf_handlers import Controller, register
 from .jobs import WorkerDefaults
+from .kopf_handlers import Controller, register
 from .metrics import OperatorMetrics
 
 log = logging.getLogger("backfill.operator")

@@ -32,7 +32,7 @@ from backfill_worker.observe.events import Event, Listener, RunStarted, StaticCo
 from backfill_worker.plan.planner import Plan, plan_backfill
 from backfill_worker.run.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
 from backfill_worker.run.signals import stop_on_signals
-from backfill_worker.sql.secrets import REDACTOR, redact
+from backfill_worker.sql.secrets import REDACTOR
 
 app = typer.Typer(
     name="backfill",
@@ -103,7 +103,7 @@ def fail(error: BaseException) -> NoReturn:
     else:
         message, code = f"unexpected {type(error).__name__}: {error}", 1
     # escape(): messages quote user input ('[/b]', regex classes) that rich would eat or choke on.
-    err.print(f"[bold red]error:[/] {escape(redact(message, REDACTOR._secrets))}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(REDACTOR.redact(message))}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -125,12 +125,13 @@ def _require_dsn(dsn: str | None) -> str:
 
 def _dsn_for(backfill: Backfill, dsn: str | None, django_settings: str | None = None) -> str:
     """``--dsn``; for a ``spec.handler.django`` manifest without it, Django's ``DATABASES``."""
+    from backfill_worker.changes.handlers import runtime_for, runtime_name
+
     handler = backfill.spec.handler
-    if handler is None or handler.django is None:
+    if handler is None or runtime_name(handler) is None:
         return _require_dsn(dsn)
     import os
 
-    from backfill_worker.changes.handlers import runtime_for
 
     if django_settings:
         os.environ["DJANGO_SETTINGS_MODULE"] = django_settings
@@ -201,8 +202,10 @@ def print_report(report: RunReport, console: Console, *, rows_before: int = 0) -
     console.print(summary_line(report, rows_before), markup=False)
 
 
-def _execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
-             store: JsonFileStore | None, description: str, start: RowsAtStart | None = None) -> RunReport:
+def execute(backfill: Backfill, dsn: str, *, shards: list[int] | None, json_progress: bool,
+            store: JsonFileStore | None, description: str, start: RowsAtStart | None = None) -> RunReport:
+    """Run ``backfill`` as ``backfill run`` does: logs, metrics, stop on signals, progress bar or JSON
+    lines (``manage.py migrate``'s ``QueueBackfill`` runs through it too)."""
     from backfill_worker.observe.logs import LogListener, bind_backfill
     from backfill_worker.observe.worker_metrics import process_listener
 
@@ -248,7 +251,7 @@ def run(
         store = _store(backfill, state_dir)
         if store is None:  # transactional: an atLeastOnce progress file means the mode was switched
             checkpoint_guard.refuse_file_progress(JsonFileStore(state_dir, backfill.identity), backfill)
-        report = _execute(backfill, dsn, shards=shard, json_progress=json_progress,
+        report = execute(backfill, dsn, shards=shard, json_progress=json_progress,
                           store=store, description=backfill.identity, start=start)
         if not json_progress:
             print_report(report, out, rows_before=start.rows)
@@ -406,7 +409,7 @@ def demo(
             out.print("\n[bold]Manifest[/]:")
             out.print(yaml.safe_dump(DEMO_MANIFEST, sort_keys=False), markup=False)
             backfill = demo_backfill()
-            report = _execute(backfill, dsn, shards=None, json_progress=json_progress, store=None,
+            report = execute(backfill, dsn, shards=None, json_progress=json_progress, store=None,
                               description="customers-inactive")
             print_report(report, out)
             with psycopg.connect(dsn, autocommit=True) as conn:

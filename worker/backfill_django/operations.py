@@ -320,8 +320,8 @@ def queue_in_cluster(backfill: Backfill) -> None:
 
 def run_locally(backfill: Backfill, alias: str) -> None:
     """Run the backfill to the end here, exactly as ``backfill run`` does (its progress bar and summary)."""
-    from backfill_cli.app import RowsAtStart, _execute, configure, out, print_report
-    from backfill_worker.sql.secrets import REDACTOR, redact
+    from backfill_cli.app import RowsAtStart, configure, execute, out, print_report
+    from backfill_worker.sql.secrets import REDACTOR
 
     from .database import dsn_for
 
@@ -329,12 +329,12 @@ def run_locally(backfill: Backfill, alias: str) -> None:
     dsn = dsn_for(alias)
     start = RowsAtStart()
     try:
-        report = _execute(backfill, dsn, shards=None, json_progress=False, store=None,
-                          description=backfill.identity, start=start)
+        report = execute(backfill, dsn, shards=None, json_progress=False, store=None,
+                         description=backfill.identity, start=start)
     except BackfillError as error:
         raise BackfillMigrationError(
             f"QueueBackfill {backfill.identity} failed; nothing of the failed batch was committed and "
-            f"`manage.py migrate` resumes from the checkpoint once the cause is fixed: {redact(str(error), REDACTOR._secrets)}"
+            f"`manage.py migrate` resumes from the checkpoint once the cause is fixed: {REDACTOR.redact(str(error))}"
         ) from None
     print_report(report, out, rows_before=start.rows)
     if report.state != DONE:

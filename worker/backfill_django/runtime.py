@@ -154,7 +154,14 @@ class DjangoRuntime:
 
     @classmethod
     def from_spec(cls, spec: BackfillSpec, dsn: str | None) -> DjangoRuntime:
+        """The ``django`` entry point of ``backfill_operator.handler_runtimes`` (pyproject.toml)."""
         assert spec.handler is not None and spec.handler.django is not None
+        try:
+            import django  # noqa: F401  (the extra's one dependency: a clear message when it is missing)
+        except ImportError:
+            raise ValidationFailed(
+                FIELD, "Django is not installed: pip install 'backfill-operator[django]' (Django >= 4.2 with psycopg 3)"
+            ) from None
         django_spec: DjangoHandlerSpec = spec.handler.django
         setup(django_spec.settings_module)
         from django.apps import apps

@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 import psycopg
@@ -276,7 +277,7 @@ def owned_transaction(conn: psycopg.Connection) -> Iterator[None]:
 
 class Runtime(Protocol):
     """Where a handler's batches run: the engine's own psycopg connections (the default) or a
-    framework's (``backfill_django.runtime``), which then also owns the batch transaction."""
+    framework's (a plugin found through :data:`RUNTIMES`), which then also owns the batch transaction."""
 
     @property
     def connections(self) -> Connections:
@@ -298,22 +299,35 @@ class Runtime(Protocol):
         ...
 
 
+RUNTIMES = "backfill_operator.handler_runtimes"
+"""The entry point group handler runtimes register into (pyproject ``[project.entry-points]``):
+the name is the ``spec.handler`` field that selects the runtime (``django``), the value a callable
+``(spec, dsn) -> Runtime``. The engine never names a framework's package."""
+
+
+class RuntimeFactory(Protocol):
+    def __call__(self, spec: BackfillSpec, dsn: str | None, /) -> Runtime: ...
+
+
+def runtime_name(handler: HandlerSpec) -> str | None:
+    """The runtime a handler names: the field of ``spec.handler`` besides ``callable`` that is set."""
+    names = [name for name in type(handler).model_fields if name != "callable" and getattr(handler, name) is not None]
+    return names[0] if names else None
+
+
 def runtime_for(spec: BackfillSpec, dsn: str | None) -> Runtime | None:
     """The runtime a spec's handler needs (None: the default psycopg connections).
 
-    Imports ``backfill_django`` only when the manifest names ``spec.handler.django``.
+    Loads the plugin registered under :data:`RUNTIMES` only when the manifest names one.
     """
-    if spec.handler is None or spec.handler.django is None:
+    name = None if spec.handler is None else runtime_name(spec.handler)
+    if name is None:
         return None
-    try:
-        import django  # noqa: F401  (the extra's one dependency: a clear message when it is missing)
-
-        from backfill_django.runtime import DjangoRuntime
-    except ImportError as error:
-        if error.name is not None and error.name.split(".")[0] == "django":
-            raise ValidationFailed(
-                "spec.handler.django", "Django is not installed: pip install 'backfill-operator[django]' (Django >= 4.2 with psycopg 3)"
-            ) from None
-        raise
-    runtime: Runtime = DjangoRuntime.from_spec(spec, dsn)
-    return runtime
+    found = entry_points(group=RUNTIMES, name=name)
+    if not found:
+        raise ValidationFailed(
+            f"spec.handler.{name}",
+            f"no handler runtime {name!r} is installed (entry point group {RUNTIMES}): pip install 'backfill-operator[{name}]'",
+        )
+    factory: RuntimeFactory = next(iter(found)).load()
+    return factory(spec, dsn)

@@ -60,6 +60,10 @@ class RedactingFilter(logging.Filter):
     def add(self, *secrets: str) -> None:
         self._secrets.update(s for s in secrets if s)
 
+    def redact(self, text: str) -> str:
+        """``text`` without any registered secret (for messages that do not pass through logging)."""
+        return redact(text, self._secrets)
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message, self._secrets)
