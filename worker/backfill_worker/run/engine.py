@@ -43,6 +43,7 @@ from backfill_worker.checkpoints.checkpoint import (
     PAUSED,
     RUNNING,
     CheckpointTable,
+    Key,
     ProgressStore,
     ShardCheckpoint,
 )
@@ -128,17 +129,128 @@ class _Emitter:
 
 
 @dataclass
-class _Shard:
-    """One shard's runner: the loop, its session and retries, the batch, the end-of-shard labels.
+class ShardSession:
+    """One shard's database session: the connection (after a loss: reopened, the shard's advisory
+    lock taken again, the checkpoint re-read through ``reloaded``) and the retries of transient
+    errors around whatever runs on it. The :class:`~backfill_worker.throttles.pacing.Session` the
+    pacer's probes use; used by the shard's thread only.
+    """
 
-    One connection, used by one thread only; how fast it goes is the :class:`~.pacing.Pacer`'s job.
+    identity: str
+    shard: int
+    dsn: str
+    conn: psycopg.Connection | None
+    pacer: pacing.Pacer
+    emit: _Emitter
+    resume_after: Callable[[], Key | None]
+    """Where the shard stands (for messages)."""
+    reloaded: Callable[[psycopg.Connection], None]
+    """Called with a reopened connection, before anything runs on it."""
+    connections: Connections | None = None
+    """Where a reconnect gets the shard's session (default: a new session of ``dsn``)."""
+    consecutive_timeouts: int = 0
+    backend_pid: int | None = None
+    lost_backend_pid: int | None = None
+    """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
+
+    def __post_init__(self) -> None:
+        if self.conn is not None:
+            self.backend_pid = self.conn.info.backend_pid
+
+    def succeeded(self) -> None:
+        """A batch committed: timeouts no longer come in a row."""
+        self.consecutive_timeouts = 0
+
+    def with_retries(self, attempt: Callable[[], T]) -> T:
+        retrying = Retrying(
+            stop=stop_after_attempt(self.pacer.tuning.limits.max_retries + 1),
+            wait=retry.BACKOFF,
+            retry=retry_if_exception(self._retryable),
+            before_sleep=self._before_retry,
+            sleep=self.pacer.sleep,
+        )
+        try:
+            return retrying(attempt)
+        except RetryError as error:
+            last = error.last_attempt.exception()
+            kind = retry.classify(last) if last else None
+            raise RetriesExhausted(
+                f"shard {self.shard}: the batch after key {list(self.resume_after() or ())} failed "
+                f"{error.last_attempt.attempt_number} times in a row ({kind.kind if kind else 'error'}: "
+                f"{self.redact(first_line(last)) if last else '?'}); raise spec.limits.maxRetries or "
+                "lockTimeout/statementTimeout, or run when the table is less busy. The run resumes from the checkpoint"
+            ) from None
+
+    def _retryable(self, error: BaseException) -> bool:
+        closed = self.conn is None or self.conn.closed
+        return retry.classify(error, closed) is not None
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        assert error is not None
+        closed = self.conn is None or self.conn.closed
+        transient = retry.classify(error, closed)
+        assert transient is not None
+        if transient.timeout:
+            self.consecutive_timeouts += 1
+            if transient.kind == retry.STATEMENT_TIMEOUT or self.consecutive_timeouts >= 2:
+                self.pacer.halve()
+        if transient.reconnect:
+            self.drop_connection()
+        delay = state.next_action.sleep if state.next_action else 0.0
+        self.emit(
+            RetryScheduled(
+                self.identity, self.shard, transient.kind, state.attempt_number, delay, self.pacer.batch_size,
+                self.redact(first_line(error)),
+            )
+        )
+        log.warning("shard %s: %s, retry %s in %.2fs", self.shard, transient.kind, state.attempt_number, delay)
+
+    def redact(self, text: str) -> str:
+        return redact(text, secrets_of(self.dsn))
+
+    def connection(self) -> psycopg.Connection:
+        """The shard's connection; after a loss: reconnect, re-take the lock, re-read the checkpoint."""
+        if self.conn is not None and not self.conn.closed:
+            return self.conn
+        conn = (self.connections or DsnConnections(self.dsn)).open(f"backfill {self.identity} shard {self.shard}")
+        stale = self.lost_backend_pid
+        if not locking.try_lock(conn, self.identity, self.shard) and not (
+            stale is not None and locking.take_over_from_own_session(conn, self.identity, self.shard, stale)
+        ):
+            conn.close()
+            raise AlreadyRunning(
+                f"shard {self.shard} of {self.identity}: another runner took over while this one was reconnecting; stopping"
+            )
+        self.conn = conn
+        self.backend_pid = conn.info.backend_pid
+        self.reloaded(conn)
+        return conn
+
+    def drop_connection(self) -> None:
+        """Close the session (lost, or the run is over); the next :meth:`connection` reopens it."""
+        if self.conn is not None:
+            self.lost_backend_pid = self.backend_pid  # may live on, server-side, after a partition
+            try:
+                self.conn.close()
+            except (psycopg.Error, OSError):  # already broken
+                pass
+        self.conn = None
+
+
+@dataclass
+class _Shard:
+    """One shard's runner: the batch loop, the batch, the end-of-shard labels.
+
+    Its :class:`ShardSession` holds the connection and the retries; how fast it goes is the
+    :class:`~backfill_worker.throttles.pacing.Pacer`'s job. Used by one thread only.
     """
 
     backfill: Backfill
     dsn: str
     target: Target
     checkpoint: ShardCheckpoint
-    conn: psycopg.Connection | None
+    conn: InitVar[psycopg.Connection | None]
     control: RunControl
     emit: _Emitter
     checkpoints: checkpointing.Checkpoints
@@ -147,25 +259,30 @@ class _Shard:
     """What each batch does to its range (``changes.py``)."""
     tuning: InitVar[Tuning]
     pacer: pacing.Pacer = field(init=False)
-    consecutive_timeouts: int = 0
+    session: ShardSession = field(init=False)
     prefetcher: prefetch.BoundPrefetcher | None = None
-    backend_pid: int | None = None
-    lost_backend_pid: int | None = None
-    """Server pid of this runner's last lost session (see ``locking.take_over_from_own_session``)."""
     own: impact_governor.OwnActivity = field(default_factory=impact_governor.OwnActivity)
     """The backfill's own transactions over all shards (the application-impact throttle's input)."""
-    connections: Connections | None = None
+    connections: InitVar[Connections | None] = None
     """Where a reconnect gets the shard's session (default: a new session of ``dsn``)."""
 
-    def __post_init__(self, tuning: Tuning) -> None:
-        if self.conn is not None:
-            self.backend_pid = self.conn.info.backend_pid
+    def __post_init__(self, conn: psycopg.Connection | None, tuning: Tuning, connections: Connections | None) -> None:
+        secrets = secrets_of(self.dsn)
         self.pacer = pacing.Pacer(
             self.identity, self.shard, (self.target.schema, self.target.table),
             self.backfill.spec.checkpoint.schema_name, self.control, self.emit, tuning, self.own,
             open_health_session=lambda: open_connection(self.dsn, f"backfill {self.identity} shard {self.shard} health"),
-            redact=self._redact,
+            redact=lambda text: redact(text, secrets),
         )
+        self.session = ShardSession(
+            self.identity, self.shard, self.dsn, conn, self.pacer, self.emit,
+            resume_after=lambda: self.checkpoint.resume_after, reloaded=self._reload, connections=connections,
+        )
+
+    def _reload(self, conn: psycopg.Connection) -> None:
+        reloaded = self.checkpoints.reload(conn, self.identity, self.shard)
+        if reloaded is not None:
+            self.checkpoint = reloaded
 
     @property
     def identity(self) -> str:
@@ -201,7 +318,7 @@ class _Shard:
         except psycopg.Error as error:  # not transient (constraint violation, division by zero...)
             failure = BackfillError(
                 f"shard {self.shard}: the batch after key {list(self.checkpoint.resume_after or ())} failed: "
-                f"{self._redact(first_line(error))}; nothing of that batch was committed"
+                f"{self.session.redact(first_line(error))}; nothing of that batch was committed"
             )
             self._persist_failure(str(failure))
             self._finish(FAILED, None, str(failure))
@@ -239,109 +356,32 @@ class _Shard:
             if self.control.stop_reason():
                 return PAUSED
             self.pacer.retune()
-            self.pacer.before_batch(self)
+            self.pacer.before_batch(self.session)
             batch_started = time.monotonic()
             event = self._batch_with_retries()
             self.emit(event)
             self.pacer.throttle_reason = ""
             if self.checkpoint.state == DONE:
                 return DONE
-            self.pacer.after_batch(self, event.rows_updated, time.monotonic() - batch_started, self.checkpoint.shard_count)
+            self.pacer.after_batch(self.session, event.rows_updated, time.monotonic() - batch_started, self.checkpoint.shard_count)
 
     # -- one batch --------------------------------------------------------------------------
 
     def _batch_with_retries(self) -> BatchCommitted:
-        event = self.with_retries(self._batch)
-        self.consecutive_timeouts = 0
+        event = self.session.with_retries(self._batch)
+        self.session.succeeded()
         return event
 
-    def with_retries(self, attempt: Callable[[], T]) -> T:
-        retrying = Retrying(
-            stop=stop_after_attempt(self.pacer.tuning.limits.max_retries + 1),
-            wait=retry.BACKOFF,
-            retry=retry_if_exception(self._retryable),
-            before_sleep=self._before_retry,
-            sleep=self.pacer.sleep,
-        )
-        try:
-            return retrying(attempt)
-        except RetryError as error:
-            last = error.last_attempt.exception()
-            kind = retry.classify(last) if last else None
-            raise RetriesExhausted(
-                f"shard {self.shard}: the batch after key {list(self.checkpoint.resume_after or ())} failed "
-                f"{error.last_attempt.attempt_number} times in a row ({kind.kind if kind else 'error'}: "
-                f"{self._redact(first_line(last)) if last else '?'}); raise spec.limits.maxRetries or "
-                "lockTimeout/statementTimeout, or run when the table is less busy. The run resumes from the checkpoint"
-            ) from None
-
-    def _retryable(self, error: BaseException) -> bool:
-        closed = self.conn is None or self.conn.closed
-        return retry.classify(error, closed) is not None
-
-    def _before_retry(self, state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        assert error is not None
-        closed = self.conn is None or self.conn.closed
-        transient = retry.classify(error, closed)
-        assert transient is not None
-        if transient.timeout:
-            self.consecutive_timeouts += 1
-            if transient.kind == retry.STATEMENT_TIMEOUT or self.consecutive_timeouts >= 2:
-                self.pacer.sizer = self.pacer.sizer.halve()
-        if transient.reconnect:
-            self._drop_connection()
-        delay = state.next_action.sleep if state.next_action else 0.0
-        self.emit(
-            RetryScheduled(
-                self.identity, self.shard, transient.kind, state.attempt_number, delay, self.pacer.sizer.size,
-                self._redact(first_line(error)),
-            )
-        )
-        log.warning("shard %s: %s, retry %s in %.2fs", self.shard, transient.kind, state.attempt_number, delay)
-
-    def _redact(self, text: str) -> str:
-        return redact(text, secrets_of(self.dsn))
-
-    def connection(self) -> psycopg.Connection:
-        """The shard's connection; after a loss: reconnect, re-take the lock, re-read the checkpoint."""
-        if self.conn is not None and not self.conn.closed:
-            return self.conn
-        conn = (self.connections or DsnConnections(self.dsn)).open(f"backfill {self.identity} shard {self.shard}")
-        stale = self.lost_backend_pid
-        if not locking.try_lock(conn, self.identity, self.shard) and not (
-            stale is not None and locking.take_over_from_own_session(conn, self.identity, self.shard, stale)
-        ):
-            conn.close()
-            raise AlreadyRunning(
-                f"shard {self.shard} of {self.identity}: another runner took over while this one was reconnecting; stopping"
-            )
-        self.conn = conn
-        self.backend_pid = conn.info.backend_pid
-        reloaded = self.checkpoints.reload(conn, self.identity, self.shard)
-        if reloaded is not None:
-            self.checkpoint = reloaded
-        return conn
-
-    def _drop_connection(self) -> None:
-        if self.conn is not None:
-            self.lost_backend_pid = self.backend_pid  # may live on, server-side, after a partition
-            try:
-                self.conn.close()
-            except (psycopg.Error, OSError):  # already broken
-                pass
-        self.conn = None
-
     def _batch(self) -> BatchCommitted:
-        conn = self.connection()
+        conn = self.session.connection()
         cp = self.checkpoint
         run_upper = cp.upper_key
         assert run_upper is not None
         keys = batch_transaction.walk(
-            conn, self.target, self.prefetcher, self.shard, cp.resume_after, run_upper, self.pacer.sizer.size
+            conn, self.target, self.prefetcher, self.shard, cp.resume_after, run_upper, self.pacer.batch_size
         )
         if not keys.last and self.prefetcher is not None:
-            self.prefetcher.start(keys.upper, run_upper, self.pacer.sizer.size)  # overlaps with this batch's write
+            self.prefetcher.start(keys.upper, run_upper, self.pacer.batch_size)  # overlaps with this batch's write
         governor = self.pacer.governor
         started = time.monotonic()
         rows = batch_transaction.write(
@@ -352,7 +392,7 @@ class _Shard:
         duration = time.monotonic() - started
         self.checkpoint = cp.after_batch(keys.upper, rows, keys.keys, keys.last)
         self.checkpoints.batch_committed(self.checkpoint)  # atLeastOnce: saved after COMMIT
-        self.pacer.sizer = self.pacer.sizer.observe(keys.keys, duration)
+        self.pacer.observe(keys.keys, duration)
         return BatchCommitted(
             identity=self.identity,
             shard=self.shard,
@@ -360,7 +400,7 @@ class _Shard:
             rows_updated=rows,
             keys_scanned=keys.keys,
             batch_size=keys.size,
-            next_batch_size=self.pacer.sizer.size,
+            next_batch_size=self.pacer.batch_size,
             duration_seconds=duration,
             last_key=keys.upper,
             total_rows_updated=self.checkpoint.rows_updated,
@@ -372,12 +412,12 @@ class _Shard:
 
     def _persist_state(self, state: str) -> None:
         self.checkpoint = replace(self.checkpoint, state=state, last_error=None)
-        self.checkpoints.record_state(self.conn, self.checkpoint)
+        self.checkpoints.record_state(self.session.conn, self.checkpoint)
 
     def _persist_failure(self, reason: str) -> None:
         """State ``failed`` and the reason, for ``backfill status`` (on a fresh session if the shard's broke)."""
         self.checkpoint = replace(self.checkpoint, state=FAILED, last_error=reason)
-        self.checkpoints.record_failure(self.conn, self.checkpoint)
+        self.checkpoints.record_failure(self.session.conn, self.checkpoint)
 
     def _verify(self) -> int | None:
         """Rows of the shard's range that still need the change (None when the change cannot tell)."""
@@ -388,7 +428,7 @@ class _Shard:
         if self.target.by_ctid:  # the shards' ranges, the last one open-ended: the whole table
             upper = blocks.verification_upper(cp)
             assert upper is not None
-        return self.with_retries(lambda: self.change.remaining(self.connection(), lower, upper))
+        return self.session.with_retries(lambda: self.change.remaining(self.session.connection(), lower, upper))
 
 
 # -- setup: validation, locks, checkpoints ----------------------------------------------------
@@ -500,9 +540,9 @@ def run_backfill(
             if conn is not main:
                 connections.close(conn)
         for runner in runners:  # a shard that reconnected holds its lock on a connection of its own
-            if runner.conn is not None and runner.conn not in conns.values():
-                connections.close(runner.conn)  # (Django's: through Django, so it reconnects on next use)
-            runner._drop_connection()
+            if runner.session.conn is not None and runner.session.conn not in conns.values():
+                connections.close(runner.session.conn)  # (Django's: through Django, so it reconnects on next use)
+            runner.session.drop_connection()
         main.close()
     report = RunReport(tuple(sorted(reports, key=lambda r: r.shard)), time.monotonic() - started)
     if errors:

@@ -50,7 +50,8 @@ class Pacer:
     tuning: Tuning
     own: impact_governor.OwnActivity
     """The backfill's own transactions over all shards (the application-impact throttle's input)."""
-    sizer: BatchSizer = field(init=False)
+    _sizer: BatchSizer = field(init=False)
+    """Owned: the engine reads :attr:`batch_size` and reports through :meth:`observe` and :meth:`halve`."""
     throttle_reason: str = ""
     """Why the wait before the current batch happened ('' = none); reported with the batch."""
     governor: impact_governor.Governor | None = field(init=False, default=None)
@@ -64,7 +65,7 @@ class Pacer:
 
     def __post_init__(self) -> None:
         batch = self.tuning.batch
-        self.sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
+        self._sizer = BatchSizer(batch.size, batch.min_size, batch.max_size, batch.target_duration.total_seconds())
         self._set_governor()
 
     def _set_governor(self) -> None:
@@ -80,13 +81,26 @@ class Pacer:
         else:
             self.governor.retune(spec, self.tuning.batch.target_duration.total_seconds())
 
+    @property
+    def batch_size(self) -> int:
+        """Keys (ctid: blocks) in the next batch."""
+        return self._sizer.size
+
+    def observe(self, keys: int, seconds: float) -> None:
+        """A committed batch of ``keys`` keys took ``seconds``: the sizer steers the next size."""
+        self._sizer = self._sizer.observe(keys, seconds)
+
+    def halve(self) -> None:
+        """After repeated timeouts: the batch was too big for the current contention."""
+        self._sizer = self._sizer.halve()
+
     def retune(self) -> None:
         """Apply a changed spec (``batch``, ``limits``) from the control."""
         tuning = self.control.tuning()
         if tuning is None or tuning == self.tuning:
             return
         old, new = self.tuning.batch, tuning.batch
-        self.sizer = self.sizer.retune(
+        self._sizer = self._sizer.retune(
             min_size=new.min_size, max_size=new.max_size, target_seconds=new.target_duration.total_seconds(),
             # A new starting size, or a switch to a fixed size, applies at once.
             size=new.size if new.size != old.size or new.target_duration.total_seconds() <= 0 else None,
@@ -170,7 +184,7 @@ class Pacer:
 
     def _impact_batch_target(self, governor: impact_governor.Governor) -> None:
         batch = self.tuning.batch
-        self.sizer = self.sizer.retune(
+        self._sizer = self._sizer.retune(
             min_size=batch.min_size, max_size=batch.max_size, target_seconds=governor.batch_target_seconds()
         )
 
