@@ -422,10 +422,23 @@ class FromTable(_Model):
         return parse_qualified_name(self.table)
 
 
-KIND_FIELDS = ("set", "delete", "copy", "handler")
-"""What a backfill does: exactly one of these is given."""
-_KIND_ATTRIBUTES = {"copy": "copy_"}
-"""Python attribute of a kind field whose name is taken (``BaseModel.copy``)."""
+class ChangeKind(StrEnum):
+    """What a backfill does: which one of ``spec.set``, ``spec.delete``, ``spec.copy``, ``spec.handler``
+    is given (exactly one)."""
+
+    SET = "set"
+    DELETE = "delete"
+    COPY = "copy"
+    HANDLER = "handler"
+
+    @property
+    def attribute(self) -> str:
+        """The :class:`BackfillSpec` attribute of the field (``copy_``: ``BaseModel.copy`` is taken)."""
+        return "copy_" if self is ChangeKind.COPY else self.value
+
+
+KIND_FIELDS = tuple(kind.value for kind in ChangeKind)
+"""The kinds' field names, as plain strings (for the CRD's schema)."""
 
 
 class BackfillSpec(_Model):
@@ -470,7 +483,7 @@ class BackfillSpec(_Model):
 
     @model_validator(mode="after")
     def _one_kind(self) -> BackfillSpec:
-        given = [name for name in KIND_FIELDS if getattr(self, _KIND_ATTRIBUTES.get(name, name)) is not None]
+        given = [kind.value for kind in ChangeKind if getattr(self, kind.attribute) is not None]
         choices = ", ".join(f"spec.{name}" for name in KIND_FIELDS)
         if not given:
             raise ValueError(
@@ -565,9 +578,9 @@ class BackfillSpec(_Model):
         return parse_qualified_name(self.table)
 
     @property
-    def kind(self) -> str:
-        """Which of ``KIND_FIELDS`` this spec gives (validated: exactly one)."""
-        return next(name for name in KIND_FIELDS if getattr(self, _KIND_ATTRIBUTES.get(name, name)) is not None)
+    def kind(self) -> ChangeKind:
+        """Which kind of change this spec gives (validated: exactly one)."""
+        return next(kind for kind in ChangeKind if getattr(self, kind.attribute) is not None)
 
     def fingerprint(self) -> str:
         """Hash of what defines the change; a checkpoint of another fingerprint is not resumed."""

@@ -25,7 +25,7 @@ from rich.table import Table
 from backfill_api.errors import BackfillError, ValidationFailed
 from backfill_api.manifest import load_backfill
 from backfill_api.model import Backfill, CheckpointMode, Walk
-from backfill_api.status import format_eta
+from backfill_api.status import ShardState, format_eta
 from backfill_worker.checkpoints import checkpoint_guard
 from backfill_worker.checkpoints.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.observe.events import Event, Listener, RunStarted, StaticControl
@@ -255,9 +255,9 @@ def run(
                           store=store, description=backfill.identity, start=start)
         if not json_progress:
             print_report(report, out, rows_before=start.rows)
-        if report.state == "paused":
+        if report.state == ShardState.PAUSED:
             err.print("paused: rerun the same command to continue from the checkpoint")
-        raise typer.Exit(1 if report.state == "failed" else 0)
+        raise typer.Exit(1 if report.state == ShardState.FAILED else 0)
 
 
 def estimate_lines(plan: Plan) -> list[str]:
@@ -350,7 +350,7 @@ def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], co
         )
     print_wide(console, table)
     for cp in checkpoints:
-        if cp.state == "failed":
+        if cp.state == ShardState.FAILED:
             console.print(f"shard {cp.shard} failed: {cp.last_error or '(no reason recorded)'}", markup=False)
     if checkpoints[0].fingerprint != backfill.spec.fingerprint():
         console.print("[red]the checkpoint belongs to a different spec: `backfill reset` to start over[/]")
@@ -414,12 +414,12 @@ def demo(
             print_report(report, out)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 changed, after = changed_rows(conn), matching_rows(conn)
-            ok = report.state == "done" and changed == before and after == 0
+            ok = report.state == ShardState.DONE and changed == before and after == 0
             out.print(
                 f"verification: {changed:,} rows now 'inactive' (expected {before:,}), {after:,} still matching: "
                 + ("[green]OK[/]" if ok else "[red]MISMATCH[/]")
             )
-            if report.state == "paused":
+            if report.state == ShardState.PAUSED:
                 raise typer.Exit(0)
             raise typer.Exit(0 if ok else 1)
 

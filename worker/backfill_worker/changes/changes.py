@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from backfill_api.errors import BackfillError
-from backfill_api.model import BackfillSpec
+from backfill_api.model import BackfillSpec, ChangeKind
 from backfill_worker.changes import handlers
 from backfill_worker.checkpoints.checkpoint import Key
 from backfill_worker.sql import retry, statements
@@ -290,10 +290,10 @@ def count(conn: psycopg.Connection, statement: sql.Composed, lower: Key | None, 
     return int(row[0]) if row else 0
 
 
-KINDS: dict[str, type[SqlUpdate] | type[SqlDelete] | type[SqlCopy]] = {
-    "set": SqlUpdate, "delete": SqlDelete, "copy": SqlCopy,
+KINDS: dict[ChangeKind, type[SqlUpdate] | type[SqlDelete] | type[SqlCopy]] = {
+    ChangeKind.SET: SqlUpdate, ChangeKind.DELETE: SqlDelete, ChangeKind.COPY: SqlCopy,
 }
-"""The SQL kinds of ``backfill_api.model.KIND_FIELDS`` -> the change that implements it (``handler``: below)."""
+"""The SQL kinds of change -> the change that implements it (``handler``: below)."""
 
 
 def for_spec(

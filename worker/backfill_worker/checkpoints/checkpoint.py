@@ -26,12 +26,14 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from backfill_api.errors import CheckpointUnavailable
+from backfill_api.status import ShardState
 
-PENDING = "pending"
-RUNNING = "running"
-PAUSED = "paused"
-DONE = "done"
-FAILED = "failed"
+# The contract's shard states, by their short names here (the checkpoint table stores the values).
+PENDING = ShardState.PENDING
+RUNNING = ShardState.RUNNING
+PAUSED = ShardState.PAUSED
+DONE = ShardState.DONE
+FAILED = ShardState.FAILED
 
 Key = tuple[str, ...]
 
@@ -52,7 +54,7 @@ class ShardCheckpoint:
     batches: int = 0
     keys_done: int = 0
     estimated_keys: int = 0
-    state: str = PENDING
+    state: ShardState = PENDING
     updated_at: datetime | None = None
     last_error: str | None = None
     """Why the last run failed (state ``failed``); cleared by the next committed batch."""
@@ -76,6 +78,8 @@ class ShardCheckpoint:
         values: dict[str, Any] = {k: (tuple(v) if k in keys and v is not None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
         if values.get("updated_at"):
             values["updated_at"] = datetime.fromisoformat(values["updated_at"])
+        if "state" in values:
+            values["state"] = ShardState(values["state"])
         return cls(**values)
 
     def after_batch(self, last_key: Key, rows: int, keys: int, done: bool) -> ShardCheckpoint:
@@ -252,7 +256,7 @@ class CheckpointTable:
             "keys_done = keys_done + %s, state = %s, updated_at = now() WHERE identity = %s AND shard = %s"
         ).format(self.table)
 
-    def set_state(self, conn: psycopg.Connection, identity: str, shard: int, state: str, error: str | None = None) -> None:
+    def set_state(self, conn: psycopg.Connection, identity: str, shard: int, state: ShardState, error: str | None = None) -> None:
         """Label the shard (never a ``done`` one); ``last_error`` is set to ``error`` (None clears it)."""
         error_column = sql.SQL(", last_error = %s") if self.has_error_column(conn) else sql.SQL("")
         params: list[object] = [state, *([error] if self.has_error_column(conn) else []), identity, shard, DONE]
@@ -291,7 +295,7 @@ def _from_row(row: dict[str, Any]) -> ShardCheckpoint:
         batches=row["batches"],
         keys_done=row["keys_done"],
         estimated_keys=row["estimated_keys"],
-        state=row["state"],
+        state=ShardState(row["state"]),
         updated_at=row["updated_at"],
         last_error=row.get("last_error"),
     )

@@ -232,7 +232,7 @@ class StatusReporter:
 
     def fail(self, error: BackfillError) -> None:
         with self._lock:
-            self.progress.state = "failed"
+            self.progress.state = ShardState.FAILED
             self.progress.error = str(error)
             self._error_reason = error.reason
             self._dirty = True
@@ -344,13 +344,13 @@ def _dry_run(backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
     from backfill_worker.plan.planner import plan_backfill
 
     plan = plan_backfill(backfill, dsn)
-    reporter(RunFinished(backfill.identity, reporter.progress.shard, "done", 0, 0, remaining_matches=plan.estimated_rows_to_change))
+    reporter(RunFinished(backfill.identity, reporter.progress.shard, ShardState.DONE, 0, 0, remaining_matches=plan.estimated_rows_to_change))
     log.info("dry run of %s: about %d rows would change", backfill.identity, plan.estimated_rows_to_change)
     return 0
 
 
 def _report_failure(api: KubeApi, namespace: str, name: str, shard: int, run: int | None, error: BackfillError, secrets: list[str]) -> None:
-    progress = ShardProgress(shard, state="failed", error=str(error))
+    progress = ShardProgress(shard, state=ShardState.FAILED, error=str(error))
     try:
         shard_patch = shard_status(progress, run=run, error_reason=error.reason, secrets=secrets).to_wire()
         body = {"status": for_merge_patch({"shards": {str(shard): shard_patch}})}

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Protocol
 
 from backfill_api.model import BatchSpec, LimitsSpec, ScheduleSpec
+from backfill_api.status import ShardState
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class RetryScheduled:
 class RunFinished:
     identity: str
     shard: int
-    state: str
+    state: ShardState
     """``done``, ``paused`` or ``failed``."""
     rows_updated: int
     batches: int

@@ -18,6 +18,7 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from backfill_api.status import ShardState, ThrottleReason
 from backfill_worker.observe.events import (
     BatchCommitted,
     Event,
@@ -238,7 +239,7 @@ class LogListener:
             # Pauses happen after every batch when configured: routine, so DEBUG. The others
             # mean the database (or the rate limit) is holding the run back: worth an INFO.
             # The WAL-rate bound paces every batch when it binds: routine as well.
-            level = log.debug if event.reason in ("pause", "applicationImpact", "maxWalBytesPerSecond") else log.info
+            level = log.debug if event.reason in (ThrottleReason.PAUSE, ThrottleReason.APPLICATION_IMPACT, ThrottleReason.WAL_RATE) else log.info
             extra = {"next_window_start": event.next_window_start.isoformat()} if event.next_window_start else {}
             level("throttled", reason=event.reason, seconds=round(event.seconds, 3), **extra)
         elif isinstance(event, ReplicationLagObserved):
@@ -260,7 +261,7 @@ class LogListener:
                 state=event.state, rows_updated=event.rows_updated, batches=event.batches,
                 remaining_matches=event.remaining_matches,
             )
-            if event.state == "failed":
+            if event.state == ShardState.FAILED:
                 log.error("run failed", error=event.error, **fields)
             else:
-                log.info("run finished" if event.state == "done" else f"run {event.state}", **fields)
+                log.info("run finished" if event.state == ShardState.DONE else f"run {event.state}", **fields)

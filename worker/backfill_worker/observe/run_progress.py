@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from backfill_api.status import ShardState
 from backfill_worker.observe.events import BatchCommitted, Event, ImpactObserved, RunFinished, RunStarted, Throttled
 
 RATE_WINDOW_SECONDS = 10.0
@@ -58,7 +59,7 @@ class ShardProgress:
     """What one shard has done, folded from its events."""
 
     shard: int
-    state: str = "pending"
+    state: ShardState = ShardState.PENDING
     rows_updated: int = 0
     batches: int = 0
     keys_done: int = 0
@@ -81,7 +82,7 @@ class ShardProgress:
 
     def apply(self, event: Event, now: float) -> None:
         if isinstance(event, RunStarted):
-            self.state = "running"
+            self.state = ShardState.RUNNING
             self.rows_updated = event.rows_updated
             self.keys_done = event.keys_done
             self.estimated_keys = event.estimated_keys
@@ -123,11 +124,11 @@ class ShardProgress:
 
     @property
     def percent(self) -> int:
-        return percent(self.keys_done, self.estimated_keys, self.state == "done")
+        return percent(self.keys_done, self.estimated_keys, self.state == ShardState.DONE)
 
     @property
     def eta_seconds(self) -> float | None:
-        if self.state == "done":
+        if self.state == ShardState.DONE:
             return 0.0
         return eta_seconds(self.keys_done, self.estimated_keys, self.rate.keys_per_second())
 
@@ -165,12 +166,12 @@ class RunProgress:
 
     @property
     def percent(self) -> int:
-        done = bool(self.shards) and all(s.state == "done" for s in self.shards.values())
+        done = bool(self.shards) and all(s.state == ShardState.DONE for s in self.shards.values())
         return percent(self.keys_done, self.estimated_keys, done)
 
     @property
     def eta_seconds(self) -> float | None:
-        etas = [s.eta_seconds for s in self.shards.values() if s.state in ("running", "done")]
+        etas = [s.eta_seconds for s in self.shards.values() if s.state in (ShardState.RUNNING, ShardState.DONE)]
         if not etas or any(e is None for e in etas):
             return None
         return max(e for e in etas if e is not None)

@@ -136,7 +136,7 @@ class WorkerMetrics:
             self._estimated_keys[labels] = event.estimated_keys
             self._keys_done[labels] = event.keys_done
             self._set_progress(labels)
-            self._set_state(labels, "running")
+            self._set_state(labels, ShardState.RUNNING)
         elif isinstance(event, BatchCommitted):
             self.rows_updated.labels(*labels).inc(event.rows_updated)
             self.keys_scanned.labels(*labels).inc(event.keys_scanned)
@@ -180,7 +180,7 @@ class WorkerMetrics:
         elif isinstance(event, RunFinished):
             self._set_state(labels, event.state)
             self._set_throttled(labels, "")
-            if event.state == "done":
+            if event.state == ShardState.DONE:
                 self.progress.labels(*labels).set(1.0)
 
     def _set_progress(self, labels: tuple[str, str, str]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from backfill_api.model import Backfill
+from backfill_api.model import Backfill, ChangeKind
 from backfill_worker.changes import changes
 from backfill_worker.plan import validation
 from backfill_worker.sql import blocks, introspect, sharding, statements
@@ -274,7 +274,7 @@ def _plan_blocks(conn: psycopg.Connection, backfill: Backfill, change: changes.B
     started = time.monotonic()
     with conn.transaction(force_rollback=True):
         _batch_timeouts(conn, backfill)
-        if target.kind == "set":  # as the batches run it: refused if a changed row still matches where
+        if target.kind == ChangeKind.SET:  # as the batches run it: refused if a changed row still matches where
             row = conn.execute(statements.update_batch_checked(target, has_lower=False), list(upper)).fetchone()
             rows = int(row[0]) if row else 0
         else:
@@ -338,7 +338,7 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         if target.by_ctid:
             shown = (
                 statements.update_batch_checked(target, has_lower=True, style=Style.DOLLAR)
-                if target.kind == "set" else change.statement(has_lower=True, style=Style.DOLLAR)
+                if target.kind == ChangeKind.SET else change.statement(has_lower=True, style=Style.DOLLAR)
             )
             return _plan_blocks(conn, backfill, change, {change.name: shown.as_string(conn)})
         rendered = {

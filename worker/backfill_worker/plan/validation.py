@@ -13,7 +13,7 @@ from psycopg import sql
 
 from backfill_api.errors import ValidationFailed
 from backfill_api.identifiers import QualifiedName
-from backfill_api.model import BackfillSpec, ConflictPolicy, CopySpec, FromTable, Walk
+from backfill_api.model import BackfillSpec, ChangeKind, ConflictPolicy, CopySpec, FromTable, Walk
 from backfill_worker.changes import changes
 from backfill_worker.sql import blocks, key_types, statements
 from backfill_worker.sql.introspect import TableInfo, UniqueIndex, find_table, kind_name
@@ -225,17 +225,20 @@ def check_permissions(conn: psycopg.Connection, target: Target) -> None:
     if read_only:
         raise ValidationFailed("spec.database", "the session is read-only (default_transaction_read_only): use a writable role or database")
     table = target.table_identifier.as_string(conn)
-    needed = {"set": "SELECT, UPDATE", "delete": "SELECT, DELETE", "copy": "SELECT", "handler": "SELECT, UPDATE"}[target.kind]
+    needed = {
+        ChangeKind.SET: "SELECT, UPDATE", ChangeKind.DELETE: "SELECT, DELETE", ChangeKind.COPY: "SELECT",
+        ChangeKind.HANDLER: "SELECT, UPDATE",
+    }[target.kind]
     if not _has_privilege(conn, table, None, "SELECT"):
         raise ValidationFailed("spec.table", f"the role lacks SELECT on {target.display_table}: GRANT {needed} to it")
-    if target.kind == "handler":  # its rows() locks them FOR NO KEY UPDATE, which needs UPDATE on some column
+    if target.kind == ChangeKind.HANDLER:  # its rows() locks them FOR NO KEY UPDATE, which needs UPDATE on some column
         allowed = conn.execute("SELECT has_any_column_privilege(%s, 'UPDATE')", [table]).fetchone()[0]  # type: ignore[index]
         if not allowed:
             raise ValidationFailed("spec.handler", f"the role lacks UPDATE on {target.display_table}: GRANT UPDATE to it")
     for column, _ in target.set:
         if not _has_privilege(conn, table, column, "UPDATE"):
             raise ValidationFailed(f"spec.set.{column}", f"the role lacks UPDATE on {target.display_table}({column}): GRANT UPDATE to it")
-    if target.kind == "delete" and not _has_privilege(conn, table, None, "DELETE"):
+    if target.kind == ChangeKind.DELETE and not _has_privilege(conn, table, None, "DELETE"):
         raise ValidationFailed("spec.delete", f"the role lacks DELETE on {target.display_table}: GRANT DELETE to it")
     for number, join in enumerate(target.joins):
         if not _has_privilege(conn, sql.Identifier(join.schema, join.table).as_string(conn), None, "SELECT"):
@@ -293,12 +296,12 @@ def check_fragments(conn: psycopg.Connection, target: Target, dsn_secrets: list[
             bounds = statements.range_params(one_key if has_lower else None, one_key)
             field = "spec.copy" if target.copy is not None else "spec"
             _compile(conn, statements.explain(statements.batch_statement(target, has_lower=has_lower)), bounds, field, dsn_secrets)
-            if target.by_ctid and target.kind == "set":
+            if target.by_ctid and target.kind == ChangeKind.SET:
                 checked = statements.update_batch_checked(target, has_lower=has_lower)
                 _compile(conn, statements.explain(checked), bounds, "spec", dsn_secrets)
             elif not target.by_ctid:
                 _compile(conn, statements.explain(statements.probe_upper_bound(target, has_lower=has_lower)), [*bounds, 0], "spec", dsn_secrets)
-    if target.by_ctid and target.kind == "set":
+    if target.by_ctid and target.kind == ChangeKind.SET:
         check_where_becomes_false(conn, target)
 
 

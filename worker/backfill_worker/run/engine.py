@@ -36,6 +36,7 @@ from backfill_api.errors import (
     ValidationFailed,
 )
 from backfill_api.model import Backfill, CheckpointMode
+from backfill_api.status import ShardState
 from backfill_worker.changes import changes, handlers
 from backfill_worker.checkpoints.checkpoint import (
     DONE,
@@ -79,7 +80,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ShardReport:
     shard: int
-    state: str
+    state: ShardState
     """``done``, ``paused`` or ``failed``."""
     rows_updated: int
     batches: int
@@ -94,7 +95,7 @@ class RunReport:
     duration: float
 
     @property
-    def state(self) -> str:
+    def state(self) -> ShardState:
         states = {s.state for s in self.shards}
         if FAILED in states:
             return FAILED
@@ -339,11 +340,11 @@ class _Shard:
         cp = self.checkpoint
         return ShardReport(cp.shard, state, cp.rows_updated, cp.batches, remaining, time.monotonic() - started)
 
-    def _finish(self, state: str, remaining: int | None, error: str | None) -> None:
+    def _finish(self, state: ShardState, remaining: int | None, error: str | None) -> None:
         cp = self.checkpoint
         self.emit(RunFinished(self.identity, cp.shard, state, cp.rows_updated, cp.batches, remaining, error))
 
-    def _loop(self) -> str:
+    def _loop(self) -> ShardState:
         if self.checkpoint.state == DONE:
             return DONE
         if self.checkpoint.state == FAILED:
@@ -410,7 +411,7 @@ class _Shard:
 
     # -- end of shard -----------------------------------------------------------------------
 
-    def _persist_state(self, state: str) -> None:
+    def _persist_state(self, state: ShardState) -> None:
         self.checkpoint = replace(self.checkpoint, state=state, last_error=None)
         self.checkpoints.record_state(self.session.conn, self.checkpoint)
 

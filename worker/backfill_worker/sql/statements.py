@@ -26,6 +26,8 @@ from enum import Enum
 
 from psycopg import sql
 
+from backfill_api.model import ChangeKind
+
 
 class Style(Enum):
     PSYCOPG = "psycopg"
@@ -80,8 +82,8 @@ class Target:
     """``spec.from``: tables joined into the update (and into its verification)."""
     copy: CopyInto | None = None
     """``spec.copy``: where the rows of each range are copied to."""
-    kind: str = "set"
-    """Which of ``backfill_api.model.KIND_FIELDS`` the spec gives: ``set``, ``delete`` or ``copy``."""
+    kind: ChangeKind = ChangeKind.SET
+    """Which kind of change the spec gives: ``set``, ``delete``, ``copy`` or ``handler``."""
     by_ctid: bool = False
     """``walk: ctid``: ranges of physical blocks instead of key ranges (``key`` is empty)."""
 
@@ -378,7 +380,10 @@ def lock_batch_rows(target: Target, *, has_lower: bool, style: Style = Style.PSY
 def batch_statement(target: Target, *, has_lower: bool, style: Style = Style.PSYCOPG) -> sql.Composed:
     """The statement of one batch of ``target.kind`` (params: lo..., hi...): the ``UPDATE``,
     ``DELETE`` or ``INSERT ... SELECT``, or for a handler the locking ``SELECT`` its ``rows()`` runs."""
-    build = {"set": update_batch, "delete": delete_batch, "copy": copy_batch, "handler": lock_batch_rows}[target.kind]
+    build = {
+        ChangeKind.SET: update_batch, ChangeKind.DELETE: delete_batch, ChangeKind.COPY: copy_batch,
+        ChangeKind.HANDLER: lock_batch_rows,
+    }[target.kind]
     return build(target, has_lower=has_lower, style=style)
 
 
