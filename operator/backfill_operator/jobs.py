@@ -20,6 +20,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubernetes.client import (
+    ApiClient,
+    V1Container,
+    V1ContainerPort,
+    V1EnvVar,
+    V1EnvVarSource,
+    V1Job,
+    V1JobSpec,
+    V1ObjectMeta,
+    V1OwnerReference,
+    V1PodFailurePolicy,
+    V1PodFailurePolicyOnExitCodesRequirement,
+    V1PodFailurePolicyOnPodConditionsPattern,
+    V1PodFailurePolicyRule,
+    V1PodSpec,
+    V1PodTemplateSpec,
+    V1SecretKeySelector,
+)
+
 from backfill_api.model import API_GROUP, API_VERSION, KIND, BackfillSpec
 from backfill_api.status import StallReason, error_classes
 
@@ -104,16 +123,31 @@ def permanent_exit_codes() -> list[int]:
     return sorted(permanent - others)
 
 
+def _pod_failure_policy() -> V1PodFailurePolicy:
+    return V1PodFailurePolicy(rules=[
+        V1PodFailurePolicyRule(action="FailJob", on_exit_codes=V1PodFailurePolicyOnExitCodesRequirement(
+            container_name=CONTAINER, operator="In", values=permanent_exit_codes(),
+        )),
+        V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
+            V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True"),
+        ]),
+    ])
+
+
 def pod_failure_policy() -> dict[str, Any]:
     """Fail the Job at once on a permanent worker error; an evicted or preempted pod
     (``DisruptionTarget``) is retried without using up ``backoffLimit``."""
-    return {
-        "rules": [
-            {"action": "FailJob",
-             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": permanent_exit_codes()}},
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]
-    }
+    return _wire(_pod_failure_policy())
+
+
+def _wire(model: Any) -> dict[str, Any]:
+    """A kubernetes client model as the API's JSON (camelCase keys, unset fields left out)."""
+    wire: dict[str, Any] = _SERIALIZER.sanitize_for_serialization(model)
+    return wire
+
+
+_SERIALIZER = ApiClient()
+"""Only its (pure) ``sanitize_for_serialization``: it never opens a connection."""
 
 
 def fit_name(base: str, suffix: str = "", limit: int = MAX_NAME) -> str:
@@ -145,17 +179,6 @@ def job_labels(backfill_name: str, shard: int, run: int) -> dict[str, str]:
     }
 
 
-def owner_reference(name: str, uid: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "name": name,
-        "uid": uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def render_job(
     *,
     name: str,
@@ -173,57 +196,61 @@ def render_job(
     if ref is None:
         raise ValueError("spec.database.dsnSecretRef is required in a cluster: name the Secret holding the DSN")
     labels = job_labels(name, shard, run)
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": worker.image or defaults.image,
-        "imagePullPolicy": worker.image_pull_policy or defaults.image_pull_policy,
-        "command": ["backfill"],
-        "args": ["worker", "--namespace", namespace, "--name", name, "--shard", str(shard)],
-        "env": [
-            {"name": DSN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}},
-            {"name": RUN_ENV, "value": str(run)},
+    container = V1Container(
+        name=CONTAINER,
+        image=worker.image or defaults.image,
+        image_pull_policy=worker.image_pull_policy or defaults.image_pull_policy,
+        command=["backfill"],
+        args=["worker", "--namespace", namespace, "--name", name, "--shard", str(shard)],
+        env=[
+            V1EnvVar(name=DSN_ENV, value_from=V1EnvVarSource(secret_key_ref=V1SecretKeySelector(name=ref.name, key=ref.key))),
+            V1EnvVar(name=RUN_ENV, value=str(run)),
             # Read by the root `backfill` command: JSON logs at INFO, metrics on the metrics port.
-            {"name": "BACKFILL_LOG_FORMAT", "value": "json"},
-            {"name": "BACKFILL_LOG_LEVEL", "value": "INFO"},
-            {"name": "BACKFILL_METRICS_PORT", "value": str(METRICS_PORT)},
+            V1EnvVar(name="BACKFILL_LOG_FORMAT", value="json"),
+            V1EnvVar(name="BACKFILL_LOG_LEVEL", value="INFO"),
+            V1EnvVar(name="BACKFILL_METRICS_PORT", value=str(METRICS_PORT)),
         ],
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
-        "resources": worker.resources if worker.resources is not None else dict(defaults.resources),
-        "securityContext": worker.security_context or dict(defaults.security_context),
-    }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": defaults.termination_grace_seconds,
-        "securityContext": worker.pod_security_context or dict(defaults.pod_security_context),
-        "containers": [container],
-    }
-    service_account = worker.service_account_name or defaults.service_account_name
-    if service_account:
-        pod_spec["serviceAccountName"] = service_account
+        ports=[V1ContainerPort(name="metrics", container_port=METRICS_PORT)],
+    )
+    pod_spec = V1PodSpec(
+        restart_policy="Never",
+        termination_grace_period_seconds=defaults.termination_grace_seconds,
+        containers=[container],
+        service_account_name=worker.service_account_name or defaults.service_account_name or None,
+    )
+    job_spec = V1JobSpec(
+        backoff_limit=worker.backoff_limit,
+        template=V1PodTemplateSpec(metadata=V1ObjectMeta(labels=labels), spec=pod_spec),
+        active_deadline_seconds=worker.active_deadline_seconds or None,
+        pod_failure_policy=_pod_failure_policy() if capabilities.pod_failure_policy else None,
+    )
+    job = V1Job(
+        api_version="batch/v1",
+        kind="Job",
+        metadata=V1ObjectMeta(
+            name=job_name(name, shard, run),
+            namespace=namespace,
+            labels=labels,
+            annotations={"backfill.dev/spec-fingerprint": spec.fingerprint()},
+            owner_references=[V1OwnerReference(
+                api_version=f"{API_GROUP}/{API_VERSION}", kind=KIND, name=name, uid=uid, controller=True,
+                block_owner_deletion=True,
+            )],
+        ),
+        spec=job_spec,
+    )
+    manifest = _wire(job)
+    # The user's own blocks go out exactly as written (the client's models would drop fields they
+    # do not know, e.g. ones newer than the client): set on the wire form, not the models.
+    pod = manifest["spec"]["template"]["spec"]
+    pod["containers"][0]["resources"] = worker.resources if worker.resources is not None else dict(defaults.resources)
+    pod["containers"][0]["securityContext"] = worker.security_context or dict(defaults.security_context)
+    pod["securityContext"] = worker.pod_security_context or dict(defaults.pod_security_context)
     if worker.node_selector:
-        pod_spec["nodeSelector"] = dict(worker.node_selector)
+        pod["nodeSelector"] = dict(worker.node_selector)
     if worker.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in worker.tolerations]
-    job_spec: dict[str, Any] = {
-        "backoffLimit": worker.backoff_limit,
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-    }
-    if worker.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = worker.active_deadline_seconds
-    if capabilities.pod_failure_policy:
-        job_spec["podFailurePolicy"] = pod_failure_policy()
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(name, shard, run),
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": {"backfill.dev/spec-fingerprint": spec.fingerprint()},
-            "ownerReferences": [owner_reference(name, uid)],
-        },
-        "spec": job_spec,
-    }
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in worker.tolerations]
+    return manifest
 
 
 def _label_int(job: Mapping[str, Any], label: str) -> int | None:
