@@ -124,6 +124,10 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+class _BackfillHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`configure_logging` installs (and replaces when called again)."""
+
+
 def configure_logging(
     log_format: LogFormat = "text",
     level: str | int = "INFO",
@@ -150,12 +154,11 @@ def configure_logging(
             _Redacting(_renderer(log_format)),
         ],
     )
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _BackfillHandler(stream or sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_backfill_handler", False)]:
+    for old in [h for h in root.handlers if isinstance(h, _BackfillHandler)]:
         root.removeHandler(old)
-    handler._backfill_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
     # kopf's liveness endpoint is aiohttp: one access line per kubelet probe is noise, not news.
