@@ -7,12 +7,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-from job_manifest_cases import BASE, CASES, UID
+from test_operator_pure import SPEC as BASE
+from test_operator_pure import UID
 
 from backfill_api.model import BackfillSpec
 from backfill_operator import jobs
+
+CASES: dict[str, dict[str, Any]] = {
+    "defaults": {"spec": {}, "name": "customers-inactive", "shard": 0, "run": 1},
+    "every-worker-field": {
+        "spec": {"worker": {
+            "image": "registry.example/backfill:1.2", "imagePullPolicy": "Always", "serviceAccountName": "shop-backfill",
+            "resources": {"requests": {"cpu": "250m"}, "limits": {"cpu": "2", "memory": "1Gi"}},
+            "nodeSelector": {"pool": "batch"},
+            "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"},
+                            {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 30}],
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 4242, "capabilities": {"drop": ["ALL"]}},
+            "podSecurityContext": {"runAsNonRoot": True, "fsGroup": 2000},
+            "backoffLimit": 2, "activeDeadlineSeconds": 3600,
+        }},
+        "name": "b", "shard": 3, "run": 7,
+    },
+    "pod-failure-policy": {"spec": {"parallelism": 4}, "name": "bf", "shard": 2, "run": 3, "pod_failure_policy": True},
+    "long-name-no-service-account": {
+        "spec": {"worker": {"resources": {}}}, "name": "a-very-long-backfill-name-that-needs-to-be-truncated-" + "x" * 20,
+        "shard": 11, "run": 120, "no_service_account": True,
+    },
+}
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "job_manifests.json").read_text())
 
