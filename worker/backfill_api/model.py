@@ -200,6 +200,11 @@ class LimitsSpec(_Model):
     """Wait while any replica lags more than this (read from pg_stat_replication); 0 disables."""
     max_retries: int = Field(default=10, ge=0, le=1000)
     """Consecutive failed attempts of one batch before the run gives up."""
+    restart_wait: Duration = Field(default=timedelta(seconds=60))
+    """How long a starting run waits for a shard's lock while a session of this same backfill
+    holds it (a killed run's backend still finishing its batch; identified by the
+    ``application_name`` the engine sets), printing what it waits for; then it is refused as
+    already running. A lock held by any other session is refused at once. 0 never waits."""
     application_impact: ApplicationImpactSpec = Field(default_factory=ApplicationImpactSpec)
     """The application-aware throttle (on by default: ``mode: protect``)."""
     health: HealthQuerySpec | None = None
