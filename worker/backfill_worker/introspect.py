@@ -252,8 +252,9 @@ def referencing_keys(conn: psycopg.Connection, oid: int) -> tuple[ReferencingKey
                     THEN (SELECT coalesce(sum(greatest(p.reltuples, 0)), -1)::bigint
                           FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid WHERE t.isleaf)
                     ELSE c.reltuples::bigint END,
-               (SELECT coalesce(sum(pg_relation_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t)
-                 / current_setting('block_size')::bigint
+               CASE WHEN c.relkind = 'p'
+                    THEN (SELECT coalesce(sum(pg_relation_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t)
+                    ELSE pg_relation_size(c.oid) END / current_setting('block_size')::bigint
         FROM pg_constraint con
         JOIN pg_class c ON c.oid = con.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace

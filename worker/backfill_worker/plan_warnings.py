@@ -101,7 +101,7 @@ def foreign_key_warnings(
             f"{child} ({columns}) references the table (foreign key {key.constraint}, ON {event} {action}) and no index of "
             f"{child} leads with ({columns}): every {'deleted' if event == 'DELETE' else 'updated'} row makes PostgreSQL "
             f"scan {child} for its referencing rows",
-            f"{child}: {rows}, {key.child_blocks:,} blocks read per changed row"
+            f"{child}: {rows}, {key.child_blocks:,} blocks, scanned once per changed row"
             + (f"; {sample.describe()} ({sample.per_row_ms()})" if sample is not None else ""),
             f"before the run: {index_fix(key)}",
         ))
