@@ -200,6 +200,10 @@ def estimate_run(
     return RunEstimate(seconds, rows, batches, wal, dead, rate, basis)
 
 
+MIN_VACUUM_PASS_SECONDS = 10.0
+"""An autovacuum pass shorter than this is never "behind" for long: not warned about."""
+
+
 def vacuum_pages_per_second(settings: VacuumSettings) -> float:
     """How fast one autovacuum worker can clean pages the backfill dirtied (cost-based delay)."""
     if settings.cost_delay_ms <= 0 or settings.page_cost <= 0:
@@ -234,7 +238,7 @@ def vacuum_warnings(settings: VacuumSettings, estimate: RunEstimate | None, tabl
     produced_per_pass = rate * pass_seconds
     # Behind: while one pass over the table runs, the backfill leaves more dead tuples than the
     # trigger; vacuum then runs back to back and dead tuples peak at trigger + one pass's worth.
-    if produced_per_pass <= trigger or estimate.seconds <= pass_seconds:
+    if produced_per_pass <= trigger or estimate.seconds <= pass_seconds or pass_seconds < MIN_VACUUM_PASS_SECONDS:
         return []
     return [PlanWarning(
         WarningKind.AUTOVACUUM_BEHIND,
