@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill
 from backfill_cli.app import PLAN_WARNINGS_EXIT, app
-from backfill_worker.planner import Plan, plan_backfill
 from backfill_worker.plan_warnings import WarningKind
+from backfill_worker.planner import Plan, plan_backfill
 
 ROWS = 20_000
 
