@@ -333,3 +333,16 @@ async def test_the_first_shard_writes_the_plans_estimate_before_its_first_batch(
     # A restart (the estimate is there) does not plan again.
     assert await call(run_worker, api, NS, "bf", 0, database, run=2, poll_seconds=0.2, patch_interval=0.2) == 0
     assert sum("estimate" in r.data["status"] for r in status_patches(kmock, "bf")) == 1
+
+
+async def test_the_worker_waits_for_its_backfills_previous_session_then_runs_exactly_once(kmock, api, database):
+    # What a restarted pod meets: the killed pod's backend (same application_name) still holds the lock.
+    make_table(database)
+    await call(api.create, backfill_path(NS), backfill("bf"))
+    with psycopg.connect(database, autocommit=True, application_name=f"backfill {NS}/bf") as previous:
+        previous.execute("SELECT pg_advisory_lock(hashtext('backfill:' || %s), 0)", [f"{NS}/bf"])
+        worker = asyncio.ensure_future(call(run_worker, api, NS, "bf", 0, database, run=2, poll_seconds=0.2, patch_interval=0.2))
+        await asyncio.sleep(1.5)
+        assert not worker.done() and table_state(database)["once"] == 0  # waiting: nothing changed
+    assert await worker == 0  # the session ended: the lock is free
+    assert table_state(database) == {"once": 2000, "twice": 0, "wrong_rows": 0}

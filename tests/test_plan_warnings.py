@@ -166,3 +166,17 @@ def test_the_cli_prints_warnings_and_fails_only_when_strict(database: str, tmp_p
     path.write_text(yaml.safe_dump(document(set={"n": "n + 1"})))
     clean = runner.invoke(app, ["plan", str(path), "--dsn", database, "--strict"])
     assert clean.exit_code == 0 and "warnings: none" in clean.output and "plan_warnings=-" in clean.output
+
+
+def test_a_partitioned_child_counts_its_partitions_and_its_partitioned_index(database: str) -> None:
+    setup(database,
+          "CREATE TABLE lines (id int, customer_id int REFERENCES customers ON DELETE SET NULL) PARTITION BY RANGE (id)",
+          "CREATE TABLE lines_1 PARTITION OF lines FOR VALUES FROM (0) TO (5000)",
+          "CREATE TABLE lines_2 PARTITION OF lines FOR VALUES FROM (5000) TO (10000)",
+          "INSERT INTO lines SELECT i, 1 + i FROM generate_series(0, 9999) i")
+    warning = only(plan_backfill(make(delete={}, where="grp = 1"), database), WarningKind.UNINDEXED_FOREIGN_KEY)
+    assert "public.lines (customer_id)" in warning.message and "ON DELETE SET NULL" in warning.message
+    assert "~10,000 rows" in warning.measurement  # one foreign key (not one per partition), rows of both
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE INDEX ON lines (customer_id)")
+    assert WarningKind.UNINDEXED_FOREIGN_KEY not in kinds(plan_backfill(make(delete={}, where="grp = 1"), database))
