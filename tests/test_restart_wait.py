@@ -20,7 +20,7 @@ import pytest
 import yaml
 from support_faults.sigkill import BACKFILL
 
-from backfill_api.errors import AlreadyRunning
+from backfill_api.errors import AlreadyRunning, ManifestError
 from backfill_api.manifest import parse_backfill
 from backfill_api.model import Backfill
 from backfill_worker import locking
@@ -181,3 +181,10 @@ def test_a_live_session_of_this_backfill_is_waited_for_only_up_to_the_bound(data
     took, message = refused_while_held(database, "backfill t/restart", "1s",
                                        r"still holds the shard's lock after 1 s .*restartWait.*pid \d+")
     assert 1.0 <= took < 10 and "nothing was changed" in message
+
+
+def test_the_bound_is_a_validated_setting_with_a_default() -> None:
+    assert make().spec.limits.restart_wait.total_seconds() == 60
+    assert make(limits={"restartWait": "0"}).spec.limits.restart_wait.total_seconds() == 0
+    with pytest.raises(ManifestError, match=r"spec.limits.restartWait: must be between 0 and 5m"):
+        make(limits={"restartWait": "10m"})
