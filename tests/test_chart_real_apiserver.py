@@ -183,6 +183,7 @@ def test_readme_install_and_watch_commands_with_the_charts_rbac(cluster, databas
         table = shell.readme("kubectl -n shop get bf", exact=True)
         header, row = table.splitlines()[:2]
         assert header.split()[:6] == ["NAME", "PHASE", "PROGRESS", "ROWS", "RATE", "ETA"]
+        assert "ESTIMATE" in header.split()  # status.estimate.duration, once the first worker planned
         assert row.split()[:2] == [NAME, "Pending"]
         wide = shell.readme("kubectl -n shop get bf -o wide")
         assert {"TABLE", "BATCH", "THROTTLE", "MESSAGE"} <= set(wide.splitlines()[0].split())

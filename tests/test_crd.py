@@ -68,6 +68,7 @@ def test_crd_metadata_and_columns():
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     assert [c for c in columns][:6] == ["Phase", "Progress", "Rows", "Rate", "ETA", "Age"]
     assert columns["Progress"]["jsonPath"] == ".status.progress.percent"
+    assert columns["Estimate"]["jsonPath"] == ".status.estimate.duration" and "priority" not in columns["Estimate"]
     assert all(columns[name].get("priority") == 1 for name in ("Table", "Batch", "Throttle", "Message"))
 
 

@@ -312,3 +312,37 @@ async def test_ctid_walk_in_cluster_shards_by_blocks_and_reports_blocks(api, dat
         assert shards[shard]["state"] == "done" and shards[shard]["remainingMatches"] == 0
         assert shards[shard]["keysDone"] == shards[shard]["estimatedKeys"] > 0 and shards[shard]["percent"] == 100
     assert shards["0"]["rowsUpdated"] + shards["1"]["rowsUpdated"] == 2000
+
+
+async def test_the_first_shard_writes_the_plans_estimate_before_its_first_batch(kmock, api, database):
+    make_table(database)
+    with psycopg.connect(database, autocommit=True) as conn:  # a row trigger: the estimate lists the warning
+        conn.execute("CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$")
+        conn.execute("CREATE TRIGGER customers_keep BEFORE UPDATE ON customers FOR EACH ROW EXECUTE FUNCTION keep()")
+    await call(api.create, backfill_path(NS), backfill("bf"))
+    assert await call(run_worker, api, NS, "bf", 0, database, run=1, poll_seconds=0.2, patch_interval=0.2) == 0
+    bodies = [r.data["status"] for r in status_patches(kmock, "bf")]
+    first_batch = next(i for i, body in enumerate(bodies) if (body.get("shards", {}).get("0") or {}).get("batches"))
+    estimates = [i for i, body in enumerate(bodies) if "estimate" in body]
+    assert len(estimates) == 1 and estimates[0] < first_batch
+    estimate = (await call(api.get, backfill_path(NS, "bf")))["status"]["estimate"]
+    # Scaled from the first 100 keys (67 match) to the table's ~3,000: an estimate near the 2,000 rows.
+    assert 1900 <= estimate["rows"] <= 2100 and 29 <= estimate["batches"] <= 31 and estimate["duration"]
+    assert estimate["warnings"] == ["row-triggers"] and "sample batch" in estimate["basis"]
+    assert estimate["walBytes"] > 0 and estimate["deadTuples"] == estimate["rows"]
+    # A restart (the estimate is there) does not plan again.
+    assert await call(run_worker, api, NS, "bf", 0, database, run=2, poll_seconds=0.2, patch_interval=0.2) == 0
+    assert sum("estimate" in r.data["status"] for r in status_patches(kmock, "bf")) == 1
+
+
+async def test_the_worker_waits_for_its_backfills_previous_session_then_runs_exactly_once(kmock, api, database):
+    # What a restarted pod meets: the killed pod's backend (same application_name) still holds the lock.
+    make_table(database)
+    await call(api.create, backfill_path(NS), backfill("bf"))
+    with psycopg.connect(database, autocommit=True, application_name=f"backfill {NS}/bf") as previous:
+        previous.execute("SELECT pg_advisory_lock(hashtext('backfill:' || %s), 0)", [f"{NS}/bf"])
+        worker = asyncio.ensure_future(call(run_worker, api, NS, "bf", 0, database, run=2, poll_seconds=0.2, patch_interval=0.2))
+        await asyncio.sleep(1.5)
+        assert not worker.done() and table_state(database)["once"] == 0  # waiting: nothing changed
+    assert await worker == 0  # the session ended: the lock is free
+    assert table_state(database) == {"once": 2000, "twice": 0, "wrong_rows": 0}

@@ -184,6 +184,8 @@ PRINTER_COLUMNS = [
     _column("Rate", ".status.progress.rowsPerSecond", description="rows per second"),
     _column("ETA", ".status.progress.eta"),
     _column("Age", ".metadata.creationTimestamp"),
+    _column("Estimate", ".status.estimate.duration",
+            description="the whole run's expected duration, from the plan's timed sample batch (an estimate)"),
     _column("Table", ".spec.table", priority=1),
     _column("Batch", ".status.progress.batchSize", priority=1),
     _column("Throttle", ".status.progress.throttleReason", priority=1,

@@ -45,7 +45,8 @@ class ConnectionFailed(BackfillError):
 
 
 class AlreadyRunning(BackfillError):
-    """Another runner holds this backfill's advisory lock for the shard."""
+    """Another runner holds this backfill's advisory lock for the shard (this backfill's own
+    previous session is waited for first, up to ``limits.restartWait``)."""
 
     exit_code = 3
     reason = "AlreadyRunning"

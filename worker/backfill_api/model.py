@@ -200,10 +200,23 @@ class LimitsSpec(_Model):
     """Wait while any replica lags more than this (read from pg_stat_replication); 0 disables."""
     max_retries: int = Field(default=10, ge=0, le=1000)
     """Consecutive failed attempts of one batch before the run gives up."""
+    restart_wait: Duration = Field(default=timedelta(seconds=60))
+    """How long a starting run waits for a shard's lock while a session of this same backfill
+    holds it (a killed run's backend still finishing its batch; identified by the
+    ``application_name`` the engine sets), printing what it waits for; then it is refused as
+    already running. A lock held by any other session is refused at once. 0 never waits; at most 5m."""
     application_impact: ApplicationImpactSpec = Field(default_factory=ApplicationImpactSpec)
     """The application-aware throttle (on by default: ``mode: protect``)."""
     health: HealthQuerySpec | None = None
     """Pause while a query of your own says the database is unhealthy (see ``docs/throttle.md``)."""
+    @field_validator("restart_wait")
+    @classmethod
+    def _bounded_wait(cls, value: timedelta) -> timedelta:
+        # A waiting worker has not reported yet; the operator points out a worker silent for 5 minutes.
+        if not 0 <= value.total_seconds() <= 300:
+            raise ValueError("must be between 0 and 5m, e.g. 60s")
+        return value
+
     max_wal_bytes_per_second: int = Field(default=0, ge=0)
     """Keep the server's WAL rate (all sessions, from ``pg_current_wal_lsn()``) under this many
     bytes per second, pausing between batches; 0 disables. Needs a primary."""

@@ -276,6 +276,28 @@ class Progress(_StatusModel):
     """The application-impact state of the most throttled running shard (the one holding the run back)."""
 
 
+class EstimateStatus(_StatusModel):
+    """``status.estimate``: the run's size from the plan's timed sample batch, written by the first
+    shard's worker before its first batch. An estimate, never a promise (adaptive sizing and
+    throttles change the pace)."""
+
+    duration: str = ""
+    """Expected duration of the whole run, e.g. ``2h30m`` (what ``kubectl get`` shows)."""
+    seconds: float = 0.0
+    rows: int = 0
+    """Rows expected to change (the sample batch's ratio of changed rows to keys, scaled)."""
+    batches: int = 0
+    wal_bytes: int | None = None
+    """WAL the run is expected to write (the sample batch's, scaled)."""
+    dead_tuples: int = 0
+    """Rows the run is expected to leave dead in the table (updates and deletes)."""
+    warnings: list[str] = Field(default_factory=list)
+    """Codes of the plan's warnings (``backfill plan`` prints each with its measurement and fix)."""
+    basis: str = ""
+    """What the numbers were scaled from."""
+    measured_at: str | None = None
+
+
 class StatusCondition(_StatusModel):
     """A kstatus condition as stored (``Ready``, ``Reconciling``, ``Stalled``)."""
 
@@ -301,6 +323,8 @@ class BackfillStatus(_StatusModel):
     )
     """kstatus conditions: Ready, Reconciling, Stalled."""
     progress: Progress | None = None
+    estimate: EstimateStatus | None = None
+    """The plan's estimate of the run (duration, rows, WAL, dead tuples), before the first batch."""
     shards: dict[str, ShardStatus] = Field(default_factory=dict)
     """Per shard (key ``"0"``, ``"1"``...), written by each shard's worker."""
     job_names: list[str] = Field(default_factory=list)

@@ -1,7 +1,7 @@
 """The ``backfill`` command line: run, plan, status, reset and demo a Backfill manifest locally.
 
 Exit codes: 0 done or paused, 1 failed, 2 invalid manifest / validation, 3 already running,
-4 connection failed (see ``backfill_api/errors.py``). Nothing printed ever contains the DSN or password:
+4 connection failed (see ``backfill_api/errors.py``); ``plan --strict``: 5 when the plan warns. Nothing printed ever contains the DSN or password:
 errors are ``BackfillError`` messages (redacted at the source) or redacted here.
 
 Other commands (``crd``, ``worker``, ``operator``) register themselves at the end of this file;
@@ -29,6 +29,7 @@ from backfill_api.status import ShardState, format_eta
 from backfill_worker.checkpoints import checkpoint_guard
 from backfill_worker.checkpoints.checkpoint import JsonFileStore, ShardCheckpoint
 from backfill_worker.observe.events import Event, Listener, RunStarted, StaticControl
+from backfill_worker.plan.plan_warnings import wal_and_vacuum_lines
 from backfill_worker.plan.planner import Plan, plan_backfill
 from backfill_worker.run.engine import RunReport, read_checkpoints, reset_checkpoints, run_backfill
 from backfill_worker.run.signals import stop_on_signals
@@ -311,23 +312,52 @@ def print_plan(plan: Plan, console: Console) -> None:
             f"{s.seconds * 1000:.1f} ms"
         )
     if plan.projected_seconds is not None:
-        console.print(f"projected duration at batch size {plan.sample.batch_size if plan.sample else '-'}: ~{format_eta(plan.projected_seconds) or '0s'} (before adaptive sizing)")
+        console.print(f"projected duration at batch size {plan.sample.batch_size if plan.sample else '-'}: ~{format_eta(plan.projected_seconds) or '0s'} (an estimate, before adaptive sizing)")
+    if plan.estimate is not None:
+        for line in wal_and_vacuum_lines(plan.estimate, plan.vacuum):
+            console.print(line + " (an estimate from the sample batch)", markup=False)
+    print_warnings(plan, console)
     if plan.duplicate_matches:
         console.print(
             f"[red]JOIN MATCHES SEVERAL ROWS[/]: {plan.duplicate_matches:,} target rows of the sample batch match more than "
             "one row of spec.from; UPDATE ... FROM would use an arbitrary one. Make spec.from's condition match one row per target row"
         )
     console.print(f"plan_ok={'true' if plan.ok else 'false'}")
+    console.print(f"plan_warnings={','.join(w.code for w in plan.warnings) or '-'}", markup=False)
+
+
+def print_warnings(plan: Plan, console: Console) -> None:
+    if not plan.warnings:
+        console.print("\nwarnings: none")
+        return
+    console.print(f"\n[bold yellow]warnings[/] ({len(plan.warnings)}):")
+    for warning in plan.warnings:
+        console.print(f"  [yellow]{warning.code}[/]: {escape(warning.message)}")
+        console.print(f"    measured: {warning.measurement}", markup=False)
+        console.print(f"    fix: {warning.fix}", markup=False)
+
+
+PLAN_WARNINGS_EXIT = 5
+"""``backfill plan --strict``: the plan is sound (index check passed) but warns."""
+
+
+def plan_exit_code(plan: Plan, *, strict: bool) -> int:
+    """1 when a batch statement would not use the key index (or a join matches twice); with
+    ``strict``, ``PLAN_WARNINGS_EXIT`` when there is any warning; else 0 (PURE)."""
+    if not plan.ok:
+        return 1
+    return PLAN_WARNINGS_EXIT if strict and plan.warnings else 0
 
 
 @app.command()
-def plan(file: FileArgument, dsn: DsnOption = None, django_settings: DjangoSettingsOption = None) -> None:
-    """Dry run: key, estimates, the exact SQL, the index check and a timed, rolled-back sample batch."""
+def plan(file: FileArgument, dsn: DsnOption = None, django_settings: DjangoSettingsOption = None,
+         strict: Annotated[bool, typer.Option("--strict", help=f"Exit {PLAN_WARNINGS_EXIT} when the plan warns (a CI gate).")] = False) -> None:
+    """Dry run: key, estimates, the exact SQL, the index check, warnings and a timed, rolled-back sample batch."""
     with user_errors():
         backfill = load_backfill(file)
         result = plan_backfill(backfill, _dsn_for(backfill, dsn, django_settings))
         print_plan(result, out)
-        raise typer.Exit(0 if result.ok else 1)
+        raise typer.Exit(plan_exit_code(result, strict=strict))
 
 
 def print_checkpoints(backfill: Backfill, checkpoints: list[ShardCheckpoint], console: Console) -> None:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -42,6 +42,7 @@ from backfill_api.model import (
 from backfill_api.specdiff import decode_applied, effective_spec
 from backfill_api.status import (
     BackfillStatus,
+    EstimateStatus,
     ImpactStatus,
     ShardState,
     ShardStatus,
@@ -54,6 +55,9 @@ from backfill_worker.observe.run_progress import ShardProgress
 from backfill_worker.run.engine import run_backfill
 from backfill_worker.run.signals import stop_on_signals
 from backfill_worker.sql.secrets import redact, secrets_of
+
+if TYPE_CHECKING:
+    from backfill_worker.plan.planner import Plan
 
 log = logging.getLogger("backfill.worker")
 
@@ -320,7 +324,9 @@ def run_worker(
     try:
         with stop_on_signals(control):
             if spec.dry_run:
-                return _dry_run(backfill, dsn, reporter)
+                return _dry_run(api, namespace, name, backfill, dsn, reporter)
+            if shard == 0 and BackfillStatus.parse(obj.get("status")).estimate is None:
+                _write_estimate_before_first_batch(api, namespace, name, backfill, dsn, secrets)
             report = run_backfill(
                 backfill, dsn, shards=[shard], listeners=(reporter, *listeners), control=control, at_least_once_store=store,
             )
@@ -339,11 +345,52 @@ def run_worker(
         reporter.close()
 
 
-def _dry_run(backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
+def estimate_status(plan: Plan, measured_at: str) -> EstimateStatus | None:
+    """``status.estimate`` from a plan (PURE); None when the plan could not sample a batch."""
+    estimate = plan.estimate
+    if estimate is None:
+        return None
+    return EstimateStatus(
+        duration=estimate.duration, seconds=round(estimate.seconds or 0.0, 1), rows=estimate.rows,
+        batches=estimate.batches, wal_bytes=estimate.wal_bytes, dead_tuples=estimate.dead_tuples,
+        warnings=[warning.code for warning in plan.warnings], basis=estimate.basis, measured_at=measured_at,
+    )
+
+
+def _patch_estimate(api: KubeApi, namespace: str, name: str, plan: Plan) -> None:
+    estimate = estimate_status(plan, _now())
+    if estimate is None:
+        return
+    body = {"status": {"estimate": estimate.model_dump(by_alias=True, mode="json", exclude_none=True)}}
+    api.merge_patch(backfill_path(namespace, name, status=True), body)
+    log.info("estimate for %s/%s: %s, ~%d rows, warnings: %s", namespace, name, estimate.duration or "-",
+             estimate.rows, ", ".join(estimate.warnings) or "none")
+
+
+def _write_estimate_before_first_batch(
+    api: KubeApi, namespace: str, name: str, backfill: Backfill, dsn: str, secrets: Sequence[str]
+) -> None:
+    """Plan (a timed, rolled-back sample batch) and write ``status.estimate`` once per Backfill.
+
+    Best effort: a plan that fails here leaves the run to report the same problem itself.
+    """
+    from backfill_worker.plan.planner import plan_backfill
+
+    try:
+        _patch_estimate(api, namespace, name, plan_backfill(backfill, dsn))
+    except Exception as error:  # noqa: BLE001 - the estimate never stops the run
+        log.warning("no estimate for %s/%s: %s", namespace, name, redact(str(error), list(secrets))[:300])
+
+
+def _dry_run(api: KubeApi, namespace: str, name: str, backfill: Backfill, dsn: str, reporter: StatusReporter) -> int:
     """``spec.dryRun``: validate and plan (a rolled-back sample batch); change nothing; report done."""
     from backfill_worker.plan.planner import plan_backfill
 
     plan = plan_backfill(backfill, dsn)
+    try:
+        _patch_estimate(api, namespace, name, plan)
+    except Exception as error:  # noqa: BLE001 - the dry run's outcome is the plan, not the patch
+        log.warning("could not write the estimate of %s/%s: %s", namespace, name, type(error).__name__)
     reporter(RunFinished(backfill.identity, reporter.progress.shard, ShardState.DONE, 0, 0, remaining_matches=plan.estimated_rows_to_change))
     log.info("dry run of %s: about %d rows would change", backfill.identity, plan.estimated_rows_to_change)
     return 0

@@ -20,7 +20,7 @@ from psycopg import sql
 
 from backfill_api.model import Backfill, ChangeKind
 from backfill_worker.changes import changes
-from backfill_worker.plan import validation
+from backfill_worker.plan import plan_warnings, validation
 from backfill_worker.sql import blocks, introspect, sharding, statements
 from backfill_worker.sql.connection import connect, database_errors
 from backfill_worker.sql.secrets import redact, register_dsn, secrets_of
@@ -61,6 +61,11 @@ class Sample:
     rows: int
     seconds: float
     """Probe plus write transaction of one batch (rolled back)."""
+    wal_bytes: int | None = None
+    """WAL the batch's change wrote before the rollback (None on a standby)."""
+
+    def cost(self) -> plan_warnings.SampleCost:
+        return plan_warnings.SampleCost(self.keys, self.rows, self.seconds, self.wal_bytes)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,12 @@ class Plan:
     """``spec.from`` only: target rows of the sample batch that the join matches more than once."""
     by_ctid: bool = False
     """``walk: ctid``: keys are blocks, and the check is that every batch is a TID Range Scan."""
+    warnings: tuple[plan_warnings.PlanWarning, ...] = ()
+    """What may hurt (unindexed foreign keys, row triggers, a sparse where, autovacuum): each with
+    its measurement and fix. They do not make the plan fail (``backfill plan --strict`` does)."""
+    estimate: plan_warnings.RunEstimate | None = None
+    """The whole run scaled from the sample batch (duration, rows, WAL, dead tuples)."""
+    vacuum: introspect.VacuumSettings | None = None
 
     @property
     def index_ok(self) -> bool:
@@ -274,14 +285,65 @@ def _plan_blocks(conn: psycopg.Connection, backfill: Backfill, change: changes.B
     started = time.monotonic()
     with conn.transaction(force_rollback=True):
         _batch_timeouts(conn, backfill)
+        wal_before = _wal_position(conn)
         if target.kind == ChangeKind.SET:  # as the batches run it: refused if a changed row still matches where
             row = conn.execute(statements.update_batch_checked(target, has_lower=False), list(upper)).fetchone()
             rows = int(row[0]) if row else 0
         else:
             rows = conn.execute(change.statement(has_lower=False), list(upper)).rowcount
-        sample = Sample(spec.batch.size, int(upper[0]), rows, time.monotonic() - started)
+        wal = _wal_since(conn, wal_before)
+        sample = Sample(spec.batch.size, int(upper[0]), rows, time.monotonic() - started, wal)
     projected = projected_seconds(table_blocks, sample, spec.batch.pause.total_seconds(), spec.parallelism)
-    return Plan(*head, to_change, spec.parallelism, rendered, tuple(checks), sample, projected, by_ctid=True)
+    warnings, estimate, vacuum = _assess(conn, backfill, target, sample, table_blocks)
+    return Plan(*head, to_change, spec.parallelism, rendered, tuple(checks), sample, projected, by_ctid=True,
+                warnings=warnings, estimate=estimate, vacuum=vacuum)
+
+
+def _wal_position(conn: psycopg.Connection) -> str | None:
+    row = conn.execute("SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END").fetchone()
+    return row[0] if row else None
+
+
+def _wal_since(conn: psycopg.Connection, before: str | None) -> int | None:
+    """WAL bytes inserted since ``before`` (the whole server's: on a busy one, an over-estimate)."""
+    if before is None:
+        return None
+    row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s::pg_lsn)::bigint", [before]).fetchone()
+    return max(0, int(row[0])) if row and row[0] is not None else None
+
+
+def _assess(
+    conn: psycopg.Connection, backfill: Backfill, target: statements.Target, sample: Sample | None, estimated_keys: int
+) -> tuple[tuple[plan_warnings.PlanWarning, ...], plan_warnings.RunEstimate | None, introspect.VacuumSettings | None]:
+    """The plan's warnings and estimate: catalog facts and the sample batch, judged by ``plan_warnings``."""
+    spec = backfill.spec
+    event = plan_warnings.EVENT_OF_KIND.get(target.kind)
+    set_columns = [column for column, _ in target.set]
+    cost = sample.cost() if sample is not None else None
+    oid = _oid(conn, target.schema, target.table)
+    fired_on = (target.copy.schema, target.copy.table) if target.copy is not None else (target.schema, target.table)
+    estimate = plan_warnings.estimate_run(
+        estimated_keys, cost, batch_size=spec.batch.size, pause_seconds=spec.batch.pause.total_seconds(),
+        parallelism=spec.parallelism, event=event, unit="blocks" if target.by_ctid else "keys",
+    )
+    vacuum = introspect.vacuum_settings(conn, oid)
+    warnings = [
+        *plan_warnings.foreign_key_warnings(introspect.referencing_keys(conn, oid), event, set_columns, cost),
+        *plan_warnings.trigger_warnings(
+            introspect.triggers(conn, _oid(conn, *fired_on)), event, set_columns, cost, ".".join(fired_on)
+        ),
+        *plan_warnings.vacuum_warnings(vacuum, estimate, target.display_table),
+    ]
+    if not target.by_ctid:  # a ctid sample's "keys" are blocks: no rows-read ratio
+        sparse = plan_warnings.where_warning(target.where, cost, estimated_keys)
+        warnings.extend([sparse] if sparse is not None else [])
+    return tuple(warnings), estimate, vacuum
+
+
+def _oid(conn: psycopg.Connection, schema: str, table: str) -> int:
+    row = conn.execute("SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))::oid", [schema, table]).fetchone()
+    assert row is not None and row[0] is not None
+    return int(row[0])
 
 
 def _batch_timeouts(conn: psycopg.Connection, backfill: Backfill) -> None:
@@ -321,9 +383,11 @@ def _sample_batch(
             duplicates = int(counted[0]) if counted else 0
             started = time.monotonic()  # the check is not part of a batch's time
         # A handler's sample locks and reads the batch's rows (rows()); the handler itself is not called.
+        wal_before = _wal_position(conn)
         rows = conn.execute(change.statement(has_lower=False), list(batch_upper)).rowcount
+        wal = _wal_since(conn, wal_before)
         seconds = time.monotonic() - started
-    return Sample(size, keys, rows, seconds), duplicates
+    return Sample(size, keys, rows, seconds, wal), duplicates
 
 
 def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
@@ -360,7 +424,9 @@ def plan_backfill(backfill: Backfill, dsn: str) -> Plan:
         projected = projected_seconds(
             estimated_keys, sample, backfill.spec.batch.pause.total_seconds(), backfill.spec.parallelism
         )
+        warnings, estimate, vacuum = _assess(conn, backfill, target, sample, estimated_keys)
         return Plan(
             backfill.identity, target.display_table, target.key, target.key_types, target.key_index,
             estimated_keys, to_change, backfill.spec.parallelism, rendered, tuple(checks), sample, projected, duplicates,
+            warnings=warnings, estimate=estimate, vacuum=vacuum,
         )

@@ -455,20 +455,55 @@ def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int
     return selected
 
 
+class _WaitAnnouncer:
+    """Says what a starting run waits for: at the first poll, then every ``every`` seconds."""
+
+    def __init__(self, identity: str, shard: int, redact_text: Callable[[str], str], every: float = 5.0) -> None:
+        self._identity, self._shard, self._redact, self._every = identity, shard, redact_text, every
+        self._next = 0.0
+
+    def __call__(self, holder: locking.LockHolder, waited: float) -> None:
+        if waited < self._next:
+            return
+        self._next = waited + self._every
+        log.warning(
+            "%s shard %s: waiting for the previous run's session to release the shard's lock (waited %.1f s): %s",
+            self._identity, self._shard, waited, locking.describe_holder(holder, self._redact),
+        )
+
+
+def _refusal_message(backfill: Backfill, shard: int, refusal: locking.Refusal, redact_text: Callable[[str], str]) -> str:
+    """Why a run was refused its shard's lock (PURE)."""
+    if not refusal.own or refusal.holder is None:
+        return (
+            f"{backfill.identity} shard {shard} is already being run by another process "
+            "(advisory lock held); nothing was changed. Wait for it, or stop it first"
+        )
+    return (
+        f"{backfill.identity} shard {shard} is already being run by another process: a session of this backfill "
+        f"still holds the shard's lock after {refusal.waited:.0f} s of waiting (spec.limits.restartWait), "
+        f"{locking.describe_holder(refusal.holder, redact_text)}; nothing was changed. Wait for it, or stop it first"
+    )
+
+
 def _lock_shards(
-    dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection | None, connections: Connections
+    dsn: str, backfill: Backfill, shards: list[int], first: psycopg.Connection | None, connections: Connections,
+    redact_text: Callable[[str], str] = str,
 ) -> dict[int, psycopg.Connection]:
-    """One locked connection per shard (the first reuses ``first`` if given); AlreadyRunning if any is taken."""
+    """One locked connection per shard (the first reuses ``first`` if given); AlreadyRunning if any
+    is taken (after waiting up to ``spec.limits.restartWait`` while this backfill's own previous
+    session holds it: ``locking.acquire``)."""
     conns: dict[int, psycopg.Connection] = {}
     try:
         for index, shard in enumerate(shards):
             conn = first if index == 0 and first is not None else connect(dsn, f"backfill {backfill.identity} shard {shard}", connections)
             conns[shard] = conn
-            if not locking.try_lock(conn, backfill.identity, shard):
-                raise AlreadyRunning(
-                    f"{backfill.identity} shard {shard} is already being run by another process "
-                    "(advisory lock held); nothing was changed. Wait for it, or stop it first"
-                )
+            refusal = locking.acquire(
+                conn, backfill.identity, shard, wait_seconds=backfill.spec.limits.restart_wait.total_seconds(),
+                on_wait=_WaitAnnouncer(backfill.identity, shard, redact_text),
+            )
+            if refusal is not None:
+                raise AlreadyRunning(_refusal_message(backfill, shard, refusal, redact_text))
     except BaseException:
         for conn in conns.values():
             if conn is not first:
@@ -526,7 +561,7 @@ def run_backfill(
             shard_changes = {
                 s: changes.for_spec(spec, target, shard=s, runtime=runtime, redact_text=redact_text) for s in selected
             }
-            conns = _lock_shards(dsn, backfill, selected, main if runtime is None else None, connections)
+            conns = _lock_shards(dsn, backfill, selected, main if runtime is None else None, connections, redact_text)
             checkpoints = checkpointing.plan(main, store, backfill, target)
         tuning = Tuning(batch=spec.batch, limits=spec.limits, schedule=spec.schedule)
         own = impact_governor.OwnActivity()  # shared: one shard's batches are not "the application" to another

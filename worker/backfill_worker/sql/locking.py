@@ -7,6 +7,9 @@ reconnect the runner must take it again (and stop if someone else has it by then
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 
 import psycopg
 
@@ -48,3 +51,130 @@ def take_over_from_own_session(conn: psycopg.Connection, identity: str, shard: i
             return False
         conn.execute("SELECT pg_terminate_backend(%s, 5000)", [stale_pid])
         time.sleep(0.1)
+
+
+# -- a restart waits for the previous run's session --------------------------------------------
+
+
+def own_application_names(identity: str, shard: int) -> tuple[str, ...]:
+    """The ``application_name`` values the engine gives the sessions that hold a shard's lock
+    (the run's main session holds the first shard's; a reconnected or per-shard session has the
+    shard's own name), as the server stores them (at most 63 bytes)."""
+    return tuple(dict.fromkeys(_server_name(name) for name in (f"backfill {identity}", f"backfill {identity} shard {shard}")))
+
+
+def _server_name(name: str) -> str:
+    # connection.open_connection cuts at 63 characters; the server keeps at most 63 bytes.
+    return name[:63].encode()[:63].decode(errors="ignore")
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """The backend holding a shard's advisory lock, from ``pg_locks`` and ``pg_stat_activity``."""
+
+    pid: int
+    application_name: str
+    state: str
+    """``active``, ``idle``, ``idle in transaction``..."""
+    query: str
+    """Its current (or last) statement, as ``pg_stat_activity`` shows it."""
+    running_seconds: float
+    """Since its current statement started (or its last one, when idle)."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    holder: LockHolder | None
+    waited: float
+    own: bool
+    """The holder is this backfill's own session, waited for in vain (a live runner, not a dying one)."""
+
+
+STATEMENT_SHOWN = 160
+"""Characters of the holder's statement that are printed."""
+
+
+class LockDecision(Enum):
+    WAIT = "wait"
+    """The holder is a session of this same backfill (a previous run's, still finishing its batch)."""
+    REFUSE = "refuse"
+    """Held by anything else, or waited long enough."""
+
+
+def decide_lock(holder: LockHolder | None, identity: str, shard: int, waited: float, bound: float) -> LockDecision:
+    """Whether to wait for the shard's lock (PURE).
+
+    ``holder`` None: the lock was released between the try and the look-up: try again at once
+    (WAIT with no holder to report). A holder is waited for only when it is one of this
+    backfill's own sessions and only up to ``bound`` seconds in all.
+    """
+    if waited >= bound:
+        return LockDecision.REFUSE
+    if holder is None or is_own(holder, identity, shard):
+        return LockDecision.WAIT
+    return LockDecision.REFUSE
+
+
+def is_own(holder: LockHolder, identity: str, shard: int) -> bool:
+    """The holder is a session the engine opened for this backfill's shard (PURE)."""
+    return holder.application_name in own_application_names(identity, shard)
+
+
+def describe_holder(holder: LockHolder, redact: Callable[[str], str], limit: int = STATEMENT_SHOWN) -> str:
+    """``pid 123 (active for 2.1 s): UPDATE ...`` with the statement redacted and cut (PURE)."""
+    text = " ".join(redact(holder.query).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"pid {holder.pid} ({holder.state or 'unknown'} for {holder.running_seconds:.1f} s): {text or '(no statement)'}"
+
+
+
+
+def lock_holder(conn: psycopg.Connection, identity: str, shard: int) -> LockHolder | None:
+    row = conn.execute(
+        "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.state, ''), coalesce(a.query, ''), "
+        "extract(epoch FROM now() - coalesce(a.query_start, a.backend_start, now()))::float8 "
+        "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.objid = %s::int::oid "
+        "AND l.classid::bigint = (hashtext('backfill:' || %s)::bigint & 4294967295) "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.pid <> pg_backend_pid() LIMIT 1",
+        [shard, identity],
+    ).fetchone()
+    if row is None:
+        return None
+    pid, name, state, query, seconds = row
+    return LockHolder(int(pid), name, state, query, max(0.0, float(seconds)))
+
+
+def acquire(
+    conn: psycopg.Connection,
+    identity: str,
+    shard: int,
+    *,
+    wait_seconds: float,
+    on_wait: Callable[[LockHolder, float], None],
+    poll_seconds: float = 0.2,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Refusal | None:
+    """Take the shard's lock: None once it is ours, else why not.
+
+    While a session of this same backfill holds it (a killed run's backend still finishing its
+    statement), poll up to ``wait_seconds``; ``on_wait(holder, waited)`` is called on each poll.
+    No batch can start before this returns None: the lock is taken by ``pg_try_advisory_lock``.
+    """
+    started = clock()
+    last: LockHolder | None = None
+    while True:
+        if try_lock(conn, identity, shard):
+            return None
+        holder = lock_holder(conn, identity, shard)
+        last = holder or last
+        waited = clock() - started
+        if decide_lock(holder, identity, shard, waited, wait_seconds) is LockDecision.REFUSE:
+            shown = holder or last
+            return Refusal(shown, waited, own=shown is not None and is_own(shown, identity, shard))
+        if holder is not None:
+            on_wait(holder, waited)
+            sleep(poll_seconds)
