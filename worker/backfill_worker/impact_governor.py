@@ -164,6 +164,8 @@ class Governor:
         """A batch gave way to an application's row lock: the pause before it is tried again."""
         self.yields_in_a_row += 1
         self.lock_yields += 1
+        if self.yields_in_a_row == 1:
+            self._report()  # status says so now, not at the next decision
         return app_impact.yield_pause(self.yields_in_a_row)
 
     def note_locked(self) -> None:
