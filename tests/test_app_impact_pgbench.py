@@ -18,6 +18,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from backfill_api.manifest import parse_backfill
+from backfill_api.status import ImpactLimit
+from backfill_worker import app_impact
 from backfill_worker.engine import run_backfill
 from backfill_worker.events import BatchCommitted, Event, ImpactObserved, Throttled
 
@@ -44,11 +46,16 @@ def stop_pgbench(dsn: str, process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
-def test_throttle_backs_off_under_pgbench_and_speeds_up_when_it_stops(database: str) -> None:
+def pgbench_init(database: str) -> dict[str, str]:
     env = pgbench_env(database)
     subprocess.run(["pgbench", "-i", "-q", "-I", "dtGvp", "-s", str(SCALE)], env=env, check=True, capture_output=True)
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("ALTER TABLE pgbench_accounts ADD COLUMN migrated boolean")
+    return env
+
+
+def test_throttle_backs_off_under_pgbench_and_speeds_up_when_it_stops(database: str) -> None:
+    env = pgbench_init(database)
     app = subprocess.Popen(["pgbench", "-n", "-c", "4", "-j", "2", "-T", "120"], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     events: list[tuple[float, Event]] = []
@@ -90,17 +97,71 @@ def test_throttle_backs_off_under_pgbench_and_speeds_up_when_it_stops(database: 
     # and the engine actually paused for it.
     assert busy and all(e.present for e in busy), trace
     assert min(e.duty for e in busy) < 1.0, trace
+    # Status says what limits the speed, typed, never "nobody there" while pgbench runs.
+    assert all(isinstance(e.limited_by, ImpactLimit) and e.limited_by != ImpactLimit.NO_APPLICATION for e in busy), trace
     assert max(e.batch_target_seconds for e in busy) <= 0.02 + 1e-9, trace
     paused = [e for t, e in events if isinstance(e, Throttled) and e.reason == "applicationImpact" and t < stopped_at[0]]
     assert paused and all(e.seconds > 0 for e in paused)
     # Idle again: it notices, and runs faster than it was allowed to while pgbench ran.
     assert after, f"the backfill ended before the throttle re-measured; trace: {trace}"
-    assert any(not e.present for e in after), trace
+    assert any(not e.present and e.limited_by == ImpactLimit.NO_APPLICATION for e in after), trace
     assert max(e.duty for e in after) > min(e.duty for e in busy), trace
     assert max(e.batch_target_seconds for e in after) > 0.02, trace
     # Exactly once, whatever the throttle did.
     report = outcome["report"]
     batches = [e for _, e in events if isinstance(e, BatchCommitted)]
     assert report.rows_updated == sum(b.rows_updated for b in batches) == ROWS
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FILTER (WHERE migrated), count(*) FROM pgbench_accounts").fetchone() == (ROWS, ROWS)
+
+
+def test_an_arriving_application_is_met_within_one_window_and_its_headroom_is_taken(database: str) -> None:
+    """No application, then a light one (pgbench at a fixed 200 tps: plenty of headroom) arrives:
+    the first decision that sees it has already cut the duty, and the duty then grows again past
+    the careful start, because the application does not suffer from it."""
+    env = pgbench_init(database)
+    events: list[tuple[float, Event]] = []
+    backfill = parse_backfill({
+        "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "arrival"},
+        "spec": {"table": "pgbench_accounts", "set": {"migrated": "true"}, "where": "migrated IS NOT TRUE",
+                 "batch": {"size": 100, "minSize": 50, "maxSize": 100}},
+    })
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = run_backfill(backfill, database, listeners=[lambda e: events.append((time.monotonic(), e))])
+        except BaseException as error:
+            outcome["error"] = error
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while sum(isinstance(e, ImpactObserved) for _, e in events) < 2:  # running flat out, nobody else there
+        assert runner.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.02)
+    arrived = time.monotonic()
+    app = subprocess.Popen(["pgbench", "-n", "-c", "2", "-j", "2", "-R", "200", "-T", "120"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    try:
+        while runner.is_alive() and time.monotonic() < arrived + 90 and not any(
+            isinstance(e, ImpactObserved) and e.present and e.duty > app_impact.START_DUTY_BUSY for t, e in events if t > arrived
+        ):
+            time.sleep(0.05)
+    finally:
+        stop_pgbench(database, app)
+    runner.join(timeout=300)
+    assert not runner.is_alive() and "error" not in outcome, outcome
+    decisions = [(t, e) for t, e in events if isinstance(e, ImpactObserved)]
+    trace = [(round(t - arrived, 2), e.summary) for t, e in decisions]
+    print("decisions (s after pgbench started, summary):", trace)
+    before = [e for t, e in decisions if t < arrived]
+    assert before and not any(e.present for e in before), trace
+    seen = [e for t, e in decisions if t > arrived and e.present]
+    assert seen, trace
+    # Backed off in the first decision that saw it (it is then measured alone)...
+    assert seen[0].duty <= app_impact.START_DUTY_BUSY, trace
+    # ...and then took the headroom the light application leaves.
+    assert max(e.duty for e in seen) > app_impact.START_DUTY_BUSY, trace
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FILTER (WHERE migrated), count(*) FROM pgbench_accounts").fetchone() == (ROWS, ROWS)
