@@ -54,17 +54,14 @@ def pgbench_init(database: str) -> dict[str, str]:
     return env
 
 
-def test_throttle_backs_off_under_pgbench_and_speeds_up_when_it_stops(database: str) -> None:
-    env = pgbench_init(database)
-    app = subprocess.Popen(["pgbench", "-n", "-c", "4", "-j", "2", "-T", "120"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+def start_backfill(database: str, name: str, batch_size: int,
+                   ) -> tuple[threading.Thread, list[tuple[float, Event]], dict[str, Any]]:
+    """``migrated = true`` on every account, in a thread; its events timestamped (monotonic)."""
     events: list[tuple[float, Event]] = []
-    stopped_at: list[float] = []
     backfill = parse_backfill({
-        "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "impact"},
-        # Small batches so the run lasts long enough to see both halves on any machine.
+        "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": name},
         "spec": {"table": "pgbench_accounts", "set": {"migrated": "true"}, "where": "migrated IS NOT TRUE",
-                 "batch": {"size": 200, "minSize": 50, "maxSize": 200}},
+                 "batch": {"size": batch_size, "minSize": 50, "maxSize": batch_size}},
     })
     outcome: dict[str, Any] = {}
 
@@ -74,10 +71,20 @@ def test_throttle_backs_off_under_pgbench_and_speeds_up_when_it_stops(database: 
         except BaseException as error:
             outcome["error"] = error
 
+    runner = threading.Thread(target=run)
+    runner.start()
+    return runner, events, outcome
+
+
+def test_throttle_backs_off_under_pgbench_and_speeds_up_when_it_stops(database: str) -> None:
+    env = pgbench_init(database)
+    app = subprocess.Popen(["pgbench", "-n", "-c", "4", "-j", "2", "-T", "120"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    stopped_at: list[float] = []
     try:
         time.sleep(1.0)  # the application is at work before the backfill starts
-        runner = threading.Thread(target=run)
-        runner.start()
+        # Small batches so the run lasts long enough to see both halves on any machine.
+        runner, events, outcome = start_backfill(database, "impact", 200)
         deadline = time.monotonic() + 90
         while sum(isinstance(e, ImpactObserved) and e.present for _, e in events) < 4 and runner.is_alive():
             assert time.monotonic() < deadline, "the throttle never reported the application"
@@ -120,22 +127,7 @@ def test_an_arriving_application_is_met_within_one_window_and_its_headroom_is_ta
     the first decision that sees it has already cut the duty, and the duty then grows again past
     the careful start, because the application does not suffer from it."""
     env = pgbench_init(database)
-    events: list[tuple[float, Event]] = []
-    backfill = parse_backfill({
-        "apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": "arrival"},
-        "spec": {"table": "pgbench_accounts", "set": {"migrated": "true"}, "where": "migrated IS NOT TRUE",
-                 "batch": {"size": 100, "minSize": 50, "maxSize": 100}},
-    })
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["report"] = run_backfill(backfill, database, listeners=[lambda e: events.append((time.monotonic(), e))])
-        except BaseException as error:
-            outcome["error"] = error
-
-    runner = threading.Thread(target=run)
-    runner.start()
+    runner, events, outcome = start_backfill(database, "arrival", 100)
     deadline = time.monotonic() + 60
     while sum(isinstance(e, ImpactObserved) for _, e in events) < 2:  # running flat out, nobody else there
         assert runner.is_alive() and time.monotonic() < deadline, outcome
