@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections.abc import Callable
@@ -105,11 +106,25 @@ def test_without_measurable_cost_the_duty_grows_by_the_cap_up_to_one() -> None:
 
 def test_with_a_measured_cost_the_duty_goes_where_the_estimate_puts_the_target() -> None:
     c = replace(started(), duty=0.4)
-    after = c.observe(busy(0.9))  # pressure 0.5 at duty 0.4: slope 1.25, target duty 0.68 > the cap 0.65
+    after = c.observe(busy(0.9))  # pressure 0.5 at duty 0.4: slope 1.25, the target at 0.68 > the cap 0.55
     assert after.duty == pytest.approx(0.4 * ai.MAX_GROWTH + ai.MIN_GROWTH) and after.limited_by == ai.ImpactLimit.RAMP_UP
     c = replace(started(), duty=0.4)
-    after = c.observe(busy(0.88))  # pressure 0.6: slope 1.5, target duty 0.567 < the cap
-    assert after.duty == pytest.approx(ai.TARGET_PRESSURE / 1.5) and after.limited_by == ai.THROUGHPUT
+    after = c.observe(busy(0.86))  # pressure 0.7: slope 1.75, the target at 0.4 + 0.15 / 1.75 < the cap
+    assert after.duty == pytest.approx(0.4 + 0.15 / 1.75) and after.limited_by == ai.THROUGHPUT
+
+
+def test_after_a_cut_growth_slows_below_the_duty_that_hurt_and_probes_past_it() -> None:
+    c = replace(started(), duty=0.8).observe(busy(0.6))  # pressure 2: cut, and 0.8 is remembered
+    assert c.ceiling == 0.8 and c.duty == pytest.approx(0.8 * ai.TARGET_PRESSURE / 2)
+    duties = []
+    for _ in range(12):
+        c = c.observe(busy(1.0))  # no cost at all now: grow
+        duties.append(c.duty)
+    assert max(d for d in duties if d <= 0.8) <= 0.8  # no jump past the knee
+    assert ai.CEILING_APPROACH * 0.8 in [pytest.approx(d) for d in duties]  # fast up to 0.72...
+    probing = [b - a for a, b in itertools.pairwise(duties) if ai.CEILING_APPROACH * 0.8 - 1e-9 <= a < 0.8]
+    assert probing and all(step == pytest.approx(ai.CEILING_PROBE) for step in probing)  # ...then 0.02 a window
+    assert c.ceiling is None and c.duty > 0.8  # past it without a cut: forgotten, fast growth again
 
 
 def test_marginal_cost_fits_through_the_origin_newer_windows_weighing_more() -> None:
@@ -125,11 +140,12 @@ def test_marginal_cost_fits_through_the_origin_newer_windows_weighing_more() -> 
     [
         (0.5, 1.2, 1.2, 1.0, 0.35, ai.CUT),  # 0.85/1.2 = 0.708 > 0.7: the decrease factor
         (0.5, 0.9, 0.9, 1.0, 0.5, ai.HOLD),
-        (0.5, 0.5, 0.5, 1.0, 0.8, ai.CAPPED),  # wanted 0.85, the cap 0.8
-        (0.5, 0.5, 0.5, 1.6, 0.53125, ai.ESTIMATE),
-        (0.5, 0.5, 0.5, None, 0.8, ai.CAPPED),
+        (0.5, 0.5, 0.5, 1.0, 0.675, ai.CAPPED),  # wanted 0.85, the cap 0.675
+        (0.5, 0.5, 0.5, 3.5, 0.6, ai.ESTIMATE),  # 0.5 + 0.35 / 3.5
+        (0.5, 0.5, 0.5, None, 0.675, ai.CAPPED),
         (0.5, 0.7, 2.0, 1.0, 0.5 * 0.85 / 2.0, ai.CUT),  # a severe raw window cuts through the smoothing
-        (0.5, 0.7, 1.4, 2.0, 0.5, ai.ESTIMATE),  # ...a milder one does not (a stale estimate never cuts)
+        (0.5, 0.7, 1.4, 2.0, 0.5, ai.HOLD),  # ...a milder one holds the growth (the smoothing lags), no cut
+        (0.5, 0.7, 0.7, 0.5, 0.675, ai.CAPPED),  # a flat estimate grows by the cap
     ],
 )
 def test_next_duty(duty: float, pressure: float, raw: float, slope: float | None, expected: float, how: str) -> None:
@@ -291,6 +307,24 @@ def test_converges_to_its_budget_within_ten_windows(plant: Plant) -> None:
     assert mean_duty >= 0.8 * on_aim, (mean_ratio, mean_duty, on_aim)
     # ...and it got there fast: by window 10 the duty is within 30 % of the duty on the aim.
     assert abs(trace[10][0] - on_aim) <= 0.3 * on_aim, (trace[:12], on_aim)
+
+
+def knee(cost: float, at: float) -> Plant:
+    """Nothing until the machine saturates, then a lot."""
+    return lambda duty: 1.0 - cost * max(0.0, duty - at)
+
+
+@pytest.mark.parametrize("plant", [knee(4, 0.5), knee(8, 0.6), knee(3, 0.3)], ids=["knee4@0.5", "knee8@0.6", "knee3@0.3"])
+def test_an_application_with_a_knee_is_not_driven_over_it_again_and_again(plant: Plant) -> None:
+    _, trace = simulate(plant, 200, seeded(), noise=0.02)
+    on_aim = next((d / 1000 for d in range(1000, 0, -1) if plant(d / 1000) >= AIM), 0.0)
+    settled = trace[20:]
+    mean_ratio = sum(r for _, r in settled) / len(settled)
+    mean_duty = sum(d for d, _ in settled) / len(settled)
+    assert mean_ratio >= BUDGET.min_throughput_ratio, (mean_ratio, mean_duty)
+    # Not driven over the knee again and again: few windows far below the budget.
+    assert sum(r < BUDGET.min_throughput_ratio - 0.1 for _, r in settled) <= 0.08 * len(settled), settled
+    assert mean_duty >= 0.8 * on_aim, (mean_ratio, mean_duty, on_aim)
 
 
 def test_takes_all_the_headroom_when_the_application_barely_notices() -> None:

@@ -51,7 +51,7 @@ ADDITIVE_STEP = 0.1
 TARGET_PRESSURE = 0.85
 """Where the marginal-cost estimate aims the pressure: under 1.0 by about two noise deviations of
 the throughput signal (a 2,500 tps application measured over half a second)."""
-MAX_GROWTH = 1.5
+MAX_GROWTH = 1.25
 """Largest duty increase per window (times the duty, plus ``MIN_GROWTH``)."""
 MIN_GROWTH = 0.05
 DECREASE_FACTOR = 0.7
@@ -64,6 +64,10 @@ HISTORY = 8
 """Windows the marginal-cost estimate is fitted on."""
 HISTORY_DECAY = 0.7
 """Weight of a window in the fit, per window of age."""
+CEILING_APPROACH = 0.9
+"""After a cut, fast growth stops at this fraction of the duty that was cut (the knee it found)..."""
+CEILING_PROBE = 0.02
+"""...and the duty then probes upward by this much per window, until past it without a cut."""
 MIN_SLOPE = 0.05
 """Slopes below this (pressure per unit of duty) are noise around "no cost"."""
 LOCK_WAIT_SHARE = 0.25
@@ -182,7 +186,8 @@ def pressures(budget: Budget, baseline: Activity, now: Activity) -> dict[ImpactL
 
 def marginal_cost(history: Sequence[tuple[float, float]]) -> float | None:
     """PURE: pressure per unit of duty, fitted through the origin on ``(duty, pressure)`` windows
-    (oldest first; newer ones weigh more). None when there is nothing to fit on."""
+    (oldest first; newer ones weigh more): the pressure is 0 at duty 0 by construction (the
+    baseline is the application alone). None when there is nothing to fit on."""
     weights = [HISTORY_DECAY ** age for age in range(len(history))][::-1]
     denominator = sum(w * d * d for w, (d, _) in zip(weights, history, strict=True))
     if denominator <= 0:
@@ -195,22 +200,29 @@ CUT, HOLD, ESTIMATE, CAPPED = "cut", "hold", "estimate", "capped"
 the growth cap (the estimate allowed more)."""
 
 
-def next_duty(duty: float, pressure: float, raw_pressure: float, slope: float | None) -> tuple[float, str]:
+def next_duty(
+    duty: float, pressure: float, raw_pressure: float, slope: float | None, ceiling: float | None = None,
+) -> tuple[float, str]:
     """PURE: the duty for the next window, and how it was decided (``CUT`` ... ``CAPPED``).
 
     ``pressure`` is the smoothed window's, ``raw_pressure`` the latest window's alone, ``slope``
-    the fitted marginal cost (``marginal_cost``).
+    the fitted marginal cost (``marginal_cost``), ``ceiling`` the duty of the last cut (if not
+    passed since): an application may feel nothing until the machine saturates and then a lot
+    (a knee); growing 1.5x per window from "no cost" would jump over it again and again.
     """
     cut = max(pressure if pressure > 1.0 else 0.0, raw_pressure if raw_pressure > SEVERE_RAW_PRESSURE else 0.0)
     if cut:
         # Over the budget: the latest window's own slope (``cut / duty``) says where the target is.
         return duty * min(DECREASE_FACTOR, TARGET_PRESSURE / cut), CUT
-    if pressure >= HOLD_BELOW:
+    if max(pressure, raw_pressure) >= HOLD_BELOW:
+        # Grow only when the latest window agrees: the smoothed pressure lags a step up.
         return duty, HOLD
     cap = duty * MAX_GROWTH + MIN_GROWTH
+    if ceiling is not None:
+        cap = max(min(cap, CEILING_APPROACH * ceiling), duty + CEILING_PROBE)
     if slope is None or slope < MIN_SLOPE:
         return cap, CAPPED
-    wanted = TARGET_PRESSURE / slope
+    wanted = duty + (TARGET_PRESSURE - pressure) / slope  # along the fitted slope, from where we are
     return (cap, CAPPED) if wanted >= cap else (max(duty, wanted), ESTIMATE)
 
 
@@ -256,6 +268,8 @@ class Controller:
     last: Activity | None = None
     history: tuple[tuple[float, float], ...] = ()
     """Recent ``(duty, pressure)`` windows with the application present: the marginal-cost fit."""
+    ceiling: float | None = None
+    """The duty of the last cut, until the duty passes it without one (see ``next_duty``)."""
 
     @staticmethod
     def start(budget: Budget, max_batch_seconds: float, baseline: Activity) -> Controller:
@@ -294,7 +308,7 @@ class Controller:
             return replace(
                 self, duty=min(self.duty, START_DUTY_BUSY), needs_baseline=True, present=True, last=now,
                 lock_hold_seconds=self.lock_hold_seconds or self.budget.max_lock_hold_seconds,
-                limited_by=ImpactLimit.MEASURING, history=(),
+                limited_by=ImpactLimit.MEASURING, history=(), ceiling=None,
             )
         if not now.present:
             # Nobody there (no writes, no session running a statement), or the application went
@@ -302,7 +316,7 @@ class Controller:
             return replace(
                 self, baseline=replace(now, lock_waiters=0) if baseline.present else baseline,
                 duty=min(1.0, self.duty * 2 + ADDITIVE_STEP), pressure=0.0, limited_by=ImpactLimit.NO_APPLICATION,
-                present=False, last=None, history=(),
+                present=False, last=None, history=(), ceiling=None,
             )
         smoothed = now if self.last is None else blend(self.last, now, SMOOTHING)
         smoothed = replace(smoothed, seconds=now.seconds, lock_waiters=now.lock_waiters)
@@ -314,8 +328,9 @@ class Controller:
         raw_pressure = max((v for k, v in pressures(self.budget, baseline, now).items() if k != LOCK_WAITS), default=0.0)
         spent = min(1.0, max(MIN_DUTY, self.duty if duty is None else duty))
         history = (*self.history, (spent, cost))[-HISTORY:]
-        new_duty, how = next_duty(self.duty, cost, raw_pressure, marginal_cost(history))
+        new_duty, how = next_duty(self.duty, cost, raw_pressure, marginal_cost(history), self.ceiling)
         new_duty = max(MIN_DUTY, min(1.0, new_duty))
+        ceiling = self.duty if how == CUT else (None if self.ceiling is not None and new_duty > self.ceiling else self.ceiling)
         limited_by = max(costs, key=lambda k: costs[k]) if costs and how != CAPPED else ImpactLimit.RAMP_UP
         if limited_by == ImpactLimit.RAMP_UP and new_duty >= 1.0:
             limited_by = ImpactLimit.FULL_SPEED
@@ -329,6 +344,7 @@ class Controller:
         return replace(
             self, baseline=baseline, duty=new_duty, lock_hold_seconds=lock_hold, pressure=pressure,
             limited_by=limited_by, present=now.present or baseline.present, last=smoothed, history=history,
+            ceiling=ceiling,
         )
 
     def pause_after(self, batch_seconds: float) -> float:
