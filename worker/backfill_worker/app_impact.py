@@ -17,7 +17,8 @@ recent ``(duty, pressure)`` windows, newer ones weighing more. It then sets the 
 slope puts the pressure at ``TARGET_PRESSURE`` (just under the budget, so measurement noise does not
 cross it): up by at most ``MAX_GROWTH`` per window (one noisy window cannot jump to full speed), and
 over the budget *down at once* to where the latest window's own slope puts the target (at least a
-``DECREASE_FACTOR`` cut), so a hurt application recovers within one decision window. Between
+``DECREASE_FACTOR`` cut), so a hurt application recovers within one decision window; the duty
+of that cut is remembered as a ceiling growth slows down under (``next_duty``). Between
 ``HOLD_BELOW`` and 1.0 the duty is held. A lock wait on one of the backfill's rows halves the
 batch duration instead (down to ``MIN_LOCK_HOLD_SECONDS``), because that duration is what the
 waiting application transaction pays. Measurements are smoothed over windows (``SMOOTHING``)
@@ -208,7 +209,7 @@ def next_duty(
     ``pressure`` is the smoothed window's, ``raw_pressure`` the latest window's alone, ``slope``
     the fitted marginal cost (``marginal_cost``), ``ceiling`` the duty of the last cut (if not
     passed since): an application may feel nothing until the machine saturates and then a lot
-    (a knee); growing 1.5x per window from "no cost" would jump over it again and again.
+    (a knee); growing by the cap from "no cost" would jump over it again and again.
     """
     cut = max(pressure if pressure > 1.0 else 0.0, raw_pressure if raw_pressure > SEVERE_RAW_PRESSURE else 0.0)
     if cut:
