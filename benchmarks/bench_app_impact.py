@@ -2,9 +2,10 @@
 
 Run manually (not part of pytest):
 
-    python benchmarks/bench_app_impact.py [--scale 20] [--clients 4] [--repeats 2]
-        [--apps none,random,ahead] [--phases none,update,protect,fast,protect-sync,cause-cpu,cause-wal]
-        [--lead-in 3] [--baseline-seconds 10] [--out benchmarks/results/app-impact-....json]
+    python benchmarks/bench_app_impact.py [--scale 20] [--clients 4] [--repeats 3]
+        [--apps none,random,ahead,read] [--phases none,update,protect,fast,protect-sync,cause-cpu,cause-wal,base]
+        [--base-tree /tmp/backfill-base] [--lead-in 3] [--baseline-seconds 10]
+        [--out benchmarks/results/app-impact-....json]
 
 Quick look: ``--scale 5 --repeats 1 --apps random --phases none,update,protect,fast``.
 
@@ -12,7 +13,9 @@ The application is ``pgbench`` (Debian's postgresql-15 client, on ``PATH``): ``-
 clients, closed loop (each starts its next transaction when the previous one ends), either the
 built-in TPC-B-like script on random accounts (``random``), or a script that updates accounts
 just ahead of the backfill's checkpoint (``ahead``: it reads the backfill's progress each
-transaction, so it runs into the rows the next batches lock), or no application (``none``).
+transaction, so it runs into the rows the next batches lock), a read-mostly application
+(``read``: pgbench's built-in ``select-only`` and ``tpcb-like`` scripts drawn 9:1), or no
+application (``none``).
 The backfill sets a new column ``migrated = true`` on every ``pgbench_accounts`` row
 (``100,000 * scale`` rows) with ``where: migrated IS NOT TRUE``.
 
@@ -32,7 +35,14 @@ run ``fast`` on a copy of the table the application never touches: ``cause-wal``
 copy: the CPU and the WAL, no row locks shared) and ``cause-cpu`` (an UNLOGGED copy: only the
 CPU). Causes and protect-sync run only with the ``random`` application. ``protect@R`` is
 ``protect`` with ``applicationImpact.minThroughputRatio: R`` (e.g. ``protect@0.7``), to compare
-budgets within one run.
+budgets within one run. ``base`` is the default spec run by the engine of another source tree
+(``--base-tree``, e.g. ``git archive <commit> worker | tar -x -C /tmp/backfill-base``) in a
+subprocess: the engine before a change, side by side with it in the same run.
+
+Every figure is reported as median (min-max) over the repeats; per run the longest backfill
+transaction, the application's max latency, how long each signal limited the speed
+(``limitedBy`` of the throttle's decisions) and the batches that yielded to an application's
+row lock.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -106,6 +117,9 @@ class Run:
     batches: int | None = None
     throttled_seconds: dict[str, float] = field(default_factory=dict)
     impact_last: str | None = None
+    limited_by: dict[str, int] = field(default_factory=dict)
+    """Decisions of the throttle by what limited the speed."""
+    lock_yields: int = 0
     app_stats: AppStats | None = None
 
 
@@ -168,6 +182,8 @@ class Pgbench:
             script = workdir / "ahead.sql"
             script.write_text(AHEAD_SCRIPT)
             args += ["-f", str(script), "-D", "scale=" + str(_scale(server))]
+        elif app == "read":  # read-mostly: 9 point reads to 1 TPC-B-like write transaction
+            args += ["-b", "select-only@9", "-b", "tpcb-like@1"]
         else:
             args += ["-b", "tpcb-like"]
         self.process = subprocess.Popen([*args, RUN_DB], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -222,10 +238,27 @@ def backfill_manifest(phase: str, table: str) -> Any:
                            "metadata": {"name": f"bench-{phase.replace('@', '-')}"}, "spec": spec})
 
 
-def run_engine(dsn: str, phase: str, table: str, run: Run) -> None:
+def run_engine(dsn: str, phase: str, table: str, run: Run, base_tree: str | None = None) -> None:
+    if phase == "base":
+        if not base_tree:
+            raise SystemExit("phase base needs --base-tree (a source tree with the engine to compare with)")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(base_tree) / "worker"), str(Path(__file__).parent)])}
+        out = subprocess.run([sys.executable, __file__, "--child", dsn, "protect", table], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        measured = json.loads(out.strip().splitlines()[-1])
+    else:
+        measured = engine_figures(dsn, phase, table)
+    for key, value in measured.items():
+        setattr(run, key, value)
+
+
+def engine_figures(dsn: str, phase: str, table: str) -> dict[str, Any]:
+    """One engine run in this process (whichever engine is importable): the Run fields it fills."""
     durations: list[float] = []
     throttled: dict[str, float] = {}
     impact: list[str] = []
+    limited: dict[str, int] = {}
+    yields = [0]
 
     def listen(event: Event) -> None:
         if isinstance(event, BatchCommitted):
@@ -234,6 +267,9 @@ def run_engine(dsn: str, phase: str, table: str, run: Run) -> None:
             throttled[event.reason] = throttled.get(event.reason, 0.0) + event.seconds
         elif isinstance(event, ImpactObserved):
             impact.append(event.summary)
+            key = str(event.limited_by) or "-"
+            limited[key] = limited.get(key, 0) + 1
+            yields[0] = max(yields[0], getattr(event, "lock_yields", 0))
 
     impact_governor.SYNCHRONOUS_COMMIT = phase == "protect-sync"
     try:
@@ -241,14 +277,13 @@ def run_engine(dsn: str, phase: str, table: str, run: Run) -> None:
     finally:
         impact_governor.SYNCHRONOUS_COMMIT = False
     durations.sort()
-    run.backfill_seconds = report.duration
-    run.rows = report.rows_updated
-    run.rows_per_second = report.rows_updated / report.duration
-    run.longest_txn_ms = durations[-1] * 1000
-    run.p99_txn_ms = durations[min(len(durations) - 1, int(len(durations) * 0.99))] * 1000
-    run.batches = report.batches
-    run.throttled_seconds = {k: round(v, 2) for k, v in throttled.items()}
-    run.impact_last = impact[-1] if impact else None
+    return {
+        "backfill_seconds": report.duration, "rows": report.rows_updated,
+        "rows_per_second": report.rows_updated / report.duration, "longest_txn_ms": durations[-1] * 1000,
+        "p99_txn_ms": durations[min(len(durations) - 1, int(len(durations) * 0.99))] * 1000,
+        "batches": report.batches, "throttled_seconds": {k: round(v, 2) for k, v in throttled.items()},
+        "impact_last": impact[-1] if impact else None, "limited_by": limited, "lock_yields": yields[0],
+    }
 
 
 def run_update(dsn: str, run: Run) -> None:
@@ -276,7 +311,7 @@ def one_run(server: LocalPostgres, args: argparse.Namespace, repeat: int, app: s
         elif phase == "update":
             run_update(dsn, run)
         else:
-            run_engine(dsn, phase, table, run)
+            run_engine(dsn, phase, table, run, args.base_tree)
         end = time.time()
         if bench:
             time.sleep(1.0)  # let transactions that started in the window finish
@@ -307,6 +342,10 @@ def describe(run: Run) -> str:
         parts.append(f"throttled {run.throttled_seconds}")
     if run.impact_last:
         parts.append(f"impact: {run.impact_last}")
+    if run.limited_by:
+        parts.append(f"limited by {run.limited_by}")
+    if run.lock_yields:
+        parts.append(f"lock yields {run.lock_yields}")
     return "; ".join(parts)
 
 
@@ -320,12 +359,26 @@ def _span(values: list[float], digits: int = 2) -> str:
     return f"{median:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
 
+def _limits(runs: list[Run]) -> str:
+    """What limited the speed, over all decisions of these runs: the two most frequent, with their share."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        for key, n in r.limited_by.items():
+            counts[key] = counts.get(key, 0) + n
+    total = sum(counts.values())
+    if not total:
+        return "–"
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:2]
+    return ", ".join(f"{key} {n / total:.0%}" for key, n in top)
+
+
 def table(runs: list[Run], apps: list[str], phases: list[str]) -> str:
     """Medians over repeats of per-repeat ratios (min-max in brackets)."""
     lines = [
         ("| application | phase | backfill rows/s vs one UPDATE | app tps vs no backfill | app p99 vs no backfill "
-         "| app max latency ms | longest backfill txn ms | backfill s | load avg |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+         "| app max latency ms | longest backfill txn ms | backfill s | lock yields | limited by (share of decisions) "
+         "| load avg |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     by_key = {(r.repeat, r.app, r.phase): r for r in runs}
     repeats = sorted({r.repeat for r in runs})
@@ -352,6 +405,8 @@ def table(runs: list[Run], apps: list[str], phases: list[str]) -> str:
                 f"| {_span([r.app_stats.max_ms for r in mine if r.app_stats], 0)} "
                 f"| {_span([r.longest_txn_ms for r in mine if r.longest_txn_ms], 0)} "
                 f"| {_span([r.backfill_seconds for r in mine if r.backfill_seconds], 1)} "
+                f"| {_span([float(r.lock_yields) for r in mine], 0) if any(r.lock_yields for r in mine) else '–'} "
+                f"| {_limits(mine)} "
                 f"| {_span([r.load_before for r in mine], 1)} |"
             )
     return "\n".join(lines)
@@ -361,13 +416,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=int, default=20)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--apps", default="none,random,ahead")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--apps", default="none,random,ahead,read")
     parser.add_argument("--phases", default="none,update,protect,fast,protect-sync,cause-wal,cause-cpu")
     parser.add_argument("--lead-in", type=float, default=3.0, help="seconds of pgbench before the backfill starts")
     parser.add_argument("--baseline-seconds", type=float, default=10.0, help="window of the no-backfill phase")
     parser.add_argument("--out", default=None, help="raw JSON results (default: benchmarks/results/app-impact-<UTC>.json)")
+    parser.add_argument("--base-tree", default=None, help="source tree whose engine runs phase base (the before)")
+    parser.add_argument("--child", nargs=3, metavar=("DSN", "PHASE", "TABLE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(engine_figures(*args.child)))
+        return
     apps, phases = args.apps.split(","), args.phases.split(",")
     if shutil.which("pgbench") is None:
         raise SystemExit("pgbench not found: install postgresql-client (Debian: postgresql-client-15)")

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backfill_api.crd import PRINTER_COLUMNS, build_crd
 from backfill_api.serving import serve
-from backfill_api.status import aggregate_progress
+from backfill_api.status import ImpactLimit, aggregate_progress
 from backfill_worker.kube.worker import shard_status
 from backfill_worker.observe.events import ImpactObserved
 from backfill_worker.observe.run_progress import ShardProgress
@@ -24,10 +24,10 @@ from backfill_worker.throttles.impact_signals import Sampler, lock_waiters
 IDENTITY = "shop/customers-inactive"
 LABELS = {"namespace": "shop", "name": "customers-inactive", "shard": "0"}
 IMPACT = ImpactObserved(
-    identity=IDENTITY, shard=0, present=True, duty=0.35, pressure=1.1, limited_by="throughput",
+    identity=IDENTITY, shard=0, present=True, duty=0.35, pressure=1.1, limited_by=ImpactLimit.THROUGHPUT,
     batch_target_seconds=0.01, pause_seconds=0.0186, throughput_ratio=0.78, app_write_rate=3120.0,
     baseline_write_rate=4000.0, active_sessions=3.25, lock_waiters=2, wal_bytes_per_second=2.5e7,
-    statement_ms=None, summary="duty 35% (throughput 1.10)",
+    statement_ms=None, summary="duty 35% (throughput 1.10)", lock_wait_seconds=0.0025, lock_yields=3,
 )
 
 
@@ -39,7 +39,7 @@ def test_shard_status_and_progress_show_what_the_throttle_does() -> None:
         "summary": "duty 35% (throughput 1.10)", "applicationPresent": True, "dutyPercent": 35.0, "pressure": 1.1,
         "limitedBy": "throughput", "pauseMs": 18.6, "batchTargetMs": 10.0, "throughputRatio": 0.78,
         "appTransactionsPerSecond": 3120.0, "baselineTransactionsPerSecond": 4000.0, "activeSessions": 3.25,
-        "lockWaiters": 2, "walBytesPerSecond": 25_000_000, "statementMs": None,
+        "lockWaiters": 2, "walBytesPerSecond": 25_000_000, "statementMs": None, "lockWaitMs": 2.5, "lockYields": 3,
     }
     running = {"0": {**status, "state": "running"}}
     assert aggregate_progress(running, 1).to_wire()["impact"]["summary"] == "duty 35% (throughput 1.10)"
@@ -50,7 +50,8 @@ def test_crd_keeps_the_impact_status_and_shows_it_in_wide_output() -> None:
     crd = build_crd()
     status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     impact = status["progress"]["properties"]["impact"]["properties"]
-    assert set(impact) >= {"summary", "dutyPercent", "limitedBy", "lockWaiters", "throughputRatio"}
+    assert set(impact) >= {"summary", "dutyPercent", "limitedBy", "lockWaiters", "throughputRatio", "lockWaitMs", "lockYields"}
+    assert impact["limitedBy"]["enum"] == [limit.value for limit in ImpactLimit]  # typed: what limits the speed
     shard_impact = status["shards"]["additionalProperties"]["properties"]["impact"]["properties"]
     assert shard_impact == impact
     column = next(c for c in PRINTER_COLUMNS if c["name"] == "Impact")

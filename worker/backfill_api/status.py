@@ -57,6 +57,27 @@ class ThrottleReason(StrEnum):
     """Outside every ``spec.schedule`` window (``nextWindowStart`` says when the next opens)."""
 
 
+class ImpactLimit(StrEnum):
+    """``impact.limitedBy``: what limits the backfill's speed now under ``applicationImpact: protect``."""
+
+    NO_APPLICATION = "noApplication"
+    """Nobody else is at work: full speed."""
+    FULL_SPEED = "fullSpeed"
+    """An application is there, but the backfill runs at full duty without reaching the budget."""
+    RAMP_UP = "rampUp"
+    """Below the budget: the duty grows by the most the controller allows per window."""
+    MEASURING = "measuring"
+    """An application just arrived: slowed down until it is measured alone."""
+    THROUGHPUT = "throughput"
+    """The application's write rate (``minThroughputRatio``)."""
+    LATENCY = "latency"
+    """Its mean statement latency from ``pg_stat_statements`` (``maxLatencyRatio``)."""
+    ACTIVE_SESSIONS = "activeSessions"
+    """Its sessions in flight, Little's law for latency (``maxLatencyRatio``)."""
+    LOCK_WAITS = "lockWaits"
+    """Its sessions waited for the backfill's rows: batches are kept short (``maxLockHold``)."""
+
+
 class ShardState(StrEnum):
     """``status.shards.<i>.state``: where one key-range shard is."""
 
@@ -181,8 +202,14 @@ class ImpactStatus(_StatusModel):
     """Share of wall time the backfill spends in batches."""
     pressure: float = 0.0
     """The strongest signal relative to its budget (1.0 = exactly at the budget)."""
-    limited_by: str = ""
-    """The signal holding the backfill back: throughput, latency, activeSessions, lockWaits, or empty."""
+    limited_by: ImpactLimit | None = None
+    """What limits the speed now: a signal at or near its budget (throughput, latency,
+    activeSessions, lockWaits), the controller's growth per window (rampUp), or nothing
+    (noApplication, fullSpeed; measuring while a newly arrived application is measured alone)."""
+    lock_wait_ms: float | None = None
+    """How long a batch may wait for an application's row lock (its lock_timeout) while one is present."""
+    lock_yields: int = 0
+    """Batches that met an application's row lock, gave up their own locks and were retried smaller (this run)."""
     pause_ms: float = 0.0
     """Pause after each batch."""
     batch_target_ms: float = 0.0

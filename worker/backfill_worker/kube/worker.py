@@ -162,6 +162,8 @@ def impact_status(impact: ImpactObserved) -> ImpactStatus:
         lock_waiters=impact.lock_waiters,
         wal_bytes_per_second=round(impact.wal_bytes_per_second),
         statement_ms=round(impact.statement_ms, 3) if impact.statement_ms is not None else None,
+        lock_wait_ms=round(impact.lock_wait_seconds * 1000, 1) if impact.lock_wait_seconds is not None else None,
+        lock_yields=impact.lock_yields,
     )
 
 

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Protocol
 
 from backfill_api.model import BatchSpec, LimitsSpec, ScheduleSpec
-from backfill_api.status import ShardState
+from backfill_api.status import ImpactLimit, ShardState
 
 
 @dataclass(frozen=True)
@@ -96,9 +96,8 @@ class ImpactObserved:
     """Fraction of wall time the backfill may spend in batches, 0..1."""
     pressure: float
     """Largest signal relative to the budget: 1.0 = exactly at it."""
-    limited_by: str
-    """The signal that limits the speed (``throughput``, ``latency``, ``activeSessions``,
-    ``lockWaits``), ``""`` when none is near the budget."""
+    limited_by: ImpactLimit
+    """What limits the speed now (``backfill_api.status.ImpactLimit``)."""
     batch_target_seconds: float
     pause_seconds: float
     throughput_ratio: float | None
@@ -110,6 +109,10 @@ class ImpactObserved:
     wal_bytes_per_second: float
     statement_ms: float | None
     summary: str
+    lock_wait_seconds: float | None = None
+    """The lock_timeout of a batch while an application is present (None: the spec's)."""
+    lock_yields: int = 0
+    """Batches of this shard that yielded to an application's row lock, this run."""
 
 
 @dataclass(frozen=True)

@@ -252,6 +252,7 @@ class LogListener:
                 "application impact", summary=event.summary, duty=round(event.duty, 3),
                 pressure=round(event.pressure, 2), limited_by=event.limited_by,
                 pause_ms=round(event.pause_seconds * 1000, 1), lock_waiters=event.lock_waiters,
+                lock_yields=event.lock_yields,
             )
         elif isinstance(event, RetryScheduled):
             log.warning(

@@ -22,6 +22,10 @@ from backfill_worker.sql.statements import Target
 from backfill_worker.throttles import impact_governor, impact_signals
 
 
+class LockYielded(Exception):
+    """The batch met an application's row lock within its short lock_timeout and was rolled back."""
+
+
 @dataclass(frozen=True)
 class Range:
     """The batch's keys: ``lower < key <= upper``."""
@@ -82,16 +86,32 @@ def commits_asynchronously(checkpoints: Checkpoints, last: bool, governor: impac
 def write(
     conn: psycopg.Connection, change: BatchChange, limits: LimitsSpec, keys: Range, *, asynchronous: bool,
     governor: impact_governor.Governor | None, checkpoints: Checkpoints, identity: str, shard: int,
+    lock_timeout: tuple[float, bool] | None = None,
 ) -> int:
-    """The batch's transaction; returns the rows changed. Nothing of it stays if it raises."""
+    """The batch's transaction; returns the rows changed. Nothing of it stays if it raises.
+
+    ``lock_timeout``: seconds, and whether its expiry is a yield (``LockYielded``: the batch gave
+    way to an application's row lock) rather than a lock timeout error; default the spec's."""
     if governor is not None:
         governor.note_batch()
+    timeout, yields = lock_timeout or (limits.lock_timeout.total_seconds(), False)
+    try:
+        return _transaction(conn, change, limits, keys, asynchronous, governor, checkpoints, identity, shard, timeout)
+    except psycopg.errors.LockNotAvailable:
+        if not yields:
+            raise
+        raise LockYielded from None
+
+
+def _transaction(
+    conn: psycopg.Connection, change: BatchChange, limits: LimitsSpec, keys: Range, asynchronous: bool,
+    governor: impact_governor.Governor | None, checkpoints: Checkpoints, identity: str, shard: int, lock_timeout: float,
+) -> int:
     with change.transaction(conn):
         conn.execute(
             "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true), "
             "set_config('synchronous_commit', coalesce(%s, current_setting('synchronous_commit')), true)",
-            [_ms(limits.lock_timeout.total_seconds()), _ms(limits.statement_timeout.total_seconds()),
-             "off" if asynchronous else None],
+            [_ms(lock_timeout), _ms(limits.statement_timeout.total_seconds()), "off" if asynchronous else None],
         )
         rows = change.apply(conn, keys.lower, keys.upper)
         if governor is not None:  # now we hold every row lock of the batch: who waits for them?

@@ -35,7 +35,7 @@ from backfill_api.errors import (
     RetriesExhausted,
     ValidationFailed,
 )
-from backfill_api.model import Backfill, CheckpointMode
+from backfill_api.model import Backfill, CheckpointMode, ImpactMode
 from backfill_api.status import ShardState
 from backfill_worker.changes import changes, handlers
 from backfill_worker.checkpoints.checkpoint import (
@@ -369,7 +369,13 @@ class _Shard:
     # -- one batch --------------------------------------------------------------------------
 
     def _batch_with_retries(self) -> BatchCommitted:
-        event = self.session.with_retries(self._batch)
+        while True:
+            try:
+                event = self.session.with_retries(self._batch)
+                break
+            except batch_transaction.LockYielded:  # rolled back: nothing of it stays; again, halved
+                self.pacer.lock_yielded()
+        self.pacer.locked()
         self.session.succeeded()
         return event
 
@@ -389,6 +395,7 @@ class _Shard:
             conn, self.change, self.pacer.tuning.limits, keys,
             asynchronous=batch_transaction.commits_asynchronously(self.checkpoints, keys.last, governor),
             governor=governor, checkpoints=self.checkpoints, identity=self.identity, shard=self.shard,
+            lock_timeout=self.pacer.batch_lock_timeout(),
         )
         duration = time.monotonic() - started
         self.checkpoint = cp.after_batch(keys.upper, rows, keys.keys, keys.last)
@@ -442,6 +449,12 @@ def _validate(conn: psycopg.Connection, backfill: Backfill, dsn: str) -> Target:
     secrets = secrets_of(dsn)
     health_probe.validate(conn, backfill.spec.limits, lambda text: redact(text, secrets))
     return target
+
+
+def _start_look(conn: psycopg.Connection, backfill: Backfill) -> impact_governor.PreRunLook | None:
+    if backfill.spec.limits.application_impact.mode != ImpactMode.PROTECT:
+        return None
+    return impact_governor.PreRunLook(conn, backfill.identity)
 
 
 def _shard_numbers(backfill: Backfill, shards: Sequence[int] | None) -> list[int]:
@@ -557,7 +570,11 @@ def run_backfill(
     runners: list[_Shard] = []
     try:
         with database_errors(dsn):
+            look = _start_look(main, backfill)
             target = _validate(main, backfill, dsn)
+            # The throttle's "is anybody there?" look spans the (read-only) validation instead of
+            # a sleep of its own; walk: ctid's validation samples an UPDATE, a transaction id of ours.
+            seen = look.finish(main, time.sleep) if look is not None and not target.by_ctid else None
             shard_changes = {
                 s: changes.for_spec(spec, target, shard=s, runtime=runtime, redact_text=redact_text) for s in selected
             }
@@ -570,6 +587,8 @@ def run_backfill(
                    own=own, connections=connections)
             for s in selected
         ]
+        for runner in runners:
+            runner.pacer.pre_run_look = seen
         reports, errors = _run_all(runners, dsn)
     finally:
         for conn in conns.values():

@@ -9,13 +9,27 @@ Output: a *duty cycle* (the fraction of wall time the backfill spends in batches
 a batch of ``t`` seconds is ``t * (1 - duty) / duty``) and the batch duration to aim for.
 
 Decision: each signal becomes a pressure, 1.0 meaning "exactly at the budget"
-(``spec.limits.applicationImpact``); the largest one is the run's pressure. AIMD on it, as TCP
-does on congestion: above the budget the duty is cut multiplicatively (at once, so a hurt
-application recovers within a window), well below it the duty grows additively (slowly, so it
-probes for the speed the budget allows). A lock wait on one of the backfill's rows halves the
+(``spec.limits.applicationImpact``); the largest one is the run's pressure. The controller
+estimates the application's *marginal cost of backfill speed*, the pressure one unit of duty
+costs, from the windows it already measured: by construction the pressure is 0 at duty 0 (the
+baseline is the application alone), so the slope is a least-squares fit through the origin of
+recent ``(duty, pressure)`` windows, newer ones weighing more. It then sets the duty where that
+slope puts the pressure at ``TARGET_PRESSURE`` (just under the budget, so measurement noise does not
+cross it): up by at most ``MAX_GROWTH`` per window (one noisy window cannot jump to full speed), and
+over the budget *down at once* to where the latest window's own slope puts the target (at least a
+``DECREASE_FACTOR`` cut), so a hurt application recovers within one decision window; the duty
+of that cut is remembered as a ceiling growth slows down under (``next_duty``). Between
+``HOLD_BELOW`` and 1.0 the duty is held. A lock wait on one of the backfill's rows halves the
 batch duration instead (down to ``MIN_LOCK_HOLD_SECONDS``), because that duration is what the
-waiting application transaction pays; what the waits cost overall shows in the other signals. Measurements are smoothed over windows (``SMOOTHING``) so one
-noisy half-second on a busy machine does not whipsaw the duty.
+waiting application transaction pays. Measurements are smoothed over windows (``SMOOTHING``)
+so one noisy half-second on a busy machine does not whipsaw the duty.
+
+Row locks (``lock_wait_seconds``): while an application is present a batch may wait for an
+application's row lock only ``LOCK_WAIT_SHARE`` of the lock-hold budget (its ``lock_timeout``),
+and its own duration is aimed at the rest, so the whole time it holds rows, waits included, stays
+within ``maxLockHold``. A batch that times out yields: it is rolled back (nothing of it stays),
+halved and retried after a short pause (``yield_pause``); after ``MAX_LOCK_YIELDS`` yields in a
+row it waits with the spec's ``lockTimeout`` (a hot row must not starve the backfill).
 With no application at all (no write transactions, no active sessions) the duty is 1 and the
 batches use the spec's ``targetDuration``: the backfill runs as fast as ``mode: fast``. An
 application that arrives mid-run cuts the duty to ``START_DUTY_BUSY`` and is measured alone in
@@ -24,18 +38,48 @@ the next pause; one that leaves doubles the duty per window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+from backfill_api.status import ImpactLimit
 
 MIN_DUTY = 0.02
 """Never stop completely: a backfill at 2 % still finishes, and keeps measuring."""
 START_DUTY_BUSY = 0.25
 """Duty of the first batches when the baseline shows an application at work."""
 ADDITIVE_STEP = 0.1
+"""Duty added per window when the application leaves (after doubling)."""
+TARGET_PRESSURE = 0.85
+"""Where the marginal-cost estimate aims the pressure: under 1.0 by about two noise deviations of
+the throughput signal (a 2,500 tps application measured over half a second)."""
+MAX_GROWTH = 1.25
+"""Largest duty increase per window (times the duty, plus ``MIN_GROWTH``)."""
+MIN_GROWTH = 0.05
 DECREASE_FACTOR = 0.7
-"""Duty multiplier when the pressure exceeds the budget; ``SEVERE_FACTOR`` when it doubles it."""
-SEVERE_FACTOR = 0.5
-HOLD_BELOW = 0.75
+"""Over the budget the duty is cut at least to this multiple (more when the estimate says so)."""
+SEVERE_RAW_PRESSURE = 1.5
+"""An unsmoothed window this far over the budget cuts at once, without waiting for the smoothing."""
+HOLD_BELOW = 0.8
 """Between this pressure and 1.0 the duty is held: close enough to the budget."""
+HISTORY = 8
+"""Windows the marginal-cost estimate is fitted on."""
+HISTORY_DECAY = 0.7
+"""Weight of a window in the fit, per window of age."""
+CEILING_APPROACH = 0.9
+"""After a cut, fast growth stops at this fraction of the duty that was cut (the knee it found)..."""
+CEILING_PROBE = 0.02
+"""...and the duty then probes upward by this much per window, until past it without a cut."""
+MIN_SLOPE = 0.05
+"""Slopes below this (pressure per unit of duty) are noise around "no cost"."""
+LOCK_WAIT_SHARE = 0.25
+"""Share of the lock-hold budget a batch may wait for an application's row lock (its lock_timeout)."""
+MIN_LOCK_WAIT_SECONDS = 0.002
+MAX_LOCK_YIELDS = 4
+"""Yields in a row after which a batch waits with the spec's lockTimeout (progress on a hot row)."""
+YIELD_PAUSE_SECONDS = 0.01
+"""Pause after the first yield, doubled per yield in a row (an application transaction holding a
+row lock usually ends within a few ms)."""
+MAX_YIELD_PAUSE_SECONDS = 0.16
 BUSY_RATE = 20.0
 """Transactions per second of other sessions above which the application counts as present."""
 BUSY_ACTIVE = 0.5
@@ -54,10 +98,10 @@ SMOOTHING = 0.5
 LOCK_WAIT_PRESSURE = 0.5
 """Pressure reported for lock waits: below ``HOLD_BELOW`` (the duty may still grow)."""
 
-THROUGHPUT = "throughput"
-LATENCY = "latency"
-ACTIVE_SESSIONS = "activeSessions"
-LOCK_WAITS = "lockWaits"
+THROUGHPUT = ImpactLimit.THROUGHPUT
+LATENCY = ImpactLimit.LATENCY
+ACTIVE_SESSIONS = ImpactLimit.ACTIVE_SESSIONS
+LOCK_WAITS = ImpactLimit.LOCK_WAITS
 
 
 @dataclass(frozen=True)
@@ -113,9 +157,9 @@ def blend(old: Activity, new: Activity, weight: float) -> Activity:
     )
 
 
-def pressures(budget: Budget, baseline: Activity, now: Activity) -> dict[str, float]:
+def pressures(budget: Budget, baseline: Activity, now: Activity) -> dict[ImpactLimit, float]:
     """Each signal's pressure: 0 = no impact, 1 = exactly at the budget, > 1 = over it."""
-    found: dict[str, float] = {}
+    found: dict[ImpactLimit, float] = {}
     waiting = now.active >= BUSY_ACTIVE or now.lock_waiters > 0
     if waiting and baseline.write_rate >= BUSY_RATE:
         # Only while its sessions are busy: a drop with idle sessions is the application asking
@@ -141,6 +185,70 @@ def pressures(budget: Budget, baseline: Activity, now: Activity) -> dict[str, fl
     return found
 
 
+def marginal_cost(history: Sequence[tuple[float, float]]) -> float | None:
+    """PURE: pressure per unit of duty, fitted through the origin on ``(duty, pressure)`` windows
+    (oldest first; newer ones weigh more): the pressure is 0 at duty 0 by construction (the
+    baseline is the application alone). None when there is nothing to fit on."""
+    weights = [HISTORY_DECAY ** age for age in range(len(history))][::-1]
+    denominator = sum(w * d * d for w, (d, _) in zip(weights, history, strict=True))
+    if denominator <= 0:
+        return None
+    return sum(w * d * p for w, (d, p) in zip(weights, history, strict=True)) / denominator
+
+
+CUT, HOLD, ESTIMATE, CAPPED = "cut", "hold", "estimate", "capped"
+"""How :func:`next_duty` decided: over the budget, near it, by the marginal-cost estimate, or by
+the growth cap (the estimate allowed more)."""
+
+
+def next_duty(
+    duty: float, pressure: float, raw_pressure: float, slope: float | None, ceiling: float | None = None,
+) -> tuple[float, str]:
+    """PURE: the duty for the next window, and how it was decided (``CUT`` ... ``CAPPED``).
+
+    ``pressure`` is the smoothed window's, ``raw_pressure`` the latest window's alone, ``slope``
+    the fitted marginal cost (``marginal_cost``), ``ceiling`` the duty of the last cut (if not
+    passed since): an application may feel nothing until the machine saturates and then a lot
+    (a knee); growing by the cap from "no cost" would jump over it again and again.
+    """
+    cut = max(pressure if pressure > 1.0 else 0.0, raw_pressure if raw_pressure > SEVERE_RAW_PRESSURE else 0.0)
+    if cut:
+        # Over the budget: the latest window's own slope (``cut / duty``) says where the target is.
+        return duty * min(DECREASE_FACTOR, TARGET_PRESSURE / cut), CUT
+    if max(pressure, raw_pressure) >= HOLD_BELOW:
+        # Grow only when the latest window agrees: the smoothed pressure lags a step up.
+        return duty, HOLD
+    cap = duty * MAX_GROWTH + MIN_GROWTH
+    if ceiling is not None:
+        cap = max(min(cap, CEILING_APPROACH * ceiling), duty + CEILING_PROBE)
+    if slope is None or slope < MIN_SLOPE:
+        return cap, CAPPED
+    wanted = duty + (TARGET_PRESSURE - pressure) / slope  # along the fitted slope, from where we are
+    return (cap, CAPPED) if wanted >= cap else (max(duty, wanted), ESTIMATE)
+
+
+def lock_wait_seconds(lock_hold_seconds: float) -> float:
+    """PURE: how long a batch may wait for an application's row lock while one is present."""
+    return max(MIN_LOCK_WAIT_SECONDS, LOCK_WAIT_SHARE * lock_hold_seconds)
+
+
+def batch_lock_timeout(spec_timeout: float, lock_wait: float | None, yields_in_a_row: int) -> tuple[float, bool]:
+    """PURE: the ``lock_timeout`` of the next batch attempt, and whether a timeout is a *yield*.
+
+    ``lock_wait``: the controller's allowance (None: no application, the spec's timeout). After
+    ``MAX_LOCK_YIELDS`` yields in a row the spec's timeout applies, and its expiry is a plain
+    lock timeout again (retried and counted as the spec says).
+    """
+    if lock_wait is None or yields_in_a_row >= MAX_LOCK_YIELDS or lock_wait >= spec_timeout > 0:
+        return spec_timeout, False
+    return lock_wait, True
+
+
+def yield_pause(yields_in_a_row: int) -> float:
+    """PURE: the pause after the ``n``-th yield in a row (1-based): 10 ms, 20 ms, 40 ms ..."""
+    return min(MAX_YIELD_PAUSE_SECONDS, YIELD_PAUSE_SECONDS * 2.0 ** max(0, yields_in_a_row - 1))
+
+
 @dataclass(frozen=True)
 class Controller:
     """The controller's whole state; every method returns a new one."""
@@ -152,13 +260,17 @@ class Controller:
     duty: float = 1.0
     lock_hold_seconds: float = 0.0
     pressure: float = 0.0
-    limited_by: str = ""
-    """The signal with the largest pressure when it is near or over the budget, else ``""``."""
+    limited_by: ImpactLimit = ImpactLimit.NO_APPLICATION
+    """What limits the speed now: a signal at or over the budget, the growth cap, or nothing."""
     present: bool = False
     """An application was seen in the last window (or the baseline)."""
     needs_baseline: bool = False
     """An application arrived after the baseline was taken: measure a clean window next."""
     last: Activity | None = None
+    history: tuple[tuple[float, float], ...] = ()
+    """Recent ``(duty, pressure)`` windows with the application present: the marginal-cost fit."""
+    ceiling: float | None = None
+    """The duty of the last cut, until the duty passes it without one (see ``next_duty``)."""
 
     @staticmethod
     def start(budget: Budget, max_batch_seconds: float, baseline: Activity) -> Controller:
@@ -167,7 +279,7 @@ class Controller:
         return Controller(
             budget=budget, max_batch_seconds=max_batch_seconds, baseline=baseline,
             duty=START_DUTY_BUSY if present else 1.0, lock_hold_seconds=budget.max_lock_hold_seconds,
-            present=present,
+            present=present, limited_by=ImpactLimit.RAMP_UP if present else ImpactLimit.NO_APPLICATION,
         )
 
     def rebaseline(self, clean: Activity) -> Controller:
@@ -178,8 +290,16 @@ class Controller:
             baseline = blend(self.baseline, clean, BASELINE_WEIGHT)
         return replace(self, baseline=baseline, needs_baseline=False, present=self.present or baseline.present)
 
-    def observe(self, now: Activity) -> Controller:
-        """AIMD step after a measurement window that included the backfill's batches."""
+    @property
+    def slope(self) -> float | None:
+        """The fitted marginal cost of duty (pressure per unit of duty), if any."""
+        return marginal_cost(self.history)
+
+    def observe(self, now: Activity, duty: float | None = None) -> Controller:
+        """One decision after a measurement window that included the backfill's batches.
+
+        ``duty``: the share of the window actually spent in batches (default: the one asked for).
+        """
         if self.baseline is None:
             return self.rebaseline(now)
         baseline = self.baseline
@@ -189,37 +309,43 @@ class Controller:
             return replace(
                 self, duty=min(self.duty, START_DUTY_BUSY), needs_baseline=True, present=True, last=now,
                 lock_hold_seconds=self.lock_hold_seconds or self.budget.max_lock_hold_seconds,
+                limited_by=ImpactLimit.MEASURING, history=(), ceiling=None,
             )
         if not now.present:
             # Nobody there (no writes, no session running a statement), or the application went
             # quiet: nothing to protect until it returns, which the arrival rule above catches.
             return replace(
                 self, baseline=replace(now, lock_waiters=0) if baseline.present else baseline,
-                duty=min(1.0, self.duty * 2 + ADDITIVE_STEP), pressure=0.0, limited_by="", present=False, last=None,
+                duty=min(1.0, self.duty * 2 + ADDITIVE_STEP), pressure=0.0, limited_by=ImpactLimit.NO_APPLICATION,
+                present=False, last=None, history=(), ceiling=None,
             )
         smoothed = now if self.last is None else blend(self.last, now, SMOOTHING)
         smoothed = replace(smoothed, seconds=now.seconds, lock_waiters=now.lock_waiters)
         found = pressures(self.budget, baseline, smoothed)
         pressure = max(found.values(), default=0.0)
-        limited_by = max(found, key=lambda k: found[k]) if pressure >= HOLD_BELOW else ""
-        if not limited_by and now.lock_waiters > 0:
+        # Lock waits shorten batches; they are not a cost of duty, so they stay out of the fit.
+        costs = {k: v for k, v in found.items() if k != LOCK_WAITS}
+        cost = max(costs.values(), default=0.0)
+        raw_pressure = max((v for k, v in pressures(self.budget, baseline, now).items() if k != LOCK_WAITS), default=0.0)
+        spent = min(1.0, max(MIN_DUTY, self.duty if duty is None else duty))
+        history = (*self.history, (spent, cost))[-HISTORY:]
+        new_duty, how = next_duty(self.duty, cost, raw_pressure, marginal_cost(history), self.ceiling)
+        new_duty = max(MIN_DUTY, min(1.0, new_duty))
+        ceiling = self.duty if how == CUT else (None if self.ceiling is not None and new_duty > self.ceiling else self.ceiling)
+        limited_by = max(costs, key=lambda k: costs[k]) if costs and how != CAPPED else ImpactLimit.RAMP_UP
+        if limited_by == ImpactLimit.RAMP_UP and new_duty >= 1.0:
+            limited_by = ImpactLimit.FULL_SPEED
+        if now.lock_waiters > 0 and limited_by in (ImpactLimit.RAMP_UP, ImpactLimit.FULL_SPEED):
             limited_by = LOCK_WAITS  # the batch duration is what is being limited
-        if pressure > 2.0:
-            duty = self.duty * SEVERE_FACTOR
-        elif pressure > 1.0:
-            duty = self.duty * DECREASE_FACTOR
-        elif pressure >= HOLD_BELOW:
-            duty = self.duty
-        else:
-            duty = self.duty + ADDITIVE_STEP
         lock_hold = self.lock_hold_seconds or self.budget.max_lock_hold_seconds
         if now.lock_waiters > 0:
             lock_hold = max(MIN_LOCK_HOLD_SECONDS, lock_hold / 2)
         else:
             lock_hold = min(self.budget.max_lock_hold_seconds, lock_hold * LOCK_HOLD_RECOVERY)
         return replace(
-            self, baseline=baseline, duty=max(MIN_DUTY, min(1.0, duty)), lock_hold_seconds=lock_hold,
-            pressure=pressure, limited_by=limited_by, present=now.present or baseline.present, last=smoothed,
+            self, baseline=baseline, duty=new_duty, lock_hold_seconds=lock_hold, pressure=pressure,
+            limited_by=limited_by, present=now.present or baseline.present, last=smoothed, history=history,
+            ceiling=ceiling,
         )
 
     def pause_after(self, batch_seconds: float) -> float:
@@ -228,15 +354,22 @@ class Controller:
             return 0.0
         return min(MAX_PAUSE_SECONDS, max(batch_seconds, 0.0) * (1.0 - self.duty) / self.duty)
 
+    def lock_wait_seconds(self) -> float | None:
+        """The ``lock_timeout`` a batch gets while an application is present (None: the spec's)."""
+        if not self.present:
+            return None
+        return lock_wait_seconds(self.lock_hold_seconds or self.budget.max_lock_hold_seconds)
+
     def batch_target_seconds(self) -> float:
-        """Batch duration to aim for: the spec's, capped at the lock budget while someone is there."""
+        """Batch duration to aim for: the spec's, capped while someone is there at the lock budget
+        less the lock wait a batch is allowed (so the whole hold stays within ``maxLockHold``)."""
         if not self.present or self.max_batch_seconds <= 0:
             return self.max_batch_seconds
-        return min(self.max_batch_seconds, self.lock_hold_seconds or self.budget.max_lock_hold_seconds)
+        hold = self.lock_hold_seconds or self.budget.max_lock_hold_seconds
+        return min(self.max_batch_seconds, max(hold - lock_wait_seconds(hold), MIN_LOCK_WAIT_SECONDS))
 
     def summary(self) -> str:
         """One line for ``kubectl get bf -o wide``: e.g. ``duty 35% (throughput 1.12)``."""
         if not self.present:
             return "no application seen: full speed"
-        reason = f" ({self.limited_by} {self.pressure:.2f})" if self.limited_by else ""
-        return f"duty {round(self.duty * 100)}%{reason}"
+        return f"duty {round(self.duty * 100)}% ({self.limited_by} {self.pressure:.2f})"

@@ -84,6 +84,11 @@ class Governor:
         self._active: list[tuple[float, int]] = []
         """This window's active-session samples: (seconds each stands for, count)."""
         self._lock_waiters = 0
+        self._work = 0.0
+        """Seconds spent in batches since the window began: the duty actually spent."""
+        self.yields_in_a_row = 0
+        self.lock_yields = 0
+        """Batches that yielded to an application's row lock (this run)."""
         self._last_clean = 0.0
         self.last_pause = 0.0
         self.synchronous_commit = SYNCHRONOUS_COMMIT
@@ -117,12 +122,21 @@ class Governor:
 
     # -- engine hooks -----------------------------------------------------------------------
 
-    def begin(self, conn: psycopg.Connection, sleep: Callable[[float], None], max_batch_seconds: float) -> None:
-        """The baseline: the application alone, before the first batch."""
+    def begin(
+        self, conn: psycopg.Connection, sleep: Callable[[float], None], max_batch_seconds: float,
+        look: app_impact.Activity | None = None,
+    ) -> None:
+        """The baseline: the application alone, before the first batch.
+
+        ``look``: an idle check already made (over the run's validation, see :class:`PreRunLook`);
+        when it saw nobody, the run starts flat out without looking again."""
         first = self._mark(conn)
-        sleep(IDLE_CHECK_SECONDS)
-        last = self._mark(conn)
-        activity = self._alone(first, last)
+        if look is not None and not look.present:
+            activity, last = look, first
+        else:
+            sleep(IDLE_CHECK_SECONDS)
+            last = self._mark(conn)
+            activity = self._alone(first, last)
         if activity.present:
             sleep(max(0.0, BASELINE_SECONDS - (self._clock() - first.sample.at)))
             last = self._mark(conn)
@@ -140,6 +154,23 @@ class Governor:
     def note_lock_waiters(self, count: int) -> None:
         self._lock_waiters = max(self._lock_waiters, count)
 
+    def batch_lock_timeout(self, spec_timeout: float) -> tuple[float, bool]:
+        """The next batch attempt's lock_timeout, and whether its expiry is a yield (see app_impact)."""
+        wait = self.controller.lock_wait_seconds() if self.controller is not None else None
+        return app_impact.batch_lock_timeout(spec_timeout, wait, self.yields_in_a_row)
+
+    def note_yield(self) -> float:
+        """A batch gave way to an application's row lock: the pause before it is tried again."""
+        self.yields_in_a_row += 1
+        self.lock_yields += 1
+        if self.yields_in_a_row == 1:
+            self._report()  # status says so now, not at the next decision
+        return app_impact.yield_pause(self.yields_in_a_row)
+
+    def note_locked(self) -> None:
+        """A batch got all its row locks."""
+        self.yields_in_a_row = 0
+
     def note_batch(self) -> None:
         """One committed (or failed) batch transaction of ours: one transaction id, one commit."""
         self._own.add(1, 2)  # the batch, and its bound probe on the prefetch connection
@@ -148,14 +179,16 @@ class Governor:
         """Sample/decide as due; the pause the controller wants after this batch."""
         assert self.controller is not None and self._window is not None
         now = self._clock()
+        self._work += max(work_seconds, 0.0)
         if now - self._last_batch_sample_at >= SAMPLE_SECONDS:
             self._last_batch_sample_at = now
             if now - self._window.sample.at >= DECISION_SECONDS:
                 last = self._mark(conn)
                 self._active.append((max(work_seconds, 1e-3), last.sample.active_others))
                 activity = self._activity(self._window, last, self._active, self._lock_waiters)
-                self.controller = self.controller.observe(activity)
-                self._window, self._active, self._lock_waiters = last, [], 0
+                spent = self._work / max(last.sample.at - self._window.sample.at, 1e-3)
+                self.controller = self.controller.observe(activity, duty=spent)
+                self._window, self._active, self._lock_waiters, self._work = last, [], 0, 0.0
                 self._report()
             else:
                 self._active.append((max(work_seconds, 1e-3), self._mark(conn, statements=False).sample.active_others))
@@ -203,7 +236,28 @@ class Governor:
             baseline_write_rate=base.write_rate if base else 0.0, active_sessions=last.active if last else 0.0,
             lock_waiters=last.lock_waiters if last else 0, wal_bytes_per_second=last.wal_rate if last else 0.0,
             statement_ms=last.statement_ms if last else None, summary=c.summary(),
+            lock_wait_seconds=c.lock_wait_seconds(), lock_yields=self.lock_yields,
         ))
+
+
+class PreRunLook:
+    """The pre-run "is anybody there?" look, spread over the run's validation instead of a sleep.
+
+    Started before validation (read-only queries: no transaction ids of ours), finished after it,
+    waiting only for what is left of ``IDLE_CHECK_SECONDS``."""
+
+    def __init__(self, conn: psycopg.Connection, identity: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sampler = impact_signals.Sampler(f"backfill {identity}", ("", ""), "")
+        self._clock = clock
+        self._first = self._sampler.sample(conn, clock(), statements=False)
+
+    def finish(self, conn: psycopg.Connection, sleep: Callable[[float], None]) -> app_impact.Activity:
+        sleep(max(0.0, IDLE_CHECK_SECONDS - (self._clock() - self._first.at)))
+        last = self._sampler.sample(conn, self._clock(), statements=False)
+        return impact_signals.activity_between(  # validation is read-only: no write transaction is ours
+            self._first, last, own_writes=0, own_commits=0, lock_waiters=0,
+            active=impact_signals.time_weighted_active([(1.0, self._first.active_others), (1.0, last.active_others)]) or 0.0,
+        )
 
 
 def replace_budget(controller: app_impact.Controller, budget: app_impact.Budget, max_batch_seconds: float) -> app_impact.Controller:

@@ -129,10 +129,10 @@ class Sampler:
         self._statements: bool | None = None
         """None: not yet tried; False: pg_stat_statements is not installed or not readable."""
 
-    def sample(self, conn: psycopg.Connection, at: float) -> Sample:
+    def sample(self, conn: psycopg.Connection, at: float, *, statements: bool = True) -> Sample:
         row = conn.execute(SAMPLE_QUERY, {"own": self._own}).fetchone()
         assert row is not None
-        calls, total = self._read_statements(conn)
+        calls, total = self._read_statements(conn) if statements else (None, None)
         return Sample(at, int(row[0] or 0), int(row[1]), int(row[2]), int(row[3]), int(row[4]), calls, total)
 
     def _read_statements(self, conn: psycopg.Connection) -> tuple[int | None, float | None]:

@@ -16,7 +16,7 @@ import psycopg
 
 from backfill_api.model import ImpactMode
 from backfill_worker.observe.events import Event, ReplicationLagObserved, RunControl, Throttled, Tuning
-from backfill_worker.throttles import health, health_probe, impact_governor, schedule, throttle
+from backfill_worker.throttles import app_impact, health, health_probe, impact_governor, schedule, throttle
 from backfill_worker.throttles.batching import BatchSizer
 
 T = TypeVar("T")
@@ -62,6 +62,8 @@ class Pacer:
     wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     """The run windows' clock (a test may shift it)."""
     gate: health_probe.HealthGate | None = field(init=False, default=None)
+    pre_run_look: app_impact.Activity | None = None
+    """The run's "is anybody there?" look, taken over validation (used by the first baseline only)."""
 
     def __post_init__(self) -> None:
         batch = self.tuning.batch
@@ -164,8 +166,24 @@ class Pacer:
         if governor is None or governor.controller is not None:
             return
         target = self.tuning.batch.target_duration.total_seconds()
-        session.with_retries(lambda: governor.begin(session.connection(), self.sleep, target))
+        look, self.pre_run_look = self.pre_run_look, None
+        session.with_retries(lambda: governor.begin(session.connection(), self.sleep, target, look))
         self._impact_batch_target(governor)
+
+    def batch_lock_timeout(self) -> tuple[float, bool]:
+        """The next batch attempt's lock_timeout in seconds, and whether its expiry is a yield."""
+        spec = self.tuning.limits.lock_timeout.total_seconds()
+        return (spec, False) if self.governor is None else self.governor.batch_lock_timeout(spec)
+
+    def lock_yielded(self) -> None:
+        """A batch gave way to an application's row lock: retry it halved, after a short pause."""
+        assert self.governor is not None
+        self.halve()
+        self.throttle(throttle.Wait(impact_governor.APPLICATION_IMPACT, self.governor.note_yield()))
+
+    def locked(self) -> None:
+        if self.governor is not None:
+            self.governor.note_locked()
 
     def _impact_throttle(
         self, session: Session, governor: impact_governor.Governor, wait: throttle.Wait | None, work_seconds: float
