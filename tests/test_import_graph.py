@@ -2,7 +2,8 @@
 
 ``backfill_api`` is the contract and imports no other package of ours; ``backfill_worker`` and
 ``backfill_operator`` import it and never each other; only ``backfill_cli`` knows both.
-``backfill_django`` (the optional ``[django]`` extra) sits on top: it may use the contract, the
+``backfill_kubectl`` (the kubectl plugin) uses the contract, the operator's ``jobs`` and the
+engine's ``secrets`` only. ``backfill_django`` (the optional ``[django]`` extra) sits on top: it may use the contract, the
 engine and the CLI's functions, never the operator directly; nothing of ours imports it except
 lazily, inside a function, where a manifest names Django (so Django stays optional).
 """
@@ -21,6 +22,7 @@ PACKAGES = {
     "backfill_operator": ROOT / "operator" / "backfill_operator",
     "backfill_cli": ROOT / "worker" / "backfill_cli",
     "backfill_django": ROOT / "worker" / "backfill_django",
+    "backfill_kubectl": ROOT / "worker" / "backfill_kubectl",
 }
 ALLOWED = {
     "backfill_api": set(),
@@ -28,7 +30,12 @@ ALLOWED = {
     "backfill_operator": {"backfill_api"},
     "backfill_cli": {"backfill_api", "backfill_worker", "backfill_operator"},
     "backfill_django": {"backfill_api", "backfill_worker", "backfill_cli"},
+    # The kubectl plugin: the contract, the operator's pure Job rendering (its plan pod is the
+    # worker pod) and labels; from the engine only the redaction (a check below keeps it so).
+    "backfill_kubectl": {"backfill_api", "backfill_operator", "backfill_worker"},
 }
+KUBECTL_PLUGIN_USES = {"backfill_operator.jobs", "backfill_worker.secrets"}
+"""The only modules of the operator and the engine the plugin may import (no kopf, no psycopg engine)."""
 LAZILY_ALLOWED = {
     # The engine loads the Django runtime for a `spec.handler.django` manifest; the CLI its helpers.
     "backfill_worker": {"backfill_django"},
@@ -94,3 +101,15 @@ def test_the_django_modules_the_worker_loads_need_neither_the_cli_nor_the_operat
     for name in ENGINE_SIDE:
         source = (PACKAGES["backfill_django"] / name).read_text()
         assert imported_packages(source) <= {"backfill_api", "backfill_worker", "backfill_django"}, name
+
+
+def test_the_kubectl_plugin_uses_only_the_operators_jobs_and_the_engines_redaction():
+    used: set[str] = set()
+    for path in modules_of("backfill_kubectl"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used |= {alias.name for alias in node.names}
+    outside = {m for m in used if m.split(".")[0] in {"backfill_operator", "backfill_worker"}}
+    assert outside == KUBECTL_PLUGIN_USES
