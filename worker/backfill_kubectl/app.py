@@ -48,7 +48,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
+# Off a terminal (CI logs, pipes, grep) rich would assume 80 columns and fold table cells across
+# lines: tables get their natural width there instead, as kubectl prints them.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 KubeconfigOption = Annotated[str | None, typer.Option("--kubeconfig", help="Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).")]
@@ -183,7 +185,7 @@ def status(
                                          sort_keys=True, default=str)
                 if fingerprint != shown:
                     if shown:
-                        out.rule(_now().strftime("%H:%M:%S"))
+                        out.print(f"--- {_now().strftime('%H:%M:%S')} ---")
                     _render_status(backfill, found_events, pods, output, events)
                     shown = fingerprint
             else:

@@ -67,7 +67,11 @@ def render_plan_pod(
     container = dict(pod_spec["containers"][0])
     container["args"] = ["plan", f"{MOUNT}/{MANIFEST_FILE}"]
     # No metrics endpoint, and no worker identity: the plan is not a shard of a run.
-    container["env"] = [e for e in container["env"] if e["name"] not in ("BACKFILL_METRICS_PORT", "BACKFILL_RUN")]
+    # The pod's log is the plan's output: engine logs only from warnings up.
+    container["env"] = [
+        {**e, "value": "WARNING"} if e["name"] == "BACKFILL_LOG_LEVEL" else e
+        for e in container["env"] if e["name"] not in ("BACKFILL_METRICS_PORT", "BACKFILL_RUN")
+    ]
     container.pop("ports", None)
     container["volumeMounts"] = [{"name": "manifest", "mountPath": MOUNT, "readOnly": True}]
     pod_spec["containers"] = [container]

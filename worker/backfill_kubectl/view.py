@@ -124,7 +124,7 @@ def age(value: Any, now: datetime) -> str:
         return "-"
     seconds = max(0, int((now - when).total_seconds()))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size * (2 if unit != "m" else 1):
+        if seconds >= 2 * size:  # as kubectl: 119s, then 2m ... 119m, then 2h
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
 
