@@ -282,3 +282,9 @@ def test_report_redacts_the_secret_values_and_dsn_passwords_everywhere():
     # Without the Secret's values, a DSN-shaped password is still masked.
     assert CANARY.encode() not in report.report_files(collected, [])["logs/operator/op.log"]
     assert CANARY.encode() not in report.report_files(collected, [])["status.txt"]
+
+
+def test_events_of_the_same_second_keep_the_order_they_were_stored_in():
+    same = NOW.isoformat()
+    events = [{"reason": r, "lastTimestamp": same, "metadata": {"resourceVersion": v}} for r, v in (("Running", "310"), ("Pending", "99"), ("JobCreated", "120"))]
+    assert [e["reason"] for e in view.last_events(events)] == ["Pending", "JobCreated", "Running"]

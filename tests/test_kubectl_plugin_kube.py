@@ -114,6 +114,7 @@ def test_list_and_status_of_a_running_backfill(env):
     listed = env.plugin("list")
     assert listed.returncode == 0, listed.stderr
     header, row = listed.stdout.splitlines()[:2]
+    assert header.startswith("NAME") and header == header.rstrip()
     assert header.split()[:3] == ["NAME", "PHASE", "PROGRESS"] and row.split()[:3] == ["orders", "Running", "40%"]
     everywhere = env.plugin("list", "-A")
     assert everywhere.stdout.splitlines()[1].split()[:2] == [NS, "orders"]
@@ -200,6 +201,8 @@ def test_report_archive_has_everything_and_no_secret(env):
     versions = json.loads(files["versions.json"])
     assert versions["plugin"] and versions["server"]["gitVersion"].startswith("v1.")
     assert b"JobCreated" in files["events.yaml"] and b"leaky-s0-r1" in files["jobs.yaml"]
+    status_text = files["status.txt"].decode()
+    assert status_text.startswith("Backfill shop/leaky: Running") and "Shards" in status_text and "SHARD  STATE" in status_text
     assert b"operator pods: none labelled" in files["README.txt"]
 
 

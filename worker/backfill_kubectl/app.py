@@ -8,6 +8,7 @@ and ``version``, each honouring ``--kubeconfig``, ``--context`` and ``-n/--names
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import sys
@@ -93,13 +94,17 @@ def _seconds(timeout: str) -> float | None:
     return seconds or None
 
 
-def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """kubectl's layout: columns apart, at their natural width, no trailing blanks (plain text:
+    rendered on its own console, so that it nests inside ``report``'s capture of the status)."""
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style=None)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
-    return table
+    console = Console(file=io.StringIO(), width=10_000, highlight=False, color_system=None)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())  # type: ignore[attr-defined]
 
 
 def _now() -> datetime:
@@ -121,7 +126,7 @@ def list_(
         err.print("No Backfills found" + ("." if all_namespaces else f' in namespace "{s.namespace}".'))
         return
     columns = (("NAMESPACE",) if all_namespaces else ()) + view.LIST_COLUMNS
-    out.print(_table(columns, view.list_rows(items, _now(), namespaces=all_namespaces)))
+    out.print(_table(columns, view.list_rows(items, _now(), namespaces=all_namespaces)), markup=False)
 
 
 def _render_status(backfill: Mapping[str, Any], events: Sequence[Mapping[str, Any]], pods: Sequence[Mapping[str, Any]],
@@ -137,7 +142,7 @@ def _render_status(backfill: Mapping[str, Any], events: Sequence[Mapping[str, An
         out.print(escape(line))
     out.print()
     out.print("[bold]Shards[/]")
-    out.print(_table(view.SHARD_COLUMNS, view.shard_rows(status, parallelism)))
+    out.print(_table(view.SHARD_COLUMNS, view.shard_rows(status, parallelism)), markup=False)
     throttle = view.throttle_lines(status, parallelism)
     if throttle:
         out.print()
@@ -147,11 +152,11 @@ def _render_status(backfill: Mapping[str, Any], events: Sequence[Mapping[str, An
     out.print()
     out.print("[bold]Worker pods[/]")
     rows = view.pod_rows(pods, now)
-    out.print(_table(view.POD_COLUMNS, rows) if rows else "  (none)")
+    out.print(_table(view.POD_COLUMNS, rows) if rows else "  (none)", markup=False)
     out.print()
     out.print(f"[bold]Events[/] (last {limit})")
     event_rows = view.event_rows(events, now, limit)
-    out.print(_table(view.EVENT_COLUMNS, event_rows) if event_rows else "  (none)")
+    out.print(_table(view.EVENT_COLUMNS, event_rows) if event_rows else "  (none)", markup=False)
     return None
 
 

@@ -257,8 +257,14 @@ def event_time(event: Mapping[str, Any]) -> str:
 
 def last_events(events: Iterable[Mapping[str, Any]], limit: int = 10) -> list[Mapping[str, Any]]:
     """The ``limit`` most recent Events, oldest first (as ``kubectl describe`` lists them)."""
-    ordered = sorted(events, key=lambda e: parse_time(event_time(e)) or datetime.min.replace(tzinfo=UTC))
+    ordered = sorted(events, key=_event_order)
     return ordered[-limit:] if limit else ordered
+
+
+def _event_order(event: Mapping[str, Any]) -> tuple[datetime, int]:
+    """By time (whole seconds in most Events), then by the etcd revision that stored it."""
+    version = str((event.get("metadata") or {}).get("resourceVersion") or "")
+    return parse_time(event_time(event)) or datetime.min.replace(tzinfo=UTC), int(version) if version.isdigit() else 0
 
 
 def event_rows(events: Iterable[Mapping[str, Any]], now: datetime, limit: int = 10) -> list[list[str]]:
