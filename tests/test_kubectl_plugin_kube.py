@@ -25,12 +25,12 @@ from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.crd_install import install_crd
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
+from test_kube_real_apiserver import ASSETS, create, token_for
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_operator import rbac
 from backfill_operator.main import OperatorConfig
 
-ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
 pytestmark = [
     pytest.mark.kube,
     pytest.mark.timeout(300),
@@ -63,18 +63,6 @@ class Env:
         self.admin.merge_patch(backfill_path(NS, name, status=True), {"status": {"shards": {"0": shard}}})
 
 
-def _post(api: KubeApi, doc: dict[str, Any]) -> None:
-    kind, meta = doc["kind"], doc["metadata"]
-    group = "/api/v1" if doc["apiVersion"] == "v1" else f"/apis/{doc['apiVersion']}"
-    plural = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}[kind]
-    api.create(f"{group}/namespaces/{meta['namespace']}/{plural}", doc)
-
-
-def _token(api: KubeApi, service_account: str) -> str:
-    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}}
-    return str(api.create(core_path(NS, "serviceaccounts", service_account) + "/token", body)["status"]["token"])
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Iterator[Env]:
     plane = ControlPlane(ASSETS).start()  # type: ignore[arg-type]
@@ -84,7 +72,7 @@ def env(tmp_path_factory) -> Iterator[Env]:
         install_crd(admin)
         admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
         for doc in rbac.worker_manifests(NS):
-            _post(admin, doc)
+            create(admin, doc)
         admin.create(core_path(NS, "secrets"), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "shop-db", "namespace": NS},
                                                 "stringData": {"dsn": DSN}})
         kubeconfig = plane.write_kubeconfig(home / "admin-shop", namespace=NS)
@@ -209,13 +197,13 @@ def test_report_archive_has_everything_and_no_secret(env):
 def test_forbidden_names_the_verb_and_resource(env):
     """A ServiceAccount that may read Backfills and nothing else."""
     create_backfill(env, "guarded")
-    _post(env.admin, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "viewer", "namespace": NS}})
-    _post(env.admin, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "viewer", "namespace": NS},
+    create(env.admin, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "viewer", "namespace": NS}})
+    create(env.admin, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "viewer", "namespace": NS},
                       "rules": [{"apiGroups": ["backfill.dev"], "resources": ["backfills"], "verbs": ["get", "list"]}]})
-    _post(env.admin, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "viewer", "namespace": NS},
+    create(env.admin, {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "viewer", "namespace": NS},
                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "viewer"},
                       "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": NS}]})
-    viewer = env.plane.write_kubeconfig(env.home / "viewer", _token(env.admin, "viewer"), namespace=NS)
+    viewer = env.plane.write_kubeconfig(env.home / "viewer", token_for(env.admin, NS, "viewer"), namespace=NS)
 
     assert env.plugin("list", kubeconfig=viewer).returncode == 0
     pause = env.plugin("pause", "guarded", kubeconfig=viewer)
