@@ -222,6 +222,14 @@ def test_not_found_and_no_cluster(env):
     elsewhere = env.plugin("status", "orders", "-n", "default")
     assert elsewhere.returncode == 4 and 'namespace "default"' in elsewhere.stderr
     assert env.plugin("wait", "nope", "--timeout", "5s").returncode == 4
+    no_file = env.plugin("plan", "missing/backfill.yaml")
+    assert no_file.returncode == 4 and "no such manifest file: missing/backfill.yaml" in no_file.stderr
+    invalid = env.home / "invalid.yaml"
+    invalid.write_text("apiVersion: backfill.dev/v1alpha1\nkind: Backfill\nmetadata: {name: bad, namespace: shop}\n"
+                       "spec: {table: t, set: {a: '1'}, batch: {size: 0}}\n")
+    invalid_plan = env.plugin("plan", str(invalid))
+    assert invalid_plan.returncode == 2 and "spec.batch.size" in invalid_plan.stderr
+    assert not env.admin.list(core_path(NS, "pods"), {"app.kubernetes.io/component": "plan"}), "nothing created for an invalid manifest"
 
     absent = env.plugin("list", kubeconfig=env.home / "no-such-kubeconfig")
     assert absent.returncode == 6 and "no cluster" in absent.stderr

@@ -445,6 +445,8 @@ def plan(
             except BackfillError as error:
                 raise PluginError(str(error), Exit.USAGE) from None
             s.namespace = str(manifest["metadata"]["namespace"])
+        elif path.suffix in (".yaml", ".yml", ".json") or "/" in target:
+            raise PluginError(f"no such manifest file: {target}", Exit.NOT_FOUND)
         else:
             backfill = s.cluster.backfill(s.namespace, target)
             meta = backfill.get("metadata") or {}
