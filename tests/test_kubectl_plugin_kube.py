@@ -211,9 +211,11 @@ def test_forbidden_names_the_verb_and_resource(env):
     assert 'cannot patch backfills.backfill.dev in namespace "shop" as "system:serviceaccount:shop:viewer"' in pause.stderr
     status = env.plugin("status", "guarded", kubeconfig=viewer)
     assert status.returncode == 5 and 'cannot list events in namespace "shop"' in status.stderr
+    logs = env.plugin("logs", "guarded", "-f", kubeconfig=viewer)
+    assert logs.returncode == 5 and 'cannot list pods in namespace "shop"' in logs.stderr
     everywhere = env.plugin("list", "-A", kubeconfig=viewer)
     assert everywhere.returncode == 5 and "cannot list backfills.backfill.dev (cluster-wide)" in everywhere.stderr
-    assert "Traceback" not in pause.stderr + status.stderr + everywhere.stderr
+    assert "Traceback" not in pause.stderr + status.stderr + everywhere.stderr + logs.stderr
 
 
 def test_not_found_and_no_cluster(env):
@@ -222,6 +224,9 @@ def test_not_found_and_no_cluster(env):
     elsewhere = env.plugin("status", "orders", "-n", "default")
     assert elsewhere.returncode == 4 and 'namespace "default"' in elsewhere.stderr
     assert env.plugin("wait", "nope", "--timeout", "5s").returncode == 4
+    create_backfill(env, "unstarted")
+    quiet = env.plugin("logs", "unstarted")  # no kubelet here: its pod never starts
+    assert quiet.returncode == 4 and "no worker pod of Backfill unstarted has started" in quiet.stderr
     no_file = env.plugin("plan", "missing/backfill.yaml")
     assert no_file.returncode == 4 and "no such manifest file: missing/backfill.yaml" in no_file.stderr
     invalid = env.home / "invalid.yaml"

@@ -1,6 +1,7 @@
 """``kubectl backfill`` on a cluster with a real kubelet: ``status`` of a running Backfill (its
 shards, the throttle at work, the worker pods), ``logs`` through the pods API (merged, by shard,
-followed to the end) and ``plan`` in a short-lived pod with the Backfill's image and Secret.
+followed to the end), ``report`` (real logs, no password) and ``plan`` in a short-lived pod with
+the Backfill's image and Secret.
 
 The plugin runs as the installed console script ``kubectl-backfill``, as ``kubectl backfill``
 runs it. Skipped without ``BACKFILL_E2E_KUBECONFIG`` (see conftest.py).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ def plugin(cluster: Cluster, *args: str, timeout: float = 300) -> subprocess.Com
                           timeout=timeout)
 
 
-def test_status_and_logs_of_a_running_backfill(operator_release: Cluster, pod_database: Any) -> None:
+def test_status_logs_and_report_of_a_running_backfill(operator_release: Cluster, pod_database: Any, pg_server: Any,
+                                                      tmp_path: Path) -> None:
     cluster, name = operator_release, "plugin-status"
     with counter_run(cluster, pod_database, name, rows_per_second=40, parallelism=2, started_at=60) as db:
         # Both shards report, and the rate limit shows as the throttle of a waiting shard.
@@ -76,6 +79,19 @@ def test_status_and_logs_of_a_running_backfill(operator_release: Cluster, pod_da
         assert {"[shard 0 run 1]", "[shard 1 run 1]"} <= {line.split("]", 1)[0] + "]" for line in followed.splitlines()}
         assert plugin(cluster, "status", name).returncode == 0  # Succeeded
         assert_exactly_once(db.admin_dsn)
+
+        # The bug-report archive: real worker and operator logs, the plan, and not the password
+        # of the DSN in the Secret (the session's canary, which the pod database shares).
+        archive = tmp_path / "report.tar.gz"
+        made = plugin(cluster, "report", name, "-o", str(archive), "--plan")
+        assert made.returncode == 0, made.stdout + made.stderr
+        with tarfile.open(archive, mode="r:gz") as opened:
+            files = {m.name.split("/", 1)[1]: opened.extractfile(m).read() for m in opened.getmembers()}  # type: ignore[union-attr]
+        workers = [f for f in files if f.startswith("logs/workers/")]
+        assert len(workers) >= 2 and all(files[f].strip() for f in workers)
+        assert any(f.startswith("logs/operator/") and files[f].strip() for f in files)
+        assert b"plan_ok=true" in files["plan.txt"]
+        assert pg_server.password and pg_server.password.encode() not in b"".join(files.values())
 
 
 def test_plan_runs_in_the_cluster_and_writes_nothing(operator_release: Cluster, pod_database: Any, tmp_path: Path) -> None:

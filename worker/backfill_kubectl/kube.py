@@ -161,7 +161,9 @@ class Cluster:
         lines: Iterator[str] = self._call("get", "pods/log", namespace, self.api.stream_lines,
                                           core_path(namespace, "pods", pod) + "/log", query)
         try:
-            yield from lines
+            yield from lines  # the request is sent on the first read: its errors arrive here
+        except KubeApiError as error:
+            raise self.translate(error, "get", "pods/log", namespace) from None
         except urllib3.exceptions.HTTPError:
             return  # the stream ended with the pod (or the connection): the caller looks again
 
