@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.crd_install import install_crd
 from kube_support.operator_thread import operator_running
@@ -139,11 +140,15 @@ def test_pause_resume_and_wait_with_ci_exit_codes(env):
     eventually(lambda: env.admin.get(jobs_path(NS, "pausing-s0-r2")), "run 2's Job")
     timed_out = env.plugin("wait", "pausing", "--timeout", "2s")
     assert timed_out.returncode == 3 and "timed out after 2s" in timed_out.stderr
+    watching = env.plugin("status", "pausing", "-w", "--timeout", "3s")
+    assert watching.returncode == 3 and watching.stdout.count("Backfill shop/pausing: Pending") == 1  # unchanged: shown once
 
     env.report_shard("pausing", state="done", run=2, rowsUpdated=10, percent=100)
     done = env.plugin("wait", "pausing", "--for", "succeeded", "--timeout", "60s")
     assert done.returncode == 0, done.stderr
-    assert env.plugin("status", "pausing").returncode == 0
+    assert env.plugin("status", "pausing", "-w").returncode == 0  # -w returns at once on a finished Backfill
+    as_yaml = env.plugin("status", "pausing", "-o", "yaml")
+    assert as_yaml.returncode == 0 and yaml.safe_load(as_yaml.stdout)["phase"] == "Succeeded"
     never = env.plugin("wait", "pausing", "--for", "failed", "--timeout", "10s")
     assert never.returncode == 9 and "will not become Failed" in never.stderr
 
@@ -236,6 +241,8 @@ def test_not_found_and_no_cluster(env):
     assert invalid_plan.returncode == 2 and "spec.batch.size" in invalid_plan.stderr
     assert not env.admin.list(core_path(NS, "pods"), {"app.kubernetes.io/component": "plan"}), "nothing created for an invalid manifest"
 
+    version = env.plugin("version")
+    assert version.returncode == 0 and "kubectl-backfill 0.1.0" in version.stdout and "server v1." in version.stdout
     absent = env.plugin("list", kubeconfig=env.home / "no-such-kubeconfig")
     assert absent.returncode == 6 and "no cluster" in absent.stderr
     context = env.plugin("list", "--context", "nonexistent")
