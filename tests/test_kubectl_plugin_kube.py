@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -255,3 +256,18 @@ def test_not_found_and_no_cluster(env):
     unreachable = env.plugin("list", kubeconfig=down)
     assert unreachable.returncode == 6 and "cannot reach the API server https://127.0.0.1:1" in unreachable.stderr
     assert "Traceback" not in absent.stderr + refused.stderr + unreachable.stderr + context.stderr
+
+
+def test_kubectl_runs_the_plugin_and_passes_its_exit_code(env):
+    """`kubectl backfill ...` as a user types it: kubectl finds kubectl-backfill on PATH."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed here")
+    create_backfill(env, "via-kubectl")
+    path = f"{Path(PLUGIN).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    result = subprocess.run([kubectl, "backfill", "status", "via-kubectl", "--kubeconfig", str(env.kubeconfig)],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": path})
+    assert result.returncode == 7 and "Backfill shop/via-kubectl:" in result.stdout, result.stderr
+    missing = subprocess.run([kubectl, "backfill", "status", "nope", "--kubeconfig", str(env.kubeconfig)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": path})
+    assert missing.returncode == 4
