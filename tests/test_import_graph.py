@@ -8,6 +8,9 @@ finds its runtime through the ``backfill_operator.handler_runtimes`` entry point
 
 Inside the engine, the layers (subpackages of ``backfill_worker``) are ordered: each imports only
 the layers before it in :data:`ENGINE_LAYERS` (and itself). No exceptions.
+
+``backfill_kubectl`` (the kubectl plugin) uses the contract, the operator's ``jobs`` and the
+engine's ``sql.secrets`` only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ PACKAGES = {
     "backfill_operator": ROOT / "operator" / "backfill_operator",
     "backfill_cli": ROOT / "worker" / "backfill_cli",
     "backfill_django": ROOT / "worker" / "backfill_django",
+    "backfill_kubectl": ROOT / "worker" / "backfill_kubectl",
 }
 ALLOWED = {
     "backfill_api": set(),
@@ -31,9 +35,14 @@ ALLOWED = {
     "backfill_operator": {"backfill_api"},
     "backfill_cli": {"backfill_api", "backfill_worker", "backfill_operator"},
     "backfill_django": {"backfill_api", "backfill_worker", "backfill_cli"},
+    # The kubectl plugin: the contract, the operator's pure Job rendering (its plan pod is the
+    # worker pod) and labels; from the engine only the redaction (a check below keeps it so).
+    "backfill_kubectl": {"backfill_api", "backfill_operator", "backfill_worker"},
 }
 ENGINE_LAYERS = ("checkpoints", "sql", "observe", "throttles", "changes", "plan", "run", "kube")
 """backfill_worker's subpackages, lowest first (each one's ``__init__`` says what it holds)."""
+KUBECTL_PLUGIN_USES = {"backfill_operator.jobs", "backfill_worker.sql.secrets"}
+"""The only modules of the operator and the engine the plugin may import (no kopf, no psycopg engine)."""
 ENGINE_SIDE = ("runtime.py", "queryset.py")
 """backfill_django modules the worker imports (in a worker image): the contract and the engine only."""
 
@@ -141,3 +150,15 @@ def test_the_django_modules_the_worker_loads_need_neither_the_cli_nor_the_operat
     for name in ENGINE_SIDE:
         source = (PACKAGES["backfill_django"] / name).read_text()
         assert imported_packages(source) <= {"backfill_api", "backfill_worker", "backfill_django"}, name
+
+
+def test_the_kubectl_plugin_uses_only_the_operators_jobs_and_the_engines_redaction():
+    used: set[str] = set()
+    for path in modules_of("backfill_kubectl"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used |= {alias.name for alias in node.names}
+    outside = {m for m in used if m.split(".")[0] in {"backfill_operator", "backfill_worker"}}
+    assert outside == KUBECTL_PLUGIN_USES

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 from kubernetes import client as k8s_client
@@ -66,21 +66,51 @@ class KubeApi:
         query: Mapping[str, str] | None = None,
         accept: str = "application/json",
     ) -> dict[str, Any]:
+        response = self._send(method, path, body, content_type=content_type, query=query, accept=accept)
+        raw = response.read() or b""
+        if not 200 <= response.status <= 299:
+            _raise_for(response.status, str(response.reason), raw)
+        data: dict[str, Any] = _json_body(raw)
+        return data
+
+    def _send(
+        self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
+        query: Mapping[str, str] | None = None, accept: str = "application/json", timeout: Any = None,
+    ) -> Any:
         headers = {"Accept": accept, "Content-Type": content_type}
         _, url, headers, _, _ = self._client.param_serialize(
             method, path, query_params=list((query or {}).items()), header_params=headers,
             auth_settings=["BearerToken"],
         )
         # A dict body is JSON-encoded by the REST layer (for every */json and *+json content type).
-        response = self._client.call_api(method, url, header_params=headers, body=body, _request_timeout=self._timeout)
+        return self._client.call_api(method, url, header_params=headers, body=body,
+                                     _request_timeout=timeout if timeout is not None else self._timeout)
+
+    def text(self, path: str, query: Mapping[str, str] | None = None) -> str:
+        """A plain-text GET (a pod's log)."""
+        response = self._send("GET", path, query=query, accept="*/*")
         raw = response.read() or b""
-        try:
-            data = json.loads(raw) if raw else {}
-        except ValueError:
-            data = {"message": raw[:200].decode(errors="replace")}
         if not 200 <= response.status <= 299:
-            raise KubeApiError(response.status, str(data.get("reason") or response.reason), str(data.get("message") or ""))
-        return data
+            _raise_for(response.status, str(response.reason), raw)
+        return bytes(raw).decode(errors="replace")
+
+    def stream_lines(self, path: str, query: Mapping[str, str] | None = None) -> Iterator[str]:
+        """A plain-text GET read line by line as it arrives (``follow=true`` logs); no read timeout."""
+        response = self._send("GET", path, query=query, accept="*/*", timeout=(self._timeout, None))
+        if not 200 <= response.status <= 299:
+            _raise_for(response.status, str(response.reason), response.read() or b"")
+        raw = response.response  # the urllib3 response, not yet read
+        pending = b""
+        try:
+            for chunk in raw.stream(4096, decode_content=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode(errors="replace")
+            if pending:
+                yield pending.decode(errors="replace")
+        finally:
+            raw.release_conn()
 
     # -- conveniences ------------------------------------------------------------------------
 
@@ -103,6 +133,20 @@ class KubeApi:
 
     def delete(self, path: str, *, propagation: str = "Background") -> dict[str, Any]:
         return self.request("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation})
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        return {"message": raw[:200].decode(errors="replace")}
+    return data if isinstance(data, dict) else {}
+
+
+def _raise_for(status: int, reason: str, raw: bytes) -> NoReturn:
+    """The API's ``Status.message`` (never the request body) in a KubeApiError."""
+    data = _json_body(raw)
+    raise KubeApiError(status, str(data.get("reason") or reason), str(data.get("message") or ""))
 
 
 def backfill_path(namespace: str, name: str | None = None, *, status: bool = False) -> str:
