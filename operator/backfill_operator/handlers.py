@@ -1,11 +1,14 @@
 """The thin I/O layer: kopf triggers -> observe -> ``reconcile.reconcile`` -> apply the plan.
 
-kopf provides the watch (``on.event``) and nothing else: no finalizers, no annotations of its
-own, so deleting a Backfill never waits for the operator and owner references garbage-collect
-its Jobs. A resync loop re-runs every known Backfill every few seconds to follow Jobs and fold
-shard reports into ``status.progress`` (status changes are invisible to kopf's diff handlers, and
-level-triggered polling survives missed events). One lock per Backfill serialises the watch
-handler and the resync loop, so two passes never race to create a Job.
+kopf provides the watch of Backfills (``on.event``) and nothing else: no finalizers, no
+annotations of its own, so deleting a Backfill never waits for the operator and owner
+references garbage-collect its Jobs. Jobs come from an informer of our own (``informer.py``:
+one LIST, then a WATCH). Every read a pass makes comes from those two caches: the body kopf
+last delivered (or the operator's own last write, whichever is newer) and the Job index. A
+resync loop re-runs every known Backfill every few seconds from the caches (status changes are
+invisible to kopf's diff handlers, heartbeats age, and level-triggered passes survive missed
+events), so at rest the operator makes no requests at all. One lock per Backfill serialises
+the watch handler and the resync loop, so two passes never race to create a Job.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +31,7 @@ from backfill_api.specdiff import decode_applied, effective_spec
 from backfill_api.status import StallReason
 
 from . import jobs as jobs_mod
+from .informer import Informer, JobStore, is_older
 from .metrics import OperatorMetrics
 from .reconcile import EventSpec, Observed, Plan, SecretCheck, reconcile, status_patch
 
@@ -65,6 +69,20 @@ class Controller:
         self._server: jobs_mod.ServerCapabilities | None = None
         self._posted: set[str] = set()
         """Keys of keyed events posted by this process (a restarted one gets 409 instead)."""
+        self.jobs = JobStore()
+        """The operator's Jobs, fed by the informers ``main`` starts."""
+        self.jobs_synced: Callable[[], bool] = lambda: True
+        """No pass before every Job informer has listed once: an unseen Job would be re-created."""
+
+    def remember(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Keep the newest version of a Backfill: a queued watch event may be older than our own write."""
+        uid = str(body.get("metadata", {}).get("uid") or "")
+        with self._guard:
+            current = self.known.get(uid)
+            if is_older(body, current):
+                return current  # type: ignore[return-value]
+            self.known[uid] = dict(body)
+            return self.known[uid]
 
     def stop(self) -> None:
         """No new passes (an in-flight one finishes); called when the operator shuts down."""
@@ -82,10 +100,11 @@ class Controller:
                 with self._guard:
                     self._locks.pop(uid, None)
             return
-        self.known[uid] = dict(body)
-        self.reconcile_one(body)
+        self.reconcile_one(self.remember(body))
 
     def resync(self) -> None:
+        if not self.jobs_synced():
+            return
         for body in list(self.known.values()):
             if self._stopped.is_set():
                 return
@@ -103,14 +122,13 @@ class Controller:
     def reconcile_one(self, body: Mapping[str, Any]) -> Plan | None:
         meta = body.get("metadata", {})
         uid, name, namespace = str(meta.get("uid")), str(meta.get("name")), str(meta.get("namespace"))
-        if self._stopped.is_set():
-            return None
+        if self._stopped.is_set() or not self.jobs_synced():
+            return None  # the resync loop comes back once the Job index is complete
         with self._lock(uid):
+            fresh = self.known.get(uid)
+            if fresh is None:
+                return None  # deleted meanwhile
             try:
-                # Re-read: the body of a queued event may be older than what the last pass wrote.
-                fresh = self.api.get(backfill_path(namespace, name))
-                if str(fresh.get("metadata", {}).get("uid")) != uid:
-                    return None
                 plan = self._reconcile(fresh)
             except KubeApiError as error:
                 if error.status == 404:
@@ -165,7 +183,7 @@ class Controller:
     def _reconcile(self, body: dict[str, Any]) -> Plan:
         meta = body.get("metadata", {})
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-        jobs = self.api.list(jobs_path(namespace), jobs_mod.selector_labels(name))
+        jobs = self.jobs.for_backfill(namespace, jobs_mod.selector_labels(name)[jobs_mod.LABEL_NAME])
         status = body.get("status") or {}
         observed = Observed(
             name=name, namespace=namespace, uid=uid, generation=meta.get("generation"),
@@ -180,7 +198,7 @@ class Controller:
             plan = reconcile(replace(observed, secret=self.check_secret(namespace, spec_for_jobs)), self.defaults)
         if plan.annotations:
             # Before any Job exists: workers read the applied spec from here.
-            self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}})
+            self.remember(self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}}))
         try:
             for job in plan.create_jobs:
                 self._create_job(namespace, uid, job)
@@ -197,10 +215,10 @@ class Controller:
             except KubeApiError as error:
                 if error.status != 404:
                     raise
+            self.jobs.remove(namespace, job_name)
         patch = status_patch(body.get("status") or {}, plan.status)
         if patch:
-            updated = self.api.merge_patch(backfill_path(namespace, name, status=True), {"status": patch})
-            self.known[uid] = updated
+            self.remember(self.api.merge_patch(backfill_path(namespace, name, status=True), {"status": patch}))
         for event in plan.events:
             self.post_event(body, event)
         return plan
@@ -208,7 +226,7 @@ class Controller:
     def _create_job(self, namespace: str, uid: str, job: dict[str, Any]) -> None:
         job_name = job["metadata"]["name"]
         try:
-            self.api.create(jobs_path(namespace), job)
+            self.jobs.put(self.api.create(jobs_path(namespace), job))
             self.metrics.jobs_created.inc()
             log.info("created Job %s/%s", namespace, job_name)
         except KubeApiError as error:
@@ -226,6 +244,7 @@ class Controller:
                 raise JobNameTaken(
                     f"Job {namespace}/{job_name} exists and does not belong to this Backfill: delete or rename it"
                 ) from None
+            self.jobs.put(existing)
             log.info("adopted existing Job %s/%s", namespace, job_name)
 
     def check_secret(self, namespace: str, raw_spec: Mapping[str, Any]) -> SecretCheck:
@@ -291,8 +310,28 @@ class Controller:
             self._posted.add(event.key)
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller, *, resync_seconds: float = 3.0) -> None:
+def job_informers(controller: Controller, namespaces: tuple[str, ...]) -> list[Informer]:
+    """One informer for every namespace watched, or one for the whole cluster."""
+    paths = [(jobs_path(ns), ns) for ns in namespaces] if namespaces else [("/apis/batch/v1/jobs", None)]
+    return [Informer(controller.api, path, controller.jobs, namespace=ns) for path, ns in paths]
+
+
+def register(
+    registry: kopf.OperatorRegistry, controller: Controller, *, resync_seconds: float = 3.0, namespaces: tuple[str, ...] = (),
+) -> None:
     """Wire the controller into a kopf registry (one per operator instance: tests run several)."""
+    informers = job_informers(controller, namespaces)
+    controller.jobs_synced = lambda: all(i.synced.is_set() for i in informers)
+
+    @kopf.on.startup(registry=registry)
+    def start_informers(**_: Any) -> None:
+        for informer in informers:
+            threading.Thread(target=informer.run, name=f"job-informer {informer.path}", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_informers(**_: Any) -> None:
+        for informer in informers:
+            informer.stop()
 
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     def backfill_event(type: str | None, body: kopf.Body, **_: Any) -> None:

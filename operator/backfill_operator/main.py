@@ -63,7 +63,7 @@ def build(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Controller]:
     api = KubeApi.from_environment(config.kubeconfig, server=config.server)
     registry = kopf.OperatorRegistry()
     controller = Controller(api, defaults=config.defaults, metrics=OperatorMetrics())
-    register(registry, controller, resync_seconds=config.resync_seconds)
+    register(registry, controller, resync_seconds=config.resync_seconds, namespaces=config.namespaces)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
