@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -31,6 +32,7 @@ from backfill_api.specdiff import decode_applied, effective_spec
 from backfill_api.status import StallReason
 
 from . import jobs as jobs_mod
+from .events import EventCorrelator
 from .informer import Informer, JobStore, is_older
 from .metrics import OperatorMetrics
 from .reconcile import EventSpec, Observed, Plan, SecretCheck, reconcile, status_patch
@@ -69,6 +71,7 @@ class Controller:
         self._server: jobs_mod.ServerCapabilities | None = None
         self._posted: set[str] = set()
         """Keys of keyed events posted by this process (a restarted one gets 409 instead)."""
+        self.correlator = EventCorrelator()
         self.jobs = JobStore()
         """The operator's Jobs, fed by the informers ``main`` starts."""
         self.jobs_synced: Callable[[], bool] = lambda: True
@@ -279,23 +282,40 @@ class Controller:
 
     def post_event(self, body: Mapping[str, Any], event: EventSpec) -> None:
         meta = body.get("metadata", {})
-        now = utcnow()
         if event.key and event.key in self._posted:
             return
+        uid, clock = str(meta.get("uid") or ""), time.monotonic()
+        # Rate-limited per Backfill, the way Kubernetes' recorders do it (events.py).
+        decision = self.correlator.decide(uid, event.type, event.reason, event.message[:1024], clock)
+        if decision.action == "drop":
+            self.metrics.events_dropped.inc()
+            return
+        now = utcnow()
+        if decision.action == "patch":
+            try:
+                self.api.merge_patch(core_path(meta["namespace"], "events", decision.name),
+                                     {"count": decision.count, "lastTimestamp": now, "message": decision.message})
+                return
+            except KubeApiError as error:
+                if error.status != 404:
+                    log.warning("could not update event %s: %s", event.reason, error)
+                    return
+                self.correlator.forget(uid, event.type, event.reason, decision.message)  # expired: create anew
         # A keyed event has a name of its own: posting it again (another pass, a restarted
         # operator) is a 409, not a second event.
         suffix = jobs_mod.fit_name(event.key, limit=60) if event.key else uuid.uuid4().hex[:16]
+        name = f"{jobs_mod.fit_name(meta['name'], limit=190)}.{suffix}"
         try:
             self.api.create(core_path(meta["namespace"], "events"), {
                 "apiVersion": "v1",
                 "kind": "Event",
-                "metadata": {"name": f"{jobs_mod.fit_name(meta['name'], limit=190)}.{suffix}", "namespace": meta["namespace"]},
+                "metadata": {"name": name, "namespace": meta["namespace"]},
                 "involvedObject": {
                     "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
                     "namespace": meta["namespace"], "uid": meta.get("uid"),
                 },
                 "reason": event.reason,
-                "message": event.message[:1024],
+                "message": decision.message,
                 "type": event.type,
                 "source": {"component": "backfill-operator"},
                 "firstTimestamp": now,
@@ -306,6 +326,7 @@ class Controller:
             if not (event.key and error.status == 409):
                 log.warning("could not post event %s: %s", event.reason, error)
                 return  # a keyed one is tried again by the next pass
+        self.correlator.posted(uid, event.type, event.reason, decision.message, name, clock)
         if event.key:
             self._posted.add(event.key)
 
