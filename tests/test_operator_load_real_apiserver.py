@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,7 +61,7 @@ def request_counts(plane: ControlPlane) -> dict[tuple[str, str, str], float]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, Path]]:
-    plane = ControlPlane(ASSETS).start()  # type: ignore[arg-type]
+    plane = ControlPlane(ASSETS, audit=True).start()  # type: ignore[arg-type]
     try:
         home = tmp_path_factory.mktemp("kube-load")
         admin = KubeApi.from_environment(str(plane.write_kubeconfig(home / "admin")))
@@ -142,7 +143,7 @@ def test_200_backfills_created_edited_suspended_resumed_deleted(cluster) -> None
         each(lambda ns, name: admin.delete(backfill_path(ns, name)))
         eventually(lambda: not all_backfills(admin), "all deleted", timeout=STEP_TIMEOUT)
         steps["delete"] = time.monotonic() - step
-        settle = time.monotonic()
+        settle, settle_epoch = time.monotonic(), time.time()
         idle_before = request_counts(plane)
         time.sleep(10)
         idle_after = request_counts(plane)
@@ -174,6 +175,9 @@ def test_200_backfills_created_edited_suspended_resumed_deleted(cluster) -> None
         "idle_requests_per_second_after_delete": round(delta(idle_before, idle_after) / idle_seconds, 1),
         "rss_mib_before": round(rss_before, 1), "rss_mib_peak": round(peak["rss"], 1),
         "top_requests": top(before, after), "top_idle_requests": top(idle_before, idle_after),
+        # Who makes them: the audit log names the user (the server's counters do not).
+        "top_idle_by_user": Counter(f"{r.user} {r.verb} {r.resource}"
+                                    for r in plane.audited(settle_epoch, settle_epoch + idle_seconds)).most_common(6),
     }, sort_keys=True), flush=True)
     assert jobs_created == 2 * len(names), "a Job was created twice, or one is missing"
     assert job_conflicts == 0

@@ -44,6 +44,10 @@ class JobNameTaken(Exception):
     """A Job with the deterministic name exists but another owner's: never adopt or touch it."""
 
 
+class NotLeader(Exception):
+    """The leader Lease lapsed during a pass: the rest of the pass is the new leader's."""
+
+
 class JobRejected(Exception):
     """The API server refused the Job (422 invalid pod settings, 403 quota or admission)."""
 
@@ -76,6 +80,8 @@ class Controller:
         """The operator's Jobs, fed by the informers ``main`` starts."""
         self.jobs_synced: Callable[[], bool] = lambda: True
         """No pass before every Job informer has listed once: an unseen Job would be re-created."""
+        self.active: Callable[[], bool] = lambda: True
+        """Leader election's verdict: a standby keeps its caches warm and writes nothing."""
 
     def remember(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Keep the newest version of a Backfill: a queued watch event may be older than our own write."""
@@ -106,7 +112,7 @@ class Controller:
         self.reconcile_one(self.remember(body))
 
     def resync(self) -> None:
-        if not self.jobs_synced():
+        if not (self.jobs_synced() and self.active()):
             return
         for body in list(self.known.values()):
             if self._stopped.is_set():
@@ -125,14 +131,17 @@ class Controller:
     def reconcile_one(self, body: Mapping[str, Any]) -> Plan | None:
         meta = body.get("metadata", {})
         uid, name, namespace = str(meta.get("uid")), str(meta.get("name")), str(meta.get("namespace"))
-        if self._stopped.is_set() or not self.jobs_synced():
-            return None  # the resync loop comes back once the Job index is complete
+        if self._stopped.is_set() or not self.jobs_synced() or not self.active():
+            return None  # the resync loop comes back once the Job index is complete (and we lead)
         with self._lock(uid):
             fresh = self.known.get(uid)
             if fresh is None:
                 return None  # deleted meanwhile
             try:
                 plan = self._reconcile(fresh)
+            except NotLeader:
+                log.info("reconcile of %s/%s stopped: leadership lost", namespace, name)
+                return None
             except KubeApiError as error:
                 if error.status == 404:
                     self.known.pop(uid, None)
@@ -228,6 +237,8 @@ class Controller:
 
     def _create_job(self, namespace: str, uid: str, job: dict[str, Any]) -> None:
         job_name = job["metadata"]["name"]
+        if not self.active():  # checked right before the write: a lapsed lease creates nothing
+            raise NotLeader(job_name)
         try:
             self.jobs.put(self.api.create(jobs_path(namespace), job))
             self.metrics.jobs_created.inc()
