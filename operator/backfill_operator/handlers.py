@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -52,6 +53,9 @@ class JobRejected(Exception):
     """The API server refused the Job (422 invalid pod settings, 403 quota or admission)."""
 
 
+TOMBSTONES = 65536
+
+
 def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -71,6 +75,8 @@ class Controller:
         """uid -> latest body seen, for the resync loop."""
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._gone: OrderedDict[str, None] = OrderedDict()
+        """uids of deleted Backfills (see ``remember``)."""
         self._stopped = threading.Event()
         self._server: jobs_mod.ServerCapabilities | None = None
         self._posted: set[str] = set()
@@ -83,13 +89,19 @@ class Controller:
         self.active: Callable[[], bool] = lambda: True
         """Leader election's verdict: a standby keeps its caches warm and writes nothing."""
 
-    def remember(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Keep the newest version of a Backfill: a queued watch event may be older than our own write."""
+    def remember(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Keep the newest version of a Backfill: a queued watch event may be older than our own write.
+
+        None for a deleted one: a late event (or a pass finishing after the delete) must not bring
+        it back, or the resync loop would follow, from the cache, a Backfill that no longer exists.
+        """
         uid = str(body.get("metadata", {}).get("uid") or "")
         with self._guard:
+            if uid in self._gone:
+                return None
             current = self.known.get(uid)
             if is_older(body, current):
-                return current  # type: ignore[return-value]
+                return current
             self.known[uid] = dict(body)
             return self.known[uid]
 
@@ -104,12 +116,20 @@ class Controller:
         if not uid:
             return
         if event_type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
-            self.known.pop(uid, None)  # its Jobs go with it (owner references)
-            if event_type == "DELETED":
-                with self._guard:
-                    self._locks.pop(uid, None)
+            self.forget(uid)  # its Jobs go with it (owner references)
             return
-        self.reconcile_one(self.remember(body))
+        remembered = self.remember(body)
+        if remembered is not None:
+            self.reconcile_one(remembered)
+
+    def forget(self, uid: str) -> None:
+        """A deleted Backfill: uids are never reused, so its tombstone is kept (a bounded number)."""
+        with self._guard:
+            self.known.pop(uid, None)
+            self._locks.pop(uid, None)
+            self._gone[uid] = None
+            while len(self._gone) > TOMBSTONES:
+                self._gone.popitem(last=False)
 
     def resync(self) -> None:
         if not (self.jobs_synced() and self.active()):
@@ -144,7 +164,7 @@ class Controller:
                 return None
             except KubeApiError as error:
                 if error.status == 404:
-                    self.known.pop(uid, None)
+                    self.forget(uid)
                     return None
                 self.metrics.reconciles.labels("error").inc()
                 self.metrics.errors.labels("api").inc()

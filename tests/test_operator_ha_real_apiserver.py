@@ -1,0 +1,169 @@
+"""Two operator processes, one leader (a Lease), on a REAL kube-apiserver (issue 21).
+
+The leader is SIGKILLed with Backfills in every phase: the standby takes over within
+leaseDuration + retryPeriod, picks up what changed meanwhile, never duplicates a Job, and the
+killed leader's standby-to-be wrote nothing while it stood by (the audit log tells the two
+apart: each runs as its own ServiceAccount, bound to the same roles). Then the new leader stops
+gracefully: it releases the Lease and a fresh standby leads within a retry period or two.
+Skipped without ``KUBEBUILDER_ASSETS``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube_support.control_plane import ControlPlane, missing_assets
+from kube_support.crd_install import install_crd
+from kube_support.waiting import eventually
+from test_kube_real_apiserver import OPERATOR_NS, create, token_for
+
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
+from backfill_operator import rbac
+
+ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
+pytestmark = [
+    pytest.mark.kube,
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(missing_assets(ASSETS) is not None, reason=str(missing_assets(ASSETS))),
+]
+NS = "ha"
+LEASE = f"/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NS}/leases/backfill-operator"
+DURATION, RENEW, RETRY = 6.0, 4.0, 1.0
+IDENTITIES = ("op-a", "op-b", "op-c")
+
+
+def account(name: str) -> str:
+    return f"system:serviceaccount:{OPERATOR_NS}:{name}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, dict[str, Path], Path]]:
+    plane = ControlPlane(ASSETS, audit=True).start()  # type: ignore[arg-type]
+    try:
+        home = tmp_path_factory.mktemp("kube-ha")
+        admin = KubeApi.from_environment(str(plane.write_kubeconfig(home / "admin")))
+        install_crd(admin)
+        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
+        docs = rbac.operator_manifests(OPERATOR_NS, "unused")
+        for doc in [*docs[:3], *rbac.lease_manifests(OPERATOR_NS)]:
+            if doc["kind"].endswith("Binding"):  # one ServiceAccount per replica, so the audit log tells them apart
+                doc["subjects"] = [{"kind": "ServiceAccount", "name": i, "namespace": OPERATOR_NS} for i in IDENTITIES]
+            create(admin, doc)
+        for identity in IDENTITIES:
+            create(admin, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": identity, "namespace": OPERATOR_NS}})
+        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        for doc in rbac.worker_manifests(NS):  # the Job controller admits worker pods only with their ServiceAccount
+            create(admin, doc)
+        admin.create(core_path(NS, "secrets"), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": NS},
+                                                "stringData": {"dsn": "postgresql://app@db.invalid/shop"}})
+        kubeconfigs = {i: plane.write_kubeconfig(home / i, token_for(admin, OPERATOR_NS, i)) for i in IDENTITIES}
+        yield plane, admin, kubeconfigs, home
+        admin.close()
+    finally:
+        plane.stop()
+
+
+def start(identity: str, kubeconfig: Path, home: Path) -> subprocess.Popen[bytes]:
+    args = ["operator", "--leader-elect", "--leader-elect-namespace", OPERATOR_NS, "--metrics-port", "0",
+            "--leader-elect-lease-duration", str(DURATION), "--leader-elect-renew-deadline", str(RENEW),
+            "--leader-elect-retry-period", str(RETRY), "--resync-seconds", "1", "--kubeconfig", str(kubeconfig)]
+    log = open(home / f"{identity}.log", "ab")  # noqa: SIM115  (the process's for its life)
+    env = {**os.environ, "HOSTNAME": identity, "BACKFILL_LOG_FORMAT": "text"}
+    return subprocess.Popen([str(Path(sys.executable).parent / "backfill"), *args], env=env, stdout=log, stderr=log)
+
+
+def holder(admin: KubeApi) -> str:
+    return str((admin.get(LEASE).get("spec") or {}).get("holderIdentity") or "")
+
+
+def backfill(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "backfill.dev/v1alpha1", "kind": "Backfill", "metadata": {"name": name, "namespace": NS},
+            "spec": {"database": {"dsnSecretRef": {"name": "db"}}, "table": "t", "set": {"v": "1"}, **spec}}
+
+
+def phase(admin: KubeApi, name: str) -> dict[str, Any]:
+    return admin.get(backfill_path(NS, name)).get("status") or {}
+
+
+def job_names(admin: KubeApi) -> list[str]:
+    return sorted(j["metadata"]["name"] for j in admin.list(jobs_path(NS)))
+
+
+def test_the_standby_takes_over_a_killed_leader_without_duplicating_a_job(cluster) -> None:
+    plane, admin, kubeconfigs, home = cluster
+    procs = {i: start(i, kubeconfigs[i], home) for i in IDENTITIES[:2]}
+    try:
+        first = eventually(lambda: holder(admin), "a leader", timeout=60).split("_")[0]
+        standby = next(i for i in procs if i != first)
+        # Backfills in every phase the operator can hold without a kubelet.
+        for i in range(4):
+            admin.create(backfill_path(NS), backfill(f"pending-{i}"))
+        admin.create(backfill_path(NS), backfill("paused", suspend=True))
+        admin.create(backfill_path(NS), backfill("nosecret", database={"dsnSecretRef": {"name": "missing"}}))
+        admin.create(backfill_path(NS), backfill("done"))
+        eventually(lambda: all(phase(admin, f"pending-{i}").get("jobNames") == [f"pending-{i}-s0-r1"] for i in range(4)),
+                   "Pending with a Job each")
+        eventually(lambda: phase(admin, "paused").get("phase") == "Paused", "Paused")
+        eventually(lambda: any(c.get("reason") == "SecretNotFound" for c in phase(admin, "nosecret").get("conditions") or []),
+                   "Stalled on the missing Secret")
+        # Play the kubelet and the worker for "done": its pod Succeeded, its shard reported done.
+        pod = eventually(lambda: next(iter(admin.list(core_path(NS, "pods"), {"job-name": "done-s0-r1"}))), "done's Pod")
+        admin.merge_patch(backfill_path(NS, "done", status=True), {"status": {"shards": {"0": {
+            "state": "done", "run": 1, "rowsUpdated": 10, "batches": 1, "percent": 100, "keysDone": 10}}}})
+        admin.merge_patch(core_path(NS, "pods", pod["metadata"]["name"]) + "/status", {"status": {"phase": "Succeeded"}})
+        eventually(lambda: phase(admin, "done").get("phase") == "Succeeded", "Succeeded")
+        before = job_names(admin)
+        assert before == sorted([*(f"pending-{i}-s0-r1" for i in range(4)), "done-s0-r1"])
+
+        procs[first].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        killed_epoch = time.time()
+        procs[first].wait(10)
+        # While nobody leads: a new Backfill, and a resume.
+        admin.create(backfill_path(NS), backfill("late"))
+        admin.merge_patch(backfill_path(NS, "paused"), {"spec": {"suspend": False}})
+        eventually(lambda: holder(admin).startswith(standby + "_"), "the standby to take the Lease", timeout=30)
+        takeover = time.monotonic() - killed
+        eventually(lambda: phase(admin, "late").get("jobNames") == ["late-s0-r1"], "the late Backfill's Job")
+        eventually(lambda: phase(admin, "paused").get("jobNames") == ["paused-s0-r1"], "the resumed run's Job")
+        assert job_names(admin) == sorted([*before, "late-s0-r1", "paused-s0-r1"]), "no Job duplicated or lost"
+        assert phase(admin, "done")["phase"] == "Succeeded" and all(
+            phase(admin, f"pending-{i}")["phase"] == "Pending" for i in range(4))
+
+        audit = plane.audited()
+        writes = [r for r in audit if r.verb in ("create", "patch", "update", "delete") and r.resource != "leases"]
+        by_standby = [r for r in writes if r.user == account(standby)]
+        assert by_standby and min(r.at for r in by_standby) >= killed_epoch, "the standby wrote nothing while it stood by"
+        job_posts = [r for r in audit if r.verb == "create" and r.resource == "jobs"]
+        assert Counter(r.code for r in job_posts) == {201: len(before) + 2}, "every Job created once, no conflict"
+        print(f"HA-FIGURES takeover_seconds={takeover:.1f} bound={DURATION + RETRY}", flush=True)
+        assert takeover <= DURATION + RETRY + 2.0, f"took {takeover:.1f} s"
+
+        # A graceful stop hands over at once: the leader releases the Lease.
+        procs["op-c"] = start("op-c", kubeconfigs["op-c"], home)
+        time.sleep(3 * RETRY)  # op-c is up and standing by
+        assert holder(admin).startswith(standby + "_")
+        procs[standby].send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        eventually(lambda: holder(admin).startswith("op-c_"), "op-c to take the released Lease", timeout=30)
+        handover = time.monotonic() - stopped
+        print(f"HA-FIGURES graceful_handover_seconds={handover:.1f}", flush=True)
+        assert procs[standby].wait(30) == 0
+        assert handover < DURATION, "a released Lease is taken without waiting it out"
+        admin.create(backfill_path(NS), backfill("after-handover"))
+        eventually(lambda: phase(admin, "after-handover").get("jobNames") == ["after-handover-s0-r1"], "op-c reconciles")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
