@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 from kube_support.control_plane import ControlPlane, missing_assets
-from kube_support.crd_install import install_crd
+from kube_support.operator_cluster import prepare
 from kube_support.waiting import eventually
-from test_kube_real_apiserver import OPERATOR_NS, create, token_for
+from test_kube_real_apiserver import OPERATOR_NS, token_for
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_operator import rbac
@@ -51,21 +51,12 @@ def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, dict[str,
     plane = ControlPlane(ASSETS, audit=True).start()  # type: ignore[arg-type]
     try:
         home = tmp_path_factory.mktemp("kube-ha")
-        admin = KubeApi.from_environment(str(plane.write_kubeconfig(home / "admin")))
-        install_crd(admin)
-        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
-        docs = rbac.operator_manifests(OPERATOR_NS, "unused")
-        for doc in [*docs[:3], *rbac.lease_manifests(OPERATOR_NS)]:
+        docs = [*rbac.operator_manifests(OPERATOR_NS, "unused")[:3], *rbac.lease_manifests(OPERATOR_NS)]
+        for doc in docs:
             if doc["kind"].endswith("Binding"):  # one ServiceAccount per replica, so the audit log tells them apart
                 doc["subjects"] = [{"kind": "ServiceAccount", "name": i, "namespace": OPERATOR_NS} for i in IDENTITIES]
-            create(admin, doc)
-        for identity in IDENTITIES:
-            create(admin, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": identity, "namespace": OPERATOR_NS}})
-        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        for doc in rbac.worker_manifests(NS):  # the Job controller admits worker pods only with their ServiceAccount
-            create(admin, doc)
-        admin.create(core_path(NS, "secrets"), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": NS},
-                                                "stringData": {"dsn": "postgresql://app@db.invalid/shop"}})
+        docs += [{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": i, "namespace": OPERATOR_NS}} for i in IDENTITIES]
+        admin = prepare(plane, home, [NS], operator_docs=docs, worker_rbac=True)
         kubeconfigs = {i: plane.write_kubeconfig(home / i, token_for(admin, OPERATOR_NS, i)) for i in IDENTITIES}
         yield plane, admin, kubeconfigs, home
         admin.close()

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from kube_support.control_plane import ControlPlane, missing_assets
-from kube_support.crd_install import install_crd
+from kube_support.operator_cluster import prepare
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
-from test_kube_real_apiserver import OPERATOR_NS, create, token_for
+from test_kube_real_apiserver import OPERATOR_NS, token_for
 
-from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
+from backfill_api.kubeapi import KubeApi, backfill_path, jobs_path
 from backfill_operator import rbac
 from backfill_operator.main import OperatorConfig
 
@@ -46,14 +46,7 @@ def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, Path]]:
     plane = ControlPlane(ASSETS, audit=True).start()  # type: ignore[arg-type]
     try:
         home = tmp_path_factory.mktemp("kube-quiet")
-        admin = KubeApi.from_environment(str(plane.write_kubeconfig(home / "admin")))
-        install_crd(admin)
-        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
-        for doc in rbac.operator_manifests(OPERATOR_NS, "unused")[:3]:
-            create(admin, doc)
-        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-        admin.create(core_path(NS, "secrets"), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": NS},
-                                                "stringData": {"dsn": "postgresql://app@db.invalid/shop"}})
+        admin = prepare(plane, home, [NS])
         yield plane, admin, plane.write_kubeconfig(home / "operator", token_for(admin, OPERATOR_NS, rbac.OPERATOR_NAME))
         admin.close()
     finally:
