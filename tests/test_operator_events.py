@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+from kube_support.emulator import ApiServerEmulator, declare_resources
+from kube_support.operator_thread import operator_running_async
+from kube_support.waiting import call, eventually_async
+from manifests import backfill_document
+
+from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
 from backfill_operator.events import (
     AGGREGATE_MAX_EVENTS,
     AGGREGATE_WINDOW_SECONDS,
@@ -10,6 +17,7 @@ from backfill_operator.events import (
     SPAM_REFILL_SECONDS,
     EventCorrelator,
 )
+from backfill_operator.main import OperatorConfig
 
 
 def post(c: EventCorrelator, obj: str, message: str, now: float, reason: str = "Retrying") -> str:
@@ -59,3 +67,39 @@ def test_a_forgotten_event_is_created_again() -> None:
     post(c, "a", "m", 0.0)
     c.forget("a", "Warning", "Retrying", "m")
     assert c.decide("a", "Warning", "Retrying", "m", 1.0).action == "create"
+
+
+# -- the operator's Events over real HTTP (kmock) ------------------------------------------------
+
+
+@pytest.mark.kmock(cls=ApiServerEmulator)
+@pytest.mark.timeout(120)
+async def test_a_repeated_event_is_counted_on_the_first_one(kmock) -> None:
+    declare_resources(kmock)
+    api = KubeApi.from_environment(server=str(kmock.url))
+    ns, name = "shop", "flappy"
+    await call(api.create, core_path(ns, "secrets"), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns},
+                                                      "stringData": {"dsn": "postgresql://app@db.invalid/shop"}})
+    config = OperatorConfig(namespaces=(ns,), server=str(kmock.url), metrics_port=None, resync_seconds=0.3)
+    try:
+        async with operator_running_async(config):
+            await call(api.create, backfill_path(ns), backfill_document(name, ns, database={"dsnSecretRef": {"name": "db"}},
+                                                                        table="t", set={"v": "1"}))
+            for run in (1, 2):  # suspend, resume, suspend: the second "Paused" is the first one, counted twice
+                await eventually_async(lambda r=run: api.get(jobs_path(ns, f"{name}-s0-r{r}")), f"run {run}'s Job")
+                await call(api.merge_patch, backfill_path(ns, name), {"spec": {"suspend": True}})
+                await eventually_async(lambda: api.get(backfill_path(ns, name))["status"].get("phase") == "Paused", "Paused")
+                await eventually_async(lambda r=run: not api.list(jobs_path(ns)), "the Job deleted")
+                if run == 1:
+                    await call(api.merge_patch, backfill_path(ns, name), {"spec": {"suspend": False}})
+            paused = await eventually_async(
+                lambda: [e for e in api.list(core_path(ns, "events")) if e["reason"] == "Paused" and e.get("count") == 2],
+                "the Paused Event counted twice")
+        events = await call(api.list, core_path(ns, "events"))
+    finally:
+        api.close()
+    assert len(paused) == 1
+    assert len([e for e in events if e["reason"] == "Paused"]) == 1, "not created again"
+    # Every repeat was a PATCH of the count (the "Pending" of run 2 repeats run 1's too), no create.
+    patches = [r for r in kmock if r.method == "PATCH" and "/events/" in str(r.url.path)]
+    assert len(patches) == sum(int(e.get("count") or 1) - 1 for e in events) >= 1
