@@ -72,6 +72,10 @@ async def test_oom_killed_worker_pods_are_named_once_each(cluster):
             lambda: (b := api.get(backfill_path(NS, NAME)))["status"]["phase"] == "Failed" and b, "Failed")
         stalled = next(c for c in failed["status"]["conditions"] if c["type"] == "Stalled")
         assert stalled["reason"] == "OOMKilled" and "20Mi" in stalled["message"]
+        # The pass that wrote Failed posts its Events after its status write: wait for them.
+        await eventually_async(lambda: {"Failed", "OOMKilled"} <= {
+            e["reason"] for e in api.list(core_path(NS, "events")) if "bbbbb" in e["message"] or e["reason"] == "Failed"},
+            "the Failed pass's Events")
         lists = pod_lists(kmock)
         posts = sum(1 for r in kmock if r.method == "POST" and str(r.url.path).endswith("/events"))
         for _ in range(3):  # passes read the caches (no request to count): edits prove them

@@ -28,7 +28,7 @@ import kopf
 import urllib3
 
 from backfill_api.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
-from backfill_api.model import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec
+from backfill_api.model import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec, SecretKeyRef
 from backfill_api.specdiff import decode_applied, effective_spec
 from backfill_api.status import StallReason
 
@@ -54,10 +54,15 @@ class JobRejected(Exception):
 
 
 TOMBSTONES = 65536
+SECRET_RECHECK_SECONDS = 10.0
 
 
 def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _names(jobs: list[dict[str, Any]]) -> set[str]:
+    return {str(j.get("metadata", {}).get("name")) for j in jobs}
 
 
 class Controller:
@@ -82,6 +87,7 @@ class Controller:
         self._posted: set[str] = set()
         """Keys of keyed events posted by this process (a restarted one gets 409 instead)."""
         self.correlator = EventCorrelator()
+        self._secret_failures: dict[tuple[str, str, str], tuple[float, SecretCheck]] = {}
         self.jobs = JobStore()
         """The operator's Jobs, fed by the informers ``main`` starts."""
         self.jobs_synced: Callable[[], bool] = lambda: True
@@ -227,7 +233,18 @@ class Controller:
         if plan.needs_secret:
             # The Secret the Jobs will use: from the applied spec when a run already started.
             spec_for_jobs = effective_spec(body.get("spec") or {}, decode_applied(observed.annotations))
-            plan = reconcile(replace(observed, secret=self.check_secret(namespace, spec_for_jobs)), self.defaults)
+            observed = replace(observed, secret=self.check_secret(namespace, spec_for_jobs))
+            plan = reconcile(observed, self.defaults)
+        if plan.create_jobs:
+            # A launch is the one decision a lagging cache could get wrong (a Job not seen yet, e.g.
+            # just after a leader handover, would be launched again as the next run): read live first.
+            label = jobs_mod.selector_labels(name)[jobs_mod.LABEL_NAME]
+            live = self.api.list(jobs_path(namespace), jobs_mod.selector_labels(name))
+            if _names(live) != _names(jobs):
+                log.info("Job cache of %s/%s was behind the server: deciding again", namespace, name)
+                self.jobs.replace_for(namespace, label, live)
+                observed = replace(observed, jobs=live)
+                plan = reconcile(observed, self.defaults)
         if plan.annotations:
             # Before any Job exists: workers read the applied spec from here.
             self.remember(self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}}))
@@ -282,7 +299,11 @@ class Controller:
             log.info("adopted existing Job %s/%s", namespace, job_name)
 
     def check_secret(self, namespace: str, raw_spec: Mapping[str, Any]) -> SecretCheck:
-        """Does the DSN Secret exist and hold the key? Only existence is checked: the value is never read out."""
+        """Does the DSN Secret exist and hold the key? Only existence is checked: the value is never read out.
+
+        A failed check is reused for ``SECRET_RECHECK_SECONDS`` (per Secret and key): Backfills
+        stalled on a missing Secret re-check it that often, not once per pass each.
+        """
         try:
             ref = BackfillSpec.model_validate(dict(raw_spec)).database.dsn_secret_ref
         except (TypeError, ValueError):  # pydantic's ValidationError is a ValueError
@@ -292,6 +313,18 @@ class Controller:
                 False, StallReason.SECRET_REF_MISSING,
                 "spec.database.dsnSecretRef is required in a cluster: name a Secret in this namespace holding the DSN",
             )
+        key, clock = (namespace, ref.name, ref.key), time.monotonic()
+        failed = self._secret_failures.get(key)
+        if failed is not None and clock - failed[0] < SECRET_RECHECK_SECONDS:
+            return failed[1]
+        result = self._read_secret(namespace, ref)
+        if result.ok:
+            self._secret_failures.pop(key, None)
+        else:
+            self._secret_failures[key] = (clock, result)
+        return result
+
+    def _read_secret(self, namespace: str, ref: SecretKeyRef) -> SecretCheck:
         try:
             secret = self.api.get(core_path(namespace, "secrets", ref.name))
         except KubeApiError as error:

@@ -120,6 +120,14 @@ class JobStore:
         with self._lock:
             self._drop((namespace, name))
 
+    def replace_for(self, namespace: str, backfill_label: str, items: Iterable[Mapping[str, Any]]) -> None:
+        """A live listing of one Backfill's Jobs (read before a launch): it wins over the cache."""
+        with self._lock:
+            for name in list(self._by_owner.get((namespace, backfill_label), ())):
+                self._drop((namespace, name))
+            for obj in items:
+                self._set(obj)
+
     def for_backfill(self, namespace: str, backfill_label: str) -> list[dict[str, Any]]:
         with self._lock:
             names = sorted(self._by_owner.get((namespace, backfill_label), ()))
