@@ -116,6 +116,15 @@ def test_the_standby_takes_over_a_killed_leader_without_duplicating_a_job(cluste
         before = job_names(admin)
         assert before == sorted([*(f"pending-{i}-s0-r1" for i in range(4)), "done-s0-r1"])
 
+        # At rest with election: each replica's only requests are its election rounds.
+        window = time.time()
+        time.sleep(5.0)
+        rest = Counter((r.user, r.resource) for r in plane.audited(window, window + 5.0))
+        print(f"HA-FIGURES at_rest_5s={dict(rest)}", flush=True)
+        for identity in procs:
+            assert rest[(account(identity), "leases")] <= 5.0 / RETRY + 1
+            assert sum(n for (user, resource), n in rest.items() if user == account(identity) and resource != "leases") == 0
+
         procs[first].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         killed_epoch = time.time()
