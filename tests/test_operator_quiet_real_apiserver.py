@@ -10,7 +10,6 @@ Skipped without ``KUBEBUILDER_ASSETS``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from kube_support.control_plane import ControlPlane, missing_assets
-from kube_support.operator_cluster import prepare
+from kube_support.control_plane import ControlPlane
+from kube_support.operator_cluster import ASSETS, SLOW_REAL_SERVER, prepare
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
 from test_kube_real_apiserver import OPERATOR_NS, token_for
@@ -28,13 +27,7 @@ from backfill_api.kubeapi import KubeApi, backfill_path, jobs_path
 from backfill_operator import rbac
 from backfill_operator.main import OperatorConfig
 
-ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
-pytestmark = [
-    pytest.mark.kube,
-    pytest.mark.slow,
-    pytest.mark.timeout(600),
-    pytest.mark.skipif(missing_assets(ASSETS) is not None, reason=str(missing_assets(ASSETS))),
-]
+pytestmark = SLOW_REAL_SERVER
 NS = "quiet"
 IDLE = 50
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{rbac.OPERATOR_NAME}"

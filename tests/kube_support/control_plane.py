@@ -219,12 +219,12 @@ class ControlPlane:
     def audited(self, since: float = 0.0, until: float = float("inf")) -> list[AuditedRequest]:
         """Completed requests received in [since, until) (epoch seconds); needs ``audit=True``.
 
-        A watch counts once, when it was opened (its ResponseStarted: it may still be open).
+        A watch appears once it has ended (its ResponseComplete): one still open is not listed.
         """
         requests = []
         for line in (self.dir / "audit.log").read_text().splitlines():
             event = json.loads(line)
-            if event.get("stage") != ("ResponseStarted" if event.get("verb") == "watch" else "ResponseComplete"):
+            if event.get("stage") != "ResponseComplete":
                 continue
             at = _epoch(event["requestReceivedTimestamp"])
             if not since <= at < until:

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_kube_real_apiserver import OPERATOR_NS, create
 
 from backfill_api.kubeapi import KubeApi, core_path
 from backfill_operator import rbac
-from kube_support.control_plane import ControlPlane
+from kube_support.control_plane import ControlPlane, missing_assets
 from kube_support.crd_install import install_crd
+
+ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
+SLOW_REAL_SERVER = [
+    pytest.mark.kube,
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(missing_assets(ASSETS) is not None, reason=str(missing_assets(ASSETS))),
+]
+"""``pytestmark`` of the operator's slow real-server tests (skipped, with the reason, without binaries)."""
 
 DSN = "postgresql://app@db.invalid/shop"
 """Never connected to: these tests run no worker. The Secret ``db`` only has to exist."""
