@@ -84,10 +84,10 @@ def test_lint_strict_and_every_built_in_manifest_is_valid(helm, values):
                 pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} invalid for {version}: {error.message}")
 
 
-def test_operator_deployment_runs_one_kopf_operator_with_its_liveness_probe(helm):
+def test_operator_deployment_runs_kopf_operators_with_their_liveness_probe(helm):
     (deployment,) = find(render(helm), "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"] == ["backfill"]
@@ -103,6 +103,42 @@ def test_operator_deployment_runs_one_kopf_operator_with_its_liveness_probe(helm
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["serviceAccountName"] == f"{RELEASE}-backfill-operator"
+
+
+def test_two_replicas_elect_a_leader_spread_over_nodes_and_survive_a_drain(helm):
+    from backfill_operator import rbac
+    docs = render(helm)
+    (deployment,) = find(docs, "Deployment")
+    spec = deployment["spec"]
+    # A rollout adds the new pod first: one replica is up (and one leads) throughout.
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = spec["template"]["spec"]
+    (preferred,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert preferred["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    _, context = operator_command_context(pod["containers"][0]["args"])
+    assert context.params["leader_elect"] is True and context.params["leader_elect_lease_name"] == f"{RELEASE}-backfill-operator"
+    assert (context.params["lease_duration"], context.params["renew_deadline"], context.params["retry_period"]) == (15, 10, 2)
+    (pdb,) = find(docs, "PodDisruptionBudget", NAMESPACE)
+    assert pdb["apiVersion"] == "policy/v1"
+    (old,) = find(render(helm, "--kube-version", "1.20.0"), "PodDisruptionBudget")
+    assert old["apiVersion"] == "policy/v1beta1", "Kubernetes 1.20 has no policy/v1"
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": spec["selector"]["matchLabels"]}}
+    (lease_role,) = [r for r in find(docs, "Role", NAMESPACE) if r["metadata"]["name"].endswith("-leader-election")]
+    assert grants(lease_role["rules"]) == grants(rbac.LEASE_RULES)
+    (binding,) = [b for b in find(docs, "RoleBinding", NAMESPACE) if b["roleRef"]["name"] == lease_role["metadata"]["name"]]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+
+
+def test_without_leader_election_exactly_one_replica_recreated(helm):
+    docs = render(helm, "--set", "leaderElection.enabled=false", "--set", "replicaCount=1")
+    (deployment,) = find(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not find(docs, "PodDisruptionBudget") and "affinity" not in deployment["spec"]["template"]["spec"]
+    assert not [r for r in find(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    refused = run_helm(helm, "template", RELEASE, str(CHART), "--set", "leaderElection.enabled=false", check=False)
+    assert refused.returncode != 0 and "replicaCount > 1 needs leaderElection.enabled=true" in refused.stderr
 
 
 def test_worker_defaults_reach_the_operator_as_environment(helm):
@@ -128,7 +164,8 @@ def test_cluster_mode_grants_a_cluster_role_and_a_worker_role_in_the_release_nam
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-backfill-operator", "namespace": NAMESPACE}]
     assert not find(docs, "RoleBinding", "shop")
-    assert [r["metadata"]["namespace"] for r in find(docs, "Role")] == [NAMESPACE]  # the worker's
+    # The worker's, and the leader-election Role (the Lease is in the release namespace).
+    assert [r["metadata"]["namespace"] for r in find(docs, "Role")] == [NAMESPACE, NAMESPACE]
     assert [s["metadata"]["name"] for s in find(docs, "ServiceAccount", NAMESPACE)] == [
         f"{RELEASE}-backfill-operator", "backfill-worker"]
 

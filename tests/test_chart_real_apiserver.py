@@ -164,6 +164,12 @@ def test_readme_install_and_watch_commands_with_the_charts_rbac(cluster, databas
     try:
         probe = lambda: urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=2).status == 200  # noqa: E731
         eventually(probe, "the operator's liveness endpoint (the Deployment's livenessProbe path)", timeout=60)
+        # Two replicas by default: this one leads through the chart's Lease RBAC; a drain keeps one.
+        assert deployment["spec"]["replicas"] == 2 and "--leader-elect" in args
+        lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{RELEASE_NS}/leases/backfill-operator"
+        eventually(lambda: admin.get(lease_path)["spec"].get("holderIdentity"), "the operator to hold the Lease", timeout=60)
+        policy = "policy/v1" if int(json.loads(plane.version)["minor"].rstrip("+")) >= 21 else "policy/v1beta1"
+        assert admin.get(f"/apis/{policy}/namespaces/{RELEASE_NS}/poddisruptionbudgets/backfill-operator")["spec"]["minAvailable"] == 1
 
         # -- Watching a backfill --------------------------------------------------------------
         with psycopg.connect(database, autocommit=True) as conn:

@@ -47,9 +47,23 @@ def test_least_privilege():
     assert "*" not in everything and all("*" not in r["resources"] for r in op + worker)
 
 
-def test_operator_deployment_is_single_replica_recreate_with_liveness():
-    deployment = next(d for d in rbac.operator_manifests("x", "img") if d["kind"] == "Deployment")
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+def test_operator_deployment_is_two_replicas_with_leader_election_and_liveness():
+    docs = rbac.operator_manifests("x", "img")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    # A rollout surges a new pod before an old one goes: one replica stays up throughout.
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod = deployment["spec"]["template"]["spec"]
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname" and term["labelSelector"]["matchLabels"] == rbac.SELECTOR
+    container = pod["containers"][0]
     assert container["args"][:3] == ["operator", "--liveness", "http://0.0.0.0:8080/healthz"]
+    assert "--leader-elect" in container["args"]
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in container["env"]
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["metadata"]["namespace"] == "x" and _verbs(role["rules"], "coordination.k8s.io", "leases") == {"get", "create", "update"}
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["subjects"][0]["name"] == rbac.OPERATOR_NAME
+    pdb = rbac.disruption_budget("x")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": rbac.SELECTOR}}
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

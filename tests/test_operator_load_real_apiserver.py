@@ -10,33 +10,27 @@ Skipped without ``KUBEBUILDER_ASSETS``.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kube_support.control_plane import ControlPlane, missing_assets
-from kube_support.crd_install import install_crd
+from kube_support.control_plane import ControlPlane
+from kube_support.operator_cluster import ASSETS, SLOW_REAL_SERVER, prepare
 from kube_support.operator_thread import operator_running
 from kube_support.waiting import eventually
-from test_kube_real_apiserver import OPERATOR_NS, create, token_for
+from test_kube_real_apiserver import OPERATOR_NS, token_for
 
-from backfill_api.kubeapi import KubeApi, backfill_path, core_path
+from backfill_api.kubeapi import KubeApi, backfill_path
 from backfill_operator import rbac
 from backfill_operator.main import OperatorConfig
 
-ASSETS = os.environ.get("KUBEBUILDER_ASSETS")
-pytestmark = [
-    pytest.mark.kube,
-    pytest.mark.slow,
-    pytest.mark.timeout(600),
-    pytest.mark.skipif(missing_assets(ASSETS) is not None, reason=str(missing_assets(ASSETS))),
-]
+pytestmark = SLOW_REAL_SERVER
 NAMESPACES = [f"load-{i}" for i in range(4)]
 PER_NAMESPACE = 50
 STEP_TIMEOUT = 180.0
@@ -60,18 +54,10 @@ def request_counts(plane: ControlPlane) -> dict[tuple[str, str, str], float]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[tuple[ControlPlane, KubeApi, Path]]:
-    plane = ControlPlane(ASSETS).start()  # type: ignore[arg-type]
+    plane = ControlPlane(ASSETS, audit=True).start()  # type: ignore[arg-type]
     try:
         home = tmp_path_factory.mktemp("kube-load")
-        admin = KubeApi.from_environment(str(plane.write_kubeconfig(home / "admin")))
-        install_crd(admin)
-        admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
-        for doc in rbac.operator_manifests(OPERATOR_NS, "unused")[:3]:
-            create(admin, doc)
-        for ns in NAMESPACES:
-            admin.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-            admin.create(core_path(ns, "secrets"), {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db", "namespace": ns},
-                                                    "stringData": {"dsn": "postgresql://app@db.invalid/shop"}})
+        admin = prepare(plane, home, NAMESPACES)
         yield plane, admin, plane.write_kubeconfig(home / "operator", token_for(admin, OPERATOR_NS, rbac.OPERATOR_NAME))
         admin.close()
     finally:
@@ -142,7 +128,7 @@ def test_200_backfills_created_edited_suspended_resumed_deleted(cluster) -> None
         each(lambda ns, name: admin.delete(backfill_path(ns, name)))
         eventually(lambda: not all_backfills(admin), "all deleted", timeout=STEP_TIMEOUT)
         steps["delete"] = time.monotonic() - step
-        settle = time.monotonic()
+        settle, settle_epoch = time.monotonic(), time.time()
         idle_before = request_counts(plane)
         time.sleep(10)
         idle_after = request_counts(plane)
@@ -174,6 +160,9 @@ def test_200_backfills_created_edited_suspended_resumed_deleted(cluster) -> None
         "idle_requests_per_second_after_delete": round(delta(idle_before, idle_after) / idle_seconds, 1),
         "rss_mib_before": round(rss_before, 1), "rss_mib_peak": round(peak["rss"], 1),
         "top_requests": top(before, after), "top_idle_requests": top(idle_before, idle_after),
+        # Who makes them: the audit log names the user (the server's counters do not).
+        "top_idle_by_user": Counter(f"{r.user} {r.verb} {r.resource}"
+                                    for r in plane.audited(settle_epoch, settle_epoch + idle_seconds)).most_common(6),
     }, sort_keys=True), flush=True)
     assert jobs_created == 2 * len(names), "a Job was created twice, or one is missing"
     assert job_conflicts == 0

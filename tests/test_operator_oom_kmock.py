@@ -11,7 +11,7 @@ import pytest
 from kmock import ResourceInfo
 from kube_support.emulator import ApiServerEmulator, declare_resources
 from kube_support.operator_thread import operator_running_async
-from kube_support.waiting import call, eventually_async
+from kube_support.waiting import call, eventually_async, operator_has_looked
 from test_operator_kmock import NS, backfill, config, secret
 
 from backfill_api.kubeapi import KubeApi, backfill_path, core_path, jobs_path
@@ -72,11 +72,14 @@ async def test_oom_killed_worker_pods_are_named_once_each(cluster):
             lambda: (b := api.get(backfill_path(NS, NAME)))["status"]["phase"] == "Failed" and b, "Failed")
         stalled = next(c for c in failed["status"]["conditions"] if c["type"] == "Stalled")
         assert stalled["reason"] == "OOMKilled" and "20Mi" in stalled["message"]
+        # The pass that wrote Failed posts its Events after its status write: wait for them.
+        await eventually_async(lambda: {"Failed", "OOMKilled"} <= {
+            e["reason"] for e in api.list(core_path(NS, "events")) if "bbbbb" in e["message"] or e["reason"] == "Failed"},
+            "the Failed pass's Events")
         lists = pod_lists(kmock)
         posts = sum(1 for r in kmock if r.method == "POST" and str(r.url.path).endswith("/events"))
-        gets = sum(1 for r in kmock if r.method == "GET" and NAME in str(r.url.path))
-        await eventually_async(lambda: sum(1 for r in kmock if r.method == "GET" and NAME in str(r.url.path)) > gets + 10,
-                               "more passes over the Failed Backfill")
+        for _ in range(3):  # passes read the caches (no request to count): edits prove them
+            await operator_has_looked(api, backfill_path(NS, NAME), "more passes over the Failed Backfill")
         assert pod_lists(kmock) == lists, "a Failed run's pods are not listed again"
         assert sum(1 for r in kmock if r.method == "POST" and str(r.url.path).endswith("/events")) == posts
 

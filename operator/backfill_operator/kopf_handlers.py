@@ -1,11 +1,14 @@
 """The thin I/O layer: kopf triggers -> observe -> ``reconcile.reconcile`` -> apply the plan.
 
-kopf provides the watch (``on.event``) and nothing else: no finalizers, no annotations of its
-own, so deleting a Backfill never waits for the operator and owner references garbage-collect
-its Jobs. A resync loop re-runs every known Backfill every few seconds to follow Jobs and fold
-shard reports into ``status.progress`` (status changes are invisible to kopf's diff handlers, and
-level-triggered polling survives missed events). One lock per Backfill serialises the watch
-handler and the resync loop, so two passes never race to create a Job.
+kopf provides the watch of Backfills (``on.event``) and nothing else: no finalizers, no
+annotations of its own, so deleting a Backfill never waits for the operator and owner
+references garbage-collect its Jobs. Jobs come from an informer of our own (``informer.py``:
+one LIST, then a WATCH). Every read a pass makes comes from those two caches: the body kopf
+last delivered (or the operator's own last write, whichever is newer) and the Job index. A
+resync loop re-runs every known Backfill every few seconds from the caches (status changes are
+invisible to kopf's diff handlers, heartbeats age, and level-triggered passes survive missed
+events), so at rest the operator makes no requests at all. One lock per Backfill serialises
+the watch handler and the resync loop, so two passes never race to create a Job.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -23,11 +28,13 @@ import kopf
 import urllib3
 
 from backfill_api.kubeapi import KubeApi, KubeApiError, backfill_path, core_path, jobs_path
-from backfill_api.model import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec
+from backfill_api.model import API_GROUP, API_VERSION, KIND, PLURAL, BackfillSpec, SecretKeyRef
 from backfill_api.specdiff import decode_applied, effective_spec
 from backfill_api.status import StallReason
 
 from . import jobs as jobs_mod
+from .event_recorder import EventCorrelator
+from .informer import Informer, JobStore, is_older
 from .metrics import OperatorMetrics
 from .reconcile import EventSpec, Observed, Plan, SecretCheck, reconcile, status_patch
 
@@ -38,12 +45,24 @@ class JobNameTaken(Exception):
     """A Job with the deterministic name exists but another owner's: never adopt or touch it."""
 
 
+class NotLeader(Exception):
+    """The leader Lease lapsed during a pass: the rest of the pass is the new leader's."""
+
+
 class JobRejected(Exception):
     """The API server refused the Job (422 invalid pod settings, 403 quota or admission)."""
 
 
+TOMBSTONES = 65536
+SECRET_RECHECK_SECONDS = 10.0
+
+
 def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _names(jobs: list[dict[str, Any]]) -> set[str]:
+    return {str(j.get("metadata", {}).get("name")) for j in jobs}
 
 
 class Controller:
@@ -61,10 +80,36 @@ class Controller:
         """uid -> latest body seen, for the resync loop."""
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._gone: OrderedDict[str, None] = OrderedDict()
+        """uids of deleted Backfills (see ``remember``)."""
         self._stopped = threading.Event()
         self._server: jobs_mod.ServerCapabilities | None = None
         self._posted: set[str] = set()
         """Keys of keyed events posted by this process (a restarted one gets 409 instead)."""
+        self.correlator = EventCorrelator()
+        self._secret_failures: dict[tuple[str, str, str], tuple[float, SecretCheck]] = {}
+        self.jobs = JobStore()
+        """The operator's Jobs, fed by the informers ``main`` starts."""
+        self.jobs_synced: Callable[[], bool] = lambda: True
+        """No pass before every Job informer has listed once: an unseen Job would be re-created."""
+        self.active: Callable[[], bool] = lambda: True
+        """Leader election's verdict: a standby keeps its caches warm and writes nothing."""
+
+    def remember(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Keep the newest version of a Backfill: a queued watch event may be older than our own write.
+
+        None for a deleted one: a late event (or a pass finishing after the delete) must not bring
+        it back, or the resync loop would follow, from the cache, a Backfill that no longer exists.
+        """
+        uid = str(body.get("metadata", {}).get("uid") or "")
+        with self._guard:
+            if uid in self._gone:
+                return None
+            current = self.known.get(uid)
+            if is_older(body, current):
+                return current
+            self.known[uid] = dict(body)
+            return self.known[uid]
 
     def stop(self) -> None:
         """No new passes (an in-flight one finishes); called when the operator shuts down."""
@@ -77,15 +122,24 @@ class Controller:
         if not uid:
             return
         if event_type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
-            self.known.pop(uid, None)  # its Jobs go with it (owner references)
-            if event_type == "DELETED":
-                with self._guard:
-                    self._locks.pop(uid, None)
+            self.forget(uid)  # its Jobs go with it (owner references)
             return
-        self.known[uid] = dict(body)
-        self.reconcile_one(body)
+        remembered = self.remember(body)
+        if remembered is not None:
+            self.reconcile_one(remembered)
+
+    def forget(self, uid: str) -> None:
+        """A deleted Backfill: uids are never reused, so its tombstone is kept (a bounded number)."""
+        with self._guard:
+            self.known.pop(uid, None)
+            self._locks.pop(uid, None)
+            self._gone[uid] = None
+            while len(self._gone) > TOMBSTONES:
+                self._gone.popitem(last=False)
 
     def resync(self) -> None:
+        if not (self.jobs_synced() and self.active()):
+            return
         for body in list(self.known.values()):
             if self._stopped.is_set():
                 return
@@ -103,18 +157,20 @@ class Controller:
     def reconcile_one(self, body: Mapping[str, Any]) -> Plan | None:
         meta = body.get("metadata", {})
         uid, name, namespace = str(meta.get("uid")), str(meta.get("name")), str(meta.get("namespace"))
-        if self._stopped.is_set():
-            return None
+        if self._stopped.is_set() or not self.jobs_synced() or not self.active():
+            return None  # the resync loop comes back once the Job index is complete (and we lead)
         with self._lock(uid):
+            fresh = self.known.get(uid)
+            if fresh is None:
+                return None  # deleted meanwhile
             try:
-                # Re-read: the body of a queued event may be older than what the last pass wrote.
-                fresh = self.api.get(backfill_path(namespace, name))
-                if str(fresh.get("metadata", {}).get("uid")) != uid:
-                    return None
                 plan = self._reconcile(fresh)
+            except NotLeader:
+                log.info("reconcile of %s/%s stopped: leadership lost", namespace, name)
+                return None
             except KubeApiError as error:
                 if error.status == 404:
-                    self.known.pop(uid, None)
+                    self.forget(uid)
                     return None
                 self.metrics.reconciles.labels("error").inc()
                 self.metrics.errors.labels("api").inc()
@@ -165,7 +221,7 @@ class Controller:
     def _reconcile(self, body: dict[str, Any]) -> Plan:
         meta = body.get("metadata", {})
         name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-        jobs = self.api.list(jobs_path(namespace), jobs_mod.selector_labels(name))
+        jobs = self.jobs.for_backfill(namespace, jobs_mod.selector_labels(name)[jobs_mod.LABEL_NAME])
         status = body.get("status") or {}
         observed = Observed(
             name=name, namespace=namespace, uid=uid, generation=meta.get("generation"),
@@ -177,10 +233,21 @@ class Controller:
         if plan.needs_secret:
             # The Secret the Jobs will use: from the applied spec when a run already started.
             spec_for_jobs = effective_spec(body.get("spec") or {}, decode_applied(observed.annotations))
-            plan = reconcile(replace(observed, secret=self.check_secret(namespace, spec_for_jobs)), self.defaults)
+            observed = replace(observed, secret=self.check_secret(namespace, spec_for_jobs))
+            plan = reconcile(observed, self.defaults)
+        if plan.create_jobs:
+            # A launch is the one decision a lagging cache could get wrong (a Job not seen yet, e.g.
+            # just after a leader handover, would be launched again as the next run): read live first.
+            label = jobs_mod.selector_labels(name)[jobs_mod.LABEL_NAME]
+            live = self.api.list(jobs_path(namespace), jobs_mod.selector_labels(name))
+            if _names(live) != _names(jobs):
+                log.info("Job cache of %s/%s was behind the server: deciding again", namespace, name)
+                self.jobs.replace_for(namespace, label, live)
+                observed = replace(observed, jobs=live)
+                plan = reconcile(observed, self.defaults)
         if plan.annotations:
             # Before any Job exists: workers read the applied spec from here.
-            self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}})
+            self.remember(self.api.merge_patch(backfill_path(namespace, name), {"metadata": {"annotations": plan.annotations}}))
         try:
             for job in plan.create_jobs:
                 self._create_job(namespace, uid, job)
@@ -197,18 +264,20 @@ class Controller:
             except KubeApiError as error:
                 if error.status != 404:
                     raise
+            self.jobs.remove(namespace, job_name)
         patch = status_patch(body.get("status") or {}, plan.status)
         if patch:
-            updated = self.api.merge_patch(backfill_path(namespace, name, status=True), {"status": patch})
-            self.known[uid] = updated
+            self.remember(self.api.merge_patch(backfill_path(namespace, name, status=True), {"status": patch}))
         for event in plan.events:
             self.post_event(body, event)
         return plan
 
     def _create_job(self, namespace: str, uid: str, job: dict[str, Any]) -> None:
         job_name = job["metadata"]["name"]
+        if not self.active():  # checked right before the write: a lapsed lease creates nothing
+            raise NotLeader(job_name)
         try:
-            self.api.create(jobs_path(namespace), job)
+            self.jobs.put(self.api.create(jobs_path(namespace), job))
             self.metrics.jobs_created.inc()
             log.info("created Job %s/%s", namespace, job_name)
         except KubeApiError as error:
@@ -226,10 +295,15 @@ class Controller:
                 raise JobNameTaken(
                     f"Job {namespace}/{job_name} exists and does not belong to this Backfill: delete or rename it"
                 ) from None
+            self.jobs.put(existing)
             log.info("adopted existing Job %s/%s", namespace, job_name)
 
     def check_secret(self, namespace: str, raw_spec: Mapping[str, Any]) -> SecretCheck:
-        """Does the DSN Secret exist and hold the key? Only existence is checked: the value is never read out."""
+        """Does the DSN Secret exist and hold the key? Only existence is checked: the value is never read out.
+
+        A failed check is reused for ``SECRET_RECHECK_SECONDS`` (per Secret and key): Backfills
+        stalled on a missing Secret re-check it that often, not once per pass each.
+        """
         try:
             ref = BackfillSpec.model_validate(dict(raw_spec)).database.dsn_secret_ref
         except (TypeError, ValueError):  # pydantic's ValidationError is a ValueError
@@ -239,6 +313,18 @@ class Controller:
                 False, StallReason.SECRET_REF_MISSING,
                 "spec.database.dsnSecretRef is required in a cluster: name a Secret in this namespace holding the DSN",
             )
+        key, clock = (namespace, ref.name, ref.key), time.monotonic()
+        failed = self._secret_failures.get(key)
+        if failed is not None and clock - failed[0] < SECRET_RECHECK_SECONDS:
+            return failed[1]
+        result = self._read_secret(namespace, ref)
+        if result.ok:
+            self._secret_failures.pop(key, None)
+        else:
+            self._secret_failures[key] = (clock, result)
+        return result
+
+    def _read_secret(self, namespace: str, ref: SecretKeyRef) -> SecretCheck:
         try:
             secret = self.api.get(core_path(namespace, "secrets", ref.name))
         except KubeApiError as error:
@@ -260,23 +346,40 @@ class Controller:
 
     def post_event(self, body: Mapping[str, Any], event: EventSpec) -> None:
         meta = body.get("metadata", {})
-        now = utcnow()
         if event.key and event.key in self._posted:
             return
+        uid, clock = str(meta.get("uid") or ""), time.monotonic()
+        # Rate-limited per Backfill, the way Kubernetes' recorders do it (events.py).
+        decision = self.correlator.decide(uid, event.type, event.reason, event.message[:1024], clock)
+        if decision.action == "drop":
+            self.metrics.events_dropped.inc()
+            return
+        now = utcnow()
+        if decision.action == "patch":
+            try:
+                self.api.merge_patch(core_path(meta["namespace"], "events", decision.name),
+                                     {"count": decision.count, "lastTimestamp": now, "message": decision.message})
+                return
+            except KubeApiError as error:
+                if error.status != 404:
+                    log.warning("could not update event %s: %s", event.reason, error)
+                    return
+                self.correlator.forget(uid, event.type, event.reason, decision.message)  # expired: create anew
         # A keyed event has a name of its own: posting it again (another pass, a restarted
         # operator) is a 409, not a second event.
         suffix = jobs_mod.fit_name(event.key, limit=60) if event.key else uuid.uuid4().hex[:16]
+        name = f"{jobs_mod.fit_name(meta['name'], limit=190)}.{suffix}"
         try:
             self.api.create(core_path(meta["namespace"], "events"), {
                 "apiVersion": "v1",
                 "kind": "Event",
-                "metadata": {"name": f"{jobs_mod.fit_name(meta['name'], limit=190)}.{suffix}", "namespace": meta["namespace"]},
+                "metadata": {"name": name, "namespace": meta["namespace"]},
                 "involvedObject": {
                     "apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
                     "namespace": meta["namespace"], "uid": meta.get("uid"),
                 },
                 "reason": event.reason,
-                "message": event.message[:1024],
+                "message": decision.message,
                 "type": event.type,
                 "source": {"component": "backfill-operator"},
                 "firstTimestamp": now,
@@ -287,12 +390,33 @@ class Controller:
             if not (event.key and error.status == 409):
                 log.warning("could not post event %s: %s", event.reason, error)
                 return  # a keyed one is tried again by the next pass
+        self.correlator.posted(uid, event.type, event.reason, decision.message, name, clock)
         if event.key:
             self._posted.add(event.key)
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller, *, resync_seconds: float = 3.0) -> None:
+def job_informers(controller: Controller, namespaces: tuple[str, ...]) -> list[Informer]:
+    """One informer for every namespace watched, or one for the whole cluster."""
+    paths = [(jobs_path(ns), ns) for ns in namespaces] if namespaces else [("/apis/batch/v1/jobs", None)]
+    return [Informer(controller.api, path, controller.jobs, namespace=ns) for path, ns in paths]
+
+
+def register(
+    registry: kopf.OperatorRegistry, controller: Controller, *, resync_seconds: float = 3.0, namespaces: tuple[str, ...] = (),
+) -> None:
     """Wire the controller into a kopf registry (one per operator instance: tests run several)."""
+    informers = job_informers(controller, namespaces)
+    controller.jobs_synced = lambda: all(i.synced.is_set() for i in informers)
+
+    @kopf.on.startup(registry=registry)
+    def start_informers(**_: Any) -> None:
+        for informer in informers:
+            threading.Thread(target=informer.run, name=f"job-informer {informer.path}", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_informers(**_: Any) -> None:
+        for informer in informers:
+            informer.stop()
 
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     def backfill_event(type: str | None, body: kopf.Body, **_: Any) -> None:

@@ -1,9 +1,11 @@
 """``backfill operator``: run the kopf controller programmatically.
 
-Standalone mode (no kopf peering): the operator is meant to run as ONE replica, deployed with
-``strategy: Recreate`` so that an upgrade never overlaps two instances. Two instances would not
-corrupt data anyway (Job names are deterministic, a second create gets 409 and adopts; the
-engine's advisory lock lets one worker per shard run), but they would write status twice.
+kopf runs standalone (no kopf peering). With ``election`` set (the chart's default, two
+replicas) only the holder of a ``coordination.k8s.io`` Lease reconciles; the other replicas
+watch and keep their caches warm, and take over when the Lease lapses (``election.py``).
+Without it, run exactly one replica. Two active instances would not corrupt data anyway (Job
+names are deterministic, a second create gets 409 and adopts; the engine's advisory lock lets
+one worker per shard run), but they would write status twice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import kopf
 from backfill_api.kubeapi import KubeApi
 from backfill_api.serving import MetricsServer, serve
 
+from .election import ElectionSettings, LeaderElector
 from .jobs import WorkerDefaults
 from .kopf_handlers import Controller, register
 from .metrics import OperatorMetrics
@@ -57,13 +60,19 @@ class OperatorConfig:
     """An unauthenticated API URL (tests against kmock)."""
     resync_seconds: float = 3.0
     defaults: WorkerDefaults = field(default_factory=WorkerDefaults)
+    election: ElectionSettings | None = None
+    """Leader election on a Lease; None: this instance is always active (one replica only)."""
 
 
 def build(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Controller]:
     api = KubeApi.from_environment(config.kubeconfig, server=config.server)
     registry = kopf.OperatorRegistry()
     controller = Controller(api, defaults=config.defaults, metrics=OperatorMetrics())
-    register(registry, controller, resync_seconds=config.resync_seconds)
+    register(registry, controller, resync_seconds=config.resync_seconds, namespaces=config.namespaces)
+    if config.election is not None:
+        elect(registry, controller, LeaderElector(api, config.election, on_change=controller.metrics.leader.set))
+    else:
+        controller.metrics.leader.set(1)
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
@@ -80,6 +89,20 @@ def build(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Controller]:
         settings.watching.client_timeout = 330
 
     return registry, controller
+
+
+def elect(registry: kopf.OperatorRegistry, controller: Controller, elector: LeaderElector) -> None:
+    """Gate the controller on the Lease; release it on a graceful stop (fast handover)."""
+    controller.active = elector.is_leader
+
+    @kopf.on.startup(registry=registry)
+    def start_election(**_: Any) -> None:
+        threading.Thread(target=elector.run, name="leader-election", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def release_lease(**_: Any) -> None:
+        controller.stop()  # no new pass may start once the Lease is handed over
+        elector.release()
 
 
 def run_operator(

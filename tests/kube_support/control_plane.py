@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -22,6 +23,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -92,9 +94,35 @@ def _minor_version(binary: Path) -> int:
     return int(match.group(1)) if match else 99
 
 
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+"""
+
+
+@dataclass(frozen=True)
+class AuditedRequest:
+    user: str
+    verb: str
+    resource: str
+    namespace: str
+    name: str
+    code: int
+    at: float
+    """When the server received it (epoch seconds)."""
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 class ControlPlane:
-    def __init__(self, assets: str | Path) -> None:
+    def __init__(self, assets: str | Path, *, audit: bool = False) -> None:
+        """``audit``: the API server writes an audit log (every request: user, verb, resource)."""
         self.assets = Path(assets)
+        self.audit = audit
         self.dir = Path(tempfile.mkdtemp(prefix="backfill-k8s-"))
         self.api_port = _free_port()
         self.admin_token = secrets.token_hex(24)
@@ -162,7 +190,7 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={self.dir / 'sa.pub'}", f"--service-account-signing-key-file={self.dir / 'sa.key'}",
             "--service-cluster-ip-range=10.0.0.0/24", "--endpoint-reconciler-type=none", "--allow-privileged=true",
-            "--profiling=false",
+            "--profiling=false", *self._audit_flags(),
         )
         self._wait("kube-apiserver /readyz", lambda: self._get("/readyz") == b"ok")
         self.version = self._get("/version").decode()
@@ -180,6 +208,35 @@ class ControlPlane:
             # Pods cannot be admitted before the namespace's default ServiceAccount (and its token) exist.
             self._wait("the default ServiceAccount", lambda: b'"secrets"' in self._get("/api/v1/namespaces/default/serviceaccounts/default"))
         return self
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        (self.dir / "audit-policy.yaml").write_text(AUDIT_POLICY)
+        return [f"--audit-policy-file={self.dir / 'audit-policy.yaml'}", f"--audit-log-path={self.dir / 'audit.log'}",
+                "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0"]
+
+    def audited(self, since: float = 0.0, until: float = float("inf")) -> list[AuditedRequest]:
+        """Completed requests received in [since, until) (epoch seconds); needs ``audit=True``.
+
+        A watch appears once it has ended (its ResponseComplete): one still open is not listed.
+        """
+        requests = []
+        for line in (self.dir / "audit.log").read_text().splitlines():
+            event = json.loads(line)
+            if event.get("stage") != "ResponseComplete":
+                continue
+            at = _epoch(event["requestReceivedTimestamp"])
+            if not since <= at < until:
+                continue
+            ref = event.get("objectRef") or {}
+            requests.append(AuditedRequest(
+                user=event.get("user", {}).get("username", ""), verb=event.get("verb", ""),
+                resource=ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else ""),
+                namespace=ref.get("namespace", ""), name=ref.get("name", ""),
+                code=int((event.get("responseStatus") or {}).get("code") or 0), at=at,
+            ))
+        return requests
 
     def write_kubeconfig(self, path: Path, token: str | None = None, namespace: str = "default") -> Path:
         import base64

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -109,6 +109,36 @@ class KubeApi:
                     yield line.decode(errors="replace")
             if pending:
                 yield pending.decode(errors="replace")
+        finally:
+            raw.release_conn()
+
+    def stream(
+        self, path: str, query: Mapping[str, str], *, read_timeout: float, opened: Callable[[Any], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """A watch: one decoded JSON document per line until the server ends the response.
+
+        ``opened`` receives the urllib3 response: its ``shutdown()`` ends a blocked read from
+        another thread (how a stopping operator ends its watches at once).
+        """
+        _, url, headers, _, _ = self._client.param_serialize(
+            "GET", path, query_params=list(query.items()), header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = self._client.call_api("GET", url, header_params=headers, _request_timeout=(10.0, read_timeout))
+        raw = response.response  # the urllib3 response, not read yet
+        if opened is not None:
+            opened(raw)
+        try:
+            if not 200 <= response.status <= 299:
+                data = json.loads(raw.data or b"{}")
+                raise KubeApiError(response.status, str(data.get("reason") or response.reason), str(data.get("message") or ""))
+            pending = b""
+            for chunk in raw.stream(65536, decode_content=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
         finally:
             raw.release_conn()
 

@@ -110,18 +110,39 @@ def operator(
                           help="Default ServiceAccount of worker pods ('' for the namespace default).")
     ] = "backfill-worker",
     resync_seconds: Annotated[float, typer.Option("--resync-seconds", min=0.2, help="How often Jobs and shard progress are folded into status.")] = 3.0,
+    leader_elect: Annotated[bool, typer.Option(
+        "--leader-elect/--no-leader-elect", envvar="BACKFILL_LEADER_ELECT",
+        help="Only the holder of a Lease reconciles (run two or more replicas); off: run exactly one.")] = False,
+    leader_elect_namespace: Annotated[str | None, typer.Option(
+        "--leader-elect-namespace", envvar="POD_NAMESPACE", help="Namespace of the Lease (default: the pod's).")] = None,
+    leader_elect_lease_name: Annotated[str, typer.Option("--leader-elect-lease-name", help="Name of the Lease.")] = "backfill-operator",
+    lease_duration: Annotated[float, typer.Option(
+        "--leader-elect-lease-duration", help="Seconds a standby waits on an unrenewed Lease before taking over.")] = 15.0,
+    renew_deadline: Annotated[float, typer.Option(
+        "--leader-elect-renew-deadline", help="Seconds the leader keeps acting without a successful renewal.")] = 10.0,
+    retry_period: Annotated[float, typer.Option(
+        "--leader-elect-retry-period", help="Seconds between election rounds (renewals, standby reads).")] = 2.0,
     kubeconfig: KubeconfigOption = None,
 ) -> None:
-    """Run the operator (kopf, standalone: deploy exactly one replica with strategy Recreate)."""
+    """Run the operator (kopf, standalone). With --leader-elect, run two or more replicas; without, exactly one."""
     import logging
 
+    from backfill_operator.election import ElectionSettings, default_namespace
     from backfill_operator.main import OperatorConfig, run_operator
+
+    try:
+        election = ElectionSettings(
+            namespace=leader_elect_namespace or default_namespace(), name=leader_elect_lease_name,
+            lease_duration=lease_duration, renew_deadline=renew_deadline, retry_period=retry_period,
+        ) if leader_elect else None
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
     logging.getLogger("backfill.operator").setLevel(logging.INFO)
     run_operator(OperatorConfig(
         namespaces=tuple(namespace or ()), liveness=liveness, metrics_port=metrics_port or None,
         kubeconfig=kubeconfig, resync_seconds=resync_seconds,
-        defaults=worker_defaults(worker_service_account, worker_image),
+        defaults=worker_defaults(worker_service_account, worker_image), election=election,
     ))
 
 
