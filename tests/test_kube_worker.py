@@ -341,8 +341,12 @@ async def test_the_worker_waits_for_its_backfills_previous_session_then_runs_exa
     await call(api.create, backfill_path(NS), backfill("bf"))
     with psycopg.connect(database, autocommit=True, application_name=f"backfill {NS}/bf") as previous:
         previous.execute("SELECT pg_advisory_lock(hashtext('backfill:' || %s), 0)", [f"{NS}/bf"])
+        # ...and is still running the killed batch's statement (a killed pod's backend finishes it, then exits).
+        finishing = asyncio.ensure_future(asyncio.to_thread(previous.execute, "SELECT pg_sleep(2.5)"))
+        await asyncio.sleep(0.2)
         worker = asyncio.ensure_future(call(run_worker, api, NS, "bf", 0, database, run=2, poll_seconds=0.2, patch_interval=0.2))
         await asyncio.sleep(1.5)
         assert not worker.done() and table_state(database)["once"] == 0  # waiting: nothing changed
+        await finishing
     assert await worker == 0  # the session ended: the lock is free
     assert table_state(database) == {"once": 2000, "twice": 0, "wrong_rows": 0}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def test_acquire_polls_while_its_own_session_holds_the_lock_then_takes_it() -> N
     class Conn:  # the two queries acquire runs, answered in order (the decision logic is what is under test)
         def execute(self, query: str, params: Any) -> Any:
             result = next(answers) if "pg_try_advisory_lock" in query else None
-            row = (result,) if result is not None else (1234, "backfill t/restart", "active", "UPDATE t", 2.0)
+            row = (result,) if result is not None else (1234, "backfill t/restart", "active", "UPDATE t", 2.0, 1000.0, 0.0)
             return type("R", (), {"fetchone": lambda self: row})()
 
     def sleep(seconds: float) -> None:
@@ -156,17 +157,26 @@ def test_rerun_right_after_sigkill_mid_batch_waits_and_changes_every_row_once(da
     assert counters == [(1, ROWS)]
 
 
-def refused_while_held(database: str, application_name: str, restart_wait: str, match: str) -> tuple[float, str]:
-    """Run the backfill while a session named ``application_name`` holds shard 0's lock: the
-    seconds until it was refused and the message; nothing may have changed."""
+def refused_while_held(
+    database: str, application_name: str, restart_wait: str, match: str, busy_seconds: float = 0.0
+) -> tuple[float, str]:
+    """Run the backfill while a session named ``application_name`` holds shard 0's lock (and, with
+    ``busy_seconds``, runs one statement that long, as a killed run's backend finishing its batch
+    does): the seconds until it was refused and the message; nothing may have changed."""
     slow_table(database)
     backfill = make(limits={"restartWait": restart_wait})
     with psycopg.connect(database, autocommit=True, application_name=application_name) as other:
         other.execute("SELECT pg_advisory_lock(hashtext('backfill:' || %s), 0)", [backfill.identity])
+        busy = threading.Thread(target=other.execute, args=(f"SELECT pg_sleep({busy_seconds})",), daemon=True)
+        if busy_seconds:
+            busy.start()
+            time.sleep(0.2)  # the statement is running
         started = time.monotonic()
         with pytest.raises(AlreadyRunning, match=match) as raised:
             run_backfill(backfill, database)
         took = time.monotonic() - started
+        if busy_seconds:
+            busy.join()
     with psycopg.connect(database, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM t WHERE n <> 0").fetchone() == (0,)
     return took, str(raised.value)
@@ -179,8 +189,14 @@ def test_a_lock_held_by_another_session_is_refused_at_once(database: str) -> Non
 
 def test_a_live_session_of_this_backfill_is_waited_for_only_up_to_the_bound(database: str) -> None:
     took, message = refused_while_held(database, "backfill t/restart", "1s",
-                                       r"still holds the shard's lock after 1 s .*restartWait.*pid \d+")
+                                       r"still holds the shard's lock after 1 s .*restartWait.*pid \d+", busy_seconds=3)
     assert 1.0 <= took < 10 and "nothing was changed" in message
+
+
+def test_an_idle_session_of_this_backfill_is_a_live_runner_refused_without_the_bound(database: str) -> None:
+    # Idle with the lock for longer than a dying backend can be: its client is alive (or frozen).
+    took, message = refused_while_held(database, "backfill t/restart", "60s", r"a live run of this backfill holds the shard's lock")
+    assert took < 10 and "nothing was changed" in message
 
 
 def test_the_bound_is_a_validated_setting_with_a_default() -> None:
@@ -188,3 +204,30 @@ def test_the_bound_is_a_validated_setting_with_a_default() -> None:
     assert make(limits={"restartWait": "0"}).spec.limits.restart_wait.total_seconds() == 0
     with pytest.raises(ManifestError, match=r"spec.limits.restartWait: must be between 0 and 5m"):
         make(limits={"restartWait": "10m"})
+
+
+def test_a_holder_that_goes_on_to_a_new_statement_is_a_live_runner_refused_at_once():
+    # A killed run's backend finishes the statement it was on and exits; a live runner of the same
+    # backfill starts statement after statement: that one is refused without waiting out the bound.
+    name = f"backfill {IDENTITY}"
+    first = LockHolder(4242, name, "active", "UPDATE ...", 0.5, statement_started=1000.0)
+    same = LockHolder(4242, name, "active", "UPDATE ...", 2.5, statement_started=1000.0)
+    next_statement = LockHolder(4242, name, "active", "UPDATE ...", 0.1, statement_started=1002.4)
+    other_backend = LockHolder(4343, name, "active", "UPDATE ...", 0.1, statement_started=1000.0)
+    assert decide_lock(same, IDENTITY, 0, waited=2.0, bound=60, first_seen=first) is LockDecision.WAIT
+    assert decide_lock(next_statement, IDENTITY, 0, waited=2.0, bound=60, first_seen=first) is LockDecision.REFUSE
+    assert decide_lock(other_backend, IDENTITY, 0, waited=2.0, bound=60, first_seen=first) is LockDecision.REFUSE
+    assert not same.moved_on_from(first) and next_statement.moved_on_from(first)
+
+
+def test_an_own_holder_idle_for_its_client_is_a_live_runner_refused_at_once():
+    # A killed client's backend exits as soon as its statement ends; one idle for a second waits
+    # for a live (perhaps frozen) client: no reason to wait out the bound.
+    name = f"backfill {IDENTITY}"
+    for state in ("idle", "idle in transaction"):
+        just_now = LockHolder(4242, name, state, "UPDATE ...", 0.5, statement_started=1000.0, idle_seconds=0.05)
+        a_while = LockHolder(4242, name, state, "UPDATE ...", 0.5, statement_started=1000.0, idle_seconds=1.0)
+        assert decide_lock(just_now, IDENTITY, 0, waited=0.2, bound=60, first_seen=just_now) is LockDecision.WAIT
+        assert decide_lock(a_while, IDENTITY, 0, waited=0.2, bound=60, first_seen=just_now) is LockDecision.REFUSE
+    running = LockHolder(4242, name, "active", "UPDATE ...", 9.0, statement_started=1000.0, idle_seconds=0.0)
+    assert decide_lock(running, IDENTITY, 0, waited=9.0, bound=60, first_seen=running) is LockDecision.WAIT

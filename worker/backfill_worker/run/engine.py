@@ -492,6 +492,12 @@ def _refusal_message(backfill: Backfill, shard: int, refusal: locking.Refusal, r
             f"{backfill.identity} shard {shard} is already being run by another process "
             "(advisory lock held); nothing was changed. Wait for it, or stop it first"
         )
+    if refusal.alive:
+        return (
+            f"{backfill.identity} shard {shard} is already being run by another process: a live run of this backfill "
+            f"holds the shard's lock (its session runs new statements, or waits for its client), "
+            f"{locking.describe_holder(refusal.holder, redact_text)}; nothing was changed. Wait for it, or stop it first"
+        )
     return (
         f"{backfill.identity} shard {shard} is already being run by another process: a session of this backfill "
         f"still holds the shard's lock after {refusal.waited:.0f} s of waiting (spec.limits.restartWait), "

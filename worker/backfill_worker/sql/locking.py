@@ -80,6 +80,24 @@ class LockHolder:
     """Its current (or last) statement, as ``pg_stat_activity`` shows it."""
     running_seconds: float
     """Since its current statement started (or its last one, when idle)."""
+    statement_started: float = 0.0
+    """``query_start`` (epoch seconds): a new value means the holder went on to another statement."""
+    idle_seconds: float = 0.0
+    """How long it has waited for its client (``idle``, ``idle in transaction``); 0 while ``active``."""
+
+    def moved_on_from(self, earlier: LockHolder) -> bool:
+        """PURE: since ``earlier`` this holder started another statement (or is another backend):
+        it is alive and working, not a killed run's backend finishing its last statement."""
+        return self.pid != earlier.pid or self.statement_started != earlier.statement_started
+
+    def waits_for_a_live_client(self) -> bool:
+        """PURE: idle for longer than a dying backend can be: when its client is gone, a backend
+        exits as soon as it has finished its statement and reads the next command (it gets EOF)."""
+        return self.state != "active" and self.idle_seconds >= IDLE_GRACE_SECONDS
+
+
+IDLE_GRACE_SECONDS = 1.0
+"""An own holder idle this long is kept by a live (perhaps frozen) client, not a killed one's."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,8 @@ class Refusal:
     waited: float
     own: bool
     """The holder is this backfill's own session, waited for in vain (a live runner, not a dying one)."""
+    alive: bool = False
+    """That own session went on to new statements while we looked: a live runner, refused at once."""
 
 
 STATEMENT_SHOWN = 160
@@ -101,18 +121,26 @@ class LockDecision(Enum):
     """Held by anything else, or waited long enough."""
 
 
-def decide_lock(holder: LockHolder | None, identity: str, shard: int, waited: float, bound: float) -> LockDecision:
+def decide_lock(
+    holder: LockHolder | None, identity: str, shard: int, waited: float, bound: float, first_seen: LockHolder | None = None
+) -> LockDecision:
     """Whether to wait for the shard's lock (PURE).
 
     ``holder`` None: the lock was released between the try and the look-up: try again at once
     (WAIT with no holder to report). A holder is waited for only when it is one of this
-    backfill's own sessions and only up to ``bound`` seconds in all.
+    backfill's own sessions, only while it is still on the statement it was first seen running
+    (``first_seen``: a killed run's backend finishes that one statement and exits; one that starts
+    another is a live runner, refused at once), and only up to ``bound`` seconds in all.
     """
     if waited >= bound:
         return LockDecision.REFUSE
-    if holder is None or is_own(holder, identity, shard):
+    if holder is None:
         return LockDecision.WAIT
-    return LockDecision.REFUSE
+    if not is_own(holder, identity, shard):
+        return LockDecision.REFUSE
+    if (first_seen is not None and holder.moved_on_from(first_seen)) or holder.waits_for_a_live_client():
+        return LockDecision.REFUSE
+    return LockDecision.WAIT
 
 
 def is_own(holder: LockHolder, identity: str, shard: int) -> bool:
@@ -133,7 +161,9 @@ def describe_holder(holder: LockHolder, redact: Callable[[str], str], limit: int
 def lock_holder(conn: psycopg.Connection, identity: str, shard: int) -> LockHolder | None:
     row = conn.execute(
         "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.state, ''), coalesce(a.query, ''), "
-        "extract(epoch FROM now() - coalesce(a.query_start, a.backend_start, now()))::float8 "
+        "extract(epoch FROM now() - coalesce(a.query_start, a.backend_start, now()))::float8, "
+        "coalesce(extract(epoch FROM a.query_start), 0)::float8, "
+        "CASE WHEN a.state = 'active' THEN 0 ELSE coalesce(extract(epoch FROM now() - a.state_change), 0) END::float8 "
         "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
         "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.objid = %s::int::oid "
         "AND l.classid::bigint = (hashtext('backfill:' || %s)::bigint & 4294967295) "
@@ -143,8 +173,8 @@ def lock_holder(conn: psycopg.Connection, identity: str, shard: int) -> LockHold
     ).fetchone()
     if row is None:
         return None
-    pid, name, state, query, seconds = row
-    return LockHolder(int(pid), name, state, query, max(0.0, float(seconds)))
+    pid, name, state, query, seconds, started, idle = row
+    return LockHolder(int(pid), name, state, query, max(0.0, float(seconds)), float(started), max(0.0, float(idle)))
 
 
 def acquire(
@@ -166,15 +196,20 @@ def acquire(
     """
     started = clock()
     last: LockHolder | None = None
+    first_seen: LockHolder | None = None
     while True:
         if try_lock(conn, identity, shard):
             return None
         holder = lock_holder(conn, identity, shard)
         last = holder or last
+        first_seen = first_seen or holder
         waited = clock() - started
-        if decide_lock(holder, identity, shard, waited, wait_seconds) is LockDecision.REFUSE:
+        if decide_lock(holder, identity, shard, waited, wait_seconds, first_seen) is LockDecision.REFUSE:
             shown = holder or last
-            return Refusal(shown, waited, own=shown is not None and is_own(shown, identity, shard))
+            alive = holder is not None and (
+                (first_seen is not None and holder.moved_on_from(first_seen)) or holder.waits_for_a_live_client()
+            )
+            return Refusal(shown, waited, own=shown is not None and is_own(shown, identity, shard), alive=alive)
         if holder is not None:
             on_wait(holder, waited)
             sleep(poll_seconds)
