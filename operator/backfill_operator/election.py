@@ -135,6 +135,9 @@ class LeaderElector:
         self._renewed_at: float | None = None
         self._leading = False
         self.stopped = threading.Event()
+        self._round = threading.Lock()
+        """Held by a round: release() waits for an in-flight one, which would otherwise renew
+        (re-take) the Lease just after the release, from the released Lease's resourceVersion."""
 
     @property
     def path(self) -> str:
@@ -205,17 +208,25 @@ class LeaderElector:
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            try:
-                self.step()
-            except (KubeApiError, OSError, urllib3.exceptions.HTTPError) as error:
-                # Unreachable or refused: is_leader() lapses by itself after the renew deadline.
-                log.warning("leader election round failed: %s", error if isinstance(error, KubeApiError) else type(error).__name__)
-                self._set_leading(self.is_leader())
+            with self._round:
+                if self.stopped.is_set():
+                    break
+                try:
+                    self.step()
+                except (KubeApiError, OSError, urllib3.exceptions.HTTPError) as error:
+                    # Unreachable or refused: is_leader() lapses by itself after the renew deadline.
+                    log.warning("leader election round failed: %s",
+                                error if isinstance(error, KubeApiError) else type(error).__name__)
+                    self._set_leading(self.is_leader())
             self.stopped.wait(self.settings.retry_period)
 
     def release(self) -> None:
         """Graceful shutdown: stop, and hand the Lease over at once (the standby need not wait it out)."""
         self.stopped.set()
+        with self._round:  # no round after this one: the released Lease stays released
+            self._release()
+
+    def _release(self) -> None:
         was_leader = self.is_leader()
         self._renewed_at = None
         self._set_leading(False)

@@ -70,7 +70,7 @@ def build(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Controller]:
     controller = Controller(api, defaults=config.defaults, metrics=OperatorMetrics())
     register(registry, controller, resync_seconds=config.resync_seconds, namespaces=config.namespaces)
     if config.election is not None:
-        elect(registry, controller, LeaderElector(api, config.election, on_change=controller.metrics.leader.set))
+        elect(registry, controller, LeaderElector(api, config.election))
     else:
         controller.metrics.leader.set(1)
 
@@ -94,6 +94,9 @@ def build(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Controller]:
 def elect(registry: kopf.OperatorRegistry, controller: Controller, elector: LeaderElector) -> None:
     """Gate the controller on the Lease; release it on a graceful stop (fast handover)."""
     controller.active = elector.is_leader
+    # Read at each scrape, the same verdict that gates writes: a round stuck on a slow API (or a
+    # starved thread) must not leave the gauge at 1 once the renew deadline has passed.
+    controller.metrics.leader.set_function(lambda: 1.0 if elector.is_leader() else 0.0)
 
     @kopf.on.startup(registry=registry)
     def start_election(**_: Any) -> None:

@@ -7,7 +7,7 @@
 | ``backfill_operator_jobs_created_total`` | counter | | worker Jobs created |
 | ``backfill_operator_backfills`` | gauge | ``phase`` | Backfills seen by this operator, by phase |
 | ``backfill_operator_events_dropped_total`` | counter | | Events not posted (per-object rate limit) |
-| ``backfill_operator_leader`` | gauge | | 1 while this replica holds the leader Lease (or runs without election) |
+| ``backfill_operator_leader`` | gauge | | 1 while this replica holds the leader Lease (or runs without election); read at scrape |
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ def pod_pg(pg_server: LocalPostgres) -> Iterator[PodPostgres]:
     if not host:
         pytest.fail("set BACKFILL_E2E_DB_HOST (or BACKFILL_E2E_NODE_IP): the address pods reach this host by")
     # The same canary password as the session's other server: the leak check watches for it.
+    # 300 connections: the upgrade test runs 50 workers at once (a few sessions each).
     server = LocalPostgres(
-        settings={"listen_addresses": f"127.0.0.1,{host}", "max_connections": "100"}, password=pg_server.password
+        settings={"listen_addresses": f"127.0.0.1,{host}", "max_connections": "300"}, password=pg_server.password
     )
     server.initdb()
     assert server.data_dir is not None

@@ -246,6 +246,31 @@ def build_user_image(tag: str, base: str, files: list[Path], dockerfile_lines: l
                        check=True, capture_output=True, timeout=300)
 
 
+def tag_image_on_node(source: str, tag: str) -> None:
+    """Give the node's image ``source`` a second name ``tag`` (no registry: what a push and a pull
+    of a new tag would leave on the node): ``docker tag`` in the harness's dockerd (1.20's
+    dockershim runs pods from its store), then, for containerd (latest), ``ctr images tag``."""
+    sock = RUN_DIR / "docker.sock"
+    if not sock.exists():
+        pytest.skip(f"tagging an image on the node needs the dockerd of `tests/e2e/cluster/up` ({sock}); on another "
+                    "cluster push the second tag yourself")
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
+    subprocess.run(["docker", "tag", source, tag], env=env, check=True, capture_output=True, timeout=60)
+    containerd = RUN_DIR / "containerd.sock"
+    if containerd.exists():
+        ctr = [str(RUN_DIR.parent / "containerd" / "bin" / "ctr"), "-a", str(containerd), "-n", "k8s.io", "images"]
+        subprocess.run([*ctr, "tag", "--force", _qualified(source), _qualified(tag)], check=True, capture_output=True,
+                       timeout=60)
+
+
+def _qualified(image: str) -> str:
+    """containerd's name of a short image name (``docker save`` imports ``docker.io/library/...``)."""
+    first = image.split("/", 1)[0]
+    if "/" in image and ("." in first or ":" in first or first == "localhost"):
+        return image
+    return f"docker.io/{image}" if "/" in image else f"docker.io/library/{image}"
+
+
 def _ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
 

@@ -25,11 +25,26 @@ def test_leader_pod_deleted_mid_run_the_standby_takes_over(operator_release: Clu
     assert len([p for p in pods if not p["metadata"].get("deletionTimestamp")]) == 2, "the chart runs two replicas"
     with counter_run(cluster, pod_database, name, parallelism=2) as db:
         leader = cluster.wait_until(lambda: holder(cluster), "a leader").rsplit("_", 1)[0]
-        standby = next(p["metadata"]["name"] for p in pods if p["metadata"]["name"] != leader)
+        # Not a pod still Terminating from an earlier test (on 1.20 one may linger for minutes).
+        standby = next(p["metadata"]["name"] for p in pods
+                       if p["metadata"]["name"] != leader and not p["metadata"].get("deletionTimestamp"))
         # --wait=false: the handover starts at the delete (the leader releases the Lease on SIGTERM).
         cluster.kubectl("-n", RELEASE_NS, "delete", "pod", leader, "--wait=false")
         deleted = time.monotonic()
-        cluster.wait_until(lambda: holder(cluster).startswith(standby + "_"), "the standby to lead", timeout=60)
+        seen: list[str] = []
+
+        def standby_leads() -> bool:
+            now = holder(cluster)
+            if not seen or seen[-1] != now:
+                seen.append(now)
+            return now.startswith(standby + "_")
+
+        try:
+            cluster.wait_until(standby_leads, "the standby to lead", timeout=60)
+        except AssertionError as error:
+            logs = cluster.kubectl("-n", RELEASE_NS, "logs", standby, "--tail=30", check=False)
+            raise AssertionError(f"{error}\nleader {leader}, standby {standby}; Lease holders seen: {seen}\n"
+                                 f"standby's log:\n{logs}") from None
         print(f"HA-E2E handover_seconds={time.monotonic() - deleted:.1f}", flush=True)
         wait_ready(cluster, name)
         jobs = cluster.items("jobs", selector=f"backfill.dev/name={name}")
