@@ -100,15 +100,9 @@ class KubeApi:
         if not 200 <= response.status <= 299:
             _raise_for(response.status, str(response.reason), response.read() or b"")
         raw = response.response  # the urllib3 response, not yet read
-        pending = b""
         try:
-            for chunk in raw.stream(4096, decode_content=True):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    yield line.decode(errors="replace")
-            if pending:
-                yield pending.decode(errors="replace")
+            for line in _lines(raw, 4096, keep_last=True):
+                yield line.decode(errors="replace")
         finally:
             raw.release_conn()
 
@@ -120,11 +114,7 @@ class KubeApi:
         ``opened`` receives the urllib3 response: its ``shutdown()`` ends a blocked read from
         another thread (how a stopping operator ends its watches at once).
         """
-        _, url, headers, _, _ = self._client.param_serialize(
-            "GET", path, query_params=list(query.items()), header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
-        response = self._client.call_api("GET", url, header_params=headers, _request_timeout=(10.0, read_timeout))
+        response = self._send("GET", path, query=query, timeout=(10.0, read_timeout))
         raw = response.response  # the urllib3 response, not read yet
         if opened is not None:
             opened(raw)
@@ -132,13 +122,9 @@ class KubeApi:
             if not 200 <= response.status <= 299:
                 data = json.loads(raw.data or b"{}")
                 raise KubeApiError(response.status, str(data.get("reason") or response.reason), str(data.get("message") or ""))
-            pending = b""
-            for chunk in raw.stream(65536, decode_content=True):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
+            for line in _lines(raw, 65536, keep_last=False):
+                if line.strip():
+                    yield json.loads(line)
         finally:
             raw.release_conn()
 
@@ -192,3 +178,15 @@ def jobs_path(namespace: str, name: str | None = None) -> str:
 
 def core_path(namespace: str, plural: str, name: str | None = None) -> str:
     return f"/api/v1/namespaces/{quote(namespace)}/{plural}" + (f"/{quote(name)}" if name else "")
+
+
+def _lines(raw: Any, chunk_size: int, *, keep_last: bool) -> Iterator[bytes]:
+    """The lines of a streamed urllib3 response as they arrive; an unterminated last line too
+    when ``keep_last`` (a log's), not for a watch (whose documents each end with a newline)."""
+    pending = b""
+    for chunk in raw.stream(chunk_size, decode_content=True):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if keep_last and pending:
+        yield pending
