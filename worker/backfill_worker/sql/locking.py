@@ -95,6 +95,10 @@ class LockHolder:
         exits as soon as it has finished its statement and reads the next command (it gets EOF)."""
         return self.state != "active" and self.idle_seconds >= IDLE_GRACE_SECONDS
 
+    def is_live_runner(self, first_seen: LockHolder | None) -> bool:
+        """PURE: moved on since it was first seen, or idle for its client: not a dying backend."""
+        return (first_seen is not None and self.moved_on_from(first_seen)) or self.waits_for_a_live_client()
+
 
 IDLE_GRACE_SECONDS = 1.0
 """An own holder idle this long is kept by a live (perhaps frozen) client, not a killed one's."""
@@ -138,7 +142,7 @@ def decide_lock(
         return LockDecision.WAIT
     if not is_own(holder, identity, shard):
         return LockDecision.REFUSE
-    if (first_seen is not None and holder.moved_on_from(first_seen)) or holder.waits_for_a_live_client():
+    if holder.is_live_runner(first_seen):
         return LockDecision.REFUSE
     return LockDecision.WAIT
 
@@ -206,9 +210,7 @@ def acquire(
         waited = clock() - started
         if decide_lock(holder, identity, shard, waited, wait_seconds, first_seen) is LockDecision.REFUSE:
             shown = holder or last
-            alive = holder is not None and (
-                (first_seen is not None and holder.moved_on_from(first_seen)) or holder.waits_for_a_live_client()
-            )
+            alive = holder is not None and holder.is_live_runner(first_seen)
             return Refusal(shown, waited, own=shown is not None and is_own(shown, identity, shard), alive=alive)
         if holder is not None:
             on_wait(holder, waited)
